@@ -1,0 +1,70 @@
+"""``pyfuse``: one entry point, one module per subcommand (mlx-lm style).
+
+Each module in ``pyfuse.commands`` defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Flags are kebab-case and
+map 1:1 to the keyword arguments of the Python API they call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# subcommand name -> module in pyfuse.commands
+COMMANDS = {
+    "fuse": "fuse",
+    "noise-floor": "noise_floor",
+    "train": "train",
+    "eval": "evaluate",
+    "setg": "setg",
+    "stats": "stats",
+    "zero-adapter": "zero_adapter",
+    "experiment": "experiment",
+    "demo": "demo",
+}
+
+
+def _available_commands():
+    for name, module in COMMANDS.items():
+        try:
+            yield name, importlib.import_module(f"pyfuse.commands.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"pyfuse.commands.{module}":
+                raise  # a real missing dependency inside an existing command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyfuse",
+        description="Fuse LoRA adapters into quantized MLX models and measure what survives.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _available_commands():
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run, _prog=f"pyfuse {name}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"{args._prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{args._prog}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
