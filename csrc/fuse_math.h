@@ -1,0 +1,426 @@
+// The per-group math of pyfuse's fuse, written ONCE and included by the C++
+// CPU path (csrc/fuse_requant.cpp), the Metal kernel (metal/fuse_requant.h)
+// and the Linux simulation of that kernel (csrc/metal_sim.cpp).
+//
+// One "group" is `group_size` consecutive weights of one row, with one
+// (scale, bias) pair; MLX's affine packing puts a group in exactly
+// group_size * bits / 32 whole uint32 words (an LSB-first bit stream), so
+// groups are independent units of work on every backend.
+//
+// Numerics follow MLX operation by operation (the stock policy must give
+// the bytes `mlx_lm fuse` gives):
+//  * dequantize: `T(q) * scale + bias` in the weight type T, each operation
+//    rounded to T as MLX's CPU ops do (built with -ffp-contract=off so that
+//    the compiler never fuses them into an FMA);
+//  * delta: sum over k of (scale * b[o, k]) * a[k, i] in float32, k
+//    ascending, no FMA: the order of the reference BLAS sgemm that MLX's CPU
+//    matmul calls;
+//  * quantize: MLX's affine rule; its CPU and Metal quantizers differ (the
+//    Metal one starts max at 0 and min at T's max, and rounds half away
+//    from zero where the CPU uses rint), selected by `MetalRounding`.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+// Real Metal: MLX's kernel utilities give bfloat16_t and Limits<T>.
+#include <metal_stdlib>
+#include "mlx/backend/metal/kernels/utils.h"
+#define PF_DEVICE device
+#define PF_THREAD thread
+#define PF_CONSTANT constant
+#define PF_CONSTANT_REF(T) constant const T&
+#define PF_INLINE METAL_FUNC
+namespace pf_math = metal;
+#else
+// C++: the CPU path, and the Metal kernel compiled on Linux through
+// metal/metal_shim.h (which defines PYFUSE_METAL_SHIM and `metal::`).
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include "mlx/types/half_types.h"
+#define PF_DEVICE
+#define PF_THREAD
+#define PF_CONSTANT
+#define PF_CONSTANT_REF(T) const T&
+#define PF_INLINE inline
+#if defined(PYFUSE_METAL_SHIM)
+namespace pf_math = metal;
+#else
+#include <algorithm>
+namespace pf_math = std;
+#endif
+#endif
+
+namespace pyfuse {
+
+// The largest finite value of T, where MLX's Metal quantizer starts min.
+#if defined(__METAL_VERSION__)
+template <typename T>
+PF_INLINE float pf_limits_max() {
+  return static_cast<float>(Limits<T>::max);
+}
+#else
+template <typename T>
+inline float pf_limits_max();
+template <>
+inline float pf_limits_max<float>() {
+  return FLT_MAX;
+}
+template <>
+inline float pf_limits_max<mlx::core::float16_t>() {
+  return 65504.0f;
+}
+template <>
+inline float pf_limits_max<mlx::core::bfloat16_t>() {
+  return 3.38953139e38f;  // 0x7F7F
+}
+#endif
+
+enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2 };
+
+// Rescale factors this close to 1 are float32 noise of the row norm
+// (summation order differs between backends and mx.linalg.norm): treated
+// as exactly 1, so a zero DoRA delta with unchanged magnitudes is bit-exact.
+constexpr PF_CONSTANT float kDoraUnitTolerance = 1e-6f;
+
+// ---------------------------------------------------------------- packing
+
+// Code `j` of a group whose words start at `words` (LSB-first bit stream).
+template <int bits>
+PF_INLINE uint32_t unpack_code(const PF_DEVICE uint32_t* words, int j) {
+  const uint32_t mask = (1u << bits) - 1u;
+  const int bit = j * bits;
+  const int word = bit >> 5;
+  const int shift = bit & 31;
+  uint32_t v = words[word] >> shift;
+  if (shift + bits > 32) {  // the code straddles two words (3, 5, 6 bits)
+    v |= words[word + 1] << (32 - shift);
+  }
+  return v & mask;
+}
+
+// Packs `group_size` integer codes (held as floats) into the group's words.
+template <int bits, int group_size>
+PF_INLINE void pack_group(const PF_THREAD float* codes, PF_DEVICE uint32_t* words) {
+  constexpr int n_words = group_size * bits / 32;
+  for (int w = 0; w < n_words; ++w) {
+    words[w] = 0u;
+  }
+  for (int j = 0; j < group_size; ++j) {
+    const uint32_t q = static_cast<uint32_t>(codes[j]);
+    const int bit = j * bits;
+    const int word = bit >> 5;
+    const int shift = bit & 31;
+    words[word] |= q << shift;
+    if (shift + bits > 32) {
+      words[word + 1] |= q >> (32 - shift);
+    }
+  }
+}
+
+// ------------------------------------------------------------ the values
+
+// delta[j] for inputs i0 .. i0+group_size-1 of row o: `b_row` is b[o, :],
+// `a` points at a[0, i0] with row stride `in_dims`; scale * b[o, k] is
+// rounded to float first, as mlx-lm computes (scale * b) @ a.
+template <int group_size>
+PF_INLINE void group_delta(
+    float scale,
+    const PF_DEVICE float* b_row,
+    const PF_DEVICE float* a,
+    int rank,
+    int in_dims,
+    PF_THREAD float* delta) {
+  for (int j = 0; j < group_size; ++j) {
+    delta[j] = 0.0f;
+  }
+  for (int k = 0; k < rank; ++k) {
+    const float sb = scale * b_row[k];
+    const PF_DEVICE float* ak = a + k * in_dims;
+    for (int j = 0; j < group_size; ++j) {
+      float p = sb * ak[j];  // separate statements: never an FMA
+      delta[j] = delta[j] + p;
+    }
+  }
+}
+
+// The stock fused weight `dequantize(q) + T(delta)` in T arithmetic, as float.
+template <typename T, int bits, int group_size>
+PF_INLINE void stock_values(
+    const PF_DEVICE uint32_t* words,
+    T scale,
+    T bias,
+    const PF_THREAD float* delta,
+    PF_THREAD float* values) {
+  for (int j = 0; j < group_size; ++j) {
+    T q = static_cast<T>(float(unpack_code<bits>(words, j)));
+    T w = q * scale;
+    w = w + bias;
+    w = w + static_cast<T>(delta[j]);
+    values[j] = static_cast<float>(w);
+  }
+}
+
+// ------------------------------------------------------------- quantizing
+
+// MLX's affine rule: the (scale, bias) that put the group's extreme of
+// larger magnitude exactly on the grid.
+template <typename T, int bits, int group_size, bool MetalRounding>
+PF_INLINE void fit_affine(const PF_THREAD float* values, PF_THREAD float& scale, PF_THREAD float& bias) {
+  const float n_bins = float((1 << bits) - 1);
+  const float eps = 1e-7f;
+  float w_min;
+  float w_max;
+  if (MetalRounding) {
+    w_min = static_cast<float>(pf_limits_max<T>());
+    w_max = 0.0f;
+  } else {
+    w_min = INFINITY;
+    w_max = -w_min;
+  }
+  for (int j = 0; j < group_size; ++j) {
+    w_max = pf_math::max(w_max, values[j]);
+    w_min = pf_math::min(w_min, values[j]);
+  }
+  const bool mask = pf_math::abs(w_min) > pf_math::abs(w_max);
+  float s = pf_math::max((w_max - w_min) / n_bins, eps);
+  s = mask ? s : -s;
+  const float edge = mask ? w_min : w_max;
+  const float q0 = MetalRounding ? pf_math::round(edge / s) : pf_math::rint(edge / s);
+  bias = 0.0f;
+  if (q0 != 0.0f) {
+    s = edge / q0;
+    bias = edge;
+  }
+  scale = s;
+}
+
+// Nearest codes on the (scale, bias) grid, clamped to [0, 2^bits - 1].
+template <int bits, int group_size, bool MetalRounding>
+PF_INLINE void round_to_grid(
+    const PF_THREAD float* values, float scale, float bias, PF_THREAD float* codes) {
+  const float n_bins = float((1 << bits) - 1);
+  for (int j = 0; j < group_size; ++j) {
+    float t = (values[j] - bias) / scale;
+    t = MetalRounding ? pf_math::round(t) : pf_math::rint(t);
+    codes[j] = pf_math::min(pf_math::max(t, 0.0f), n_bins);
+  }
+}
+
+// ------------------------------------------------------- stochastic hash
+
+// lowbias32 (C. Wellons): a counter-based hash, identical on every backend.
+PF_INLINE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+PF_INLINE uint32_t stochastic_key(uint32_t seed) {
+  return lowbias32(lowbias32(seed) ^ 0x9e3779b9u);
+}
+
+// u in [0, 1) for the element with flat index `index` in the whole tensor.
+PF_INLINE float stochastic_uniform(uint32_t key, uint32_t index) {
+  return float(lowbias32(index ^ key) >> 8) * (1.0f / 16777216.0f);
+}
+
+// ----------------------------------------------------------- one group
+
+struct GroupArgs {
+  float k;             // DoRA row rescale (1 without DoRA)
+  uint32_t key;        // stochastic_key(seed)
+  uint32_t index0;     // flat index of the group's first element
+};
+
+// Fuses one group. `delta` holds the group's float32 delta. Writes the
+// group's packed words and its (scale, bias) in T.
+template <typename T, int bits, int group_size, bool MetalRounding>
+PF_INLINE void fuse_group(
+    int policy,
+    const PF_DEVICE uint32_t* words_in,
+    T scale_in,
+    T bias_in,
+    const PF_THREAD float* delta,
+    GroupArgs args,
+    PF_DEVICE uint32_t* words_out,
+    PF_DEVICE T* scale_out,
+    PF_DEVICE T* bias_out) {
+  const float n_bins = float((1 << bits) - 1);
+  float values[group_size];
+  float codes[group_size];
+  float scale;
+  float bias;
+
+  if (policy == kStock) {
+    stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, values);
+    if (args.k != 1.0f) {
+      for (int j = 0; j < group_size; ++j) {
+        values[j] = static_cast<float>(static_cast<T>(args.k * values[j]));
+      }
+    }
+    fit_affine<T, bits, group_size, MetalRounding>(values, scale, bias);
+    round_to_grid<bits, group_size, MetalRounding>(values, scale, bias, codes);
+    pack_group<bits, group_size>(codes, words_out);
+    *scale_out = static_cast<T>(scale);
+    *bias_out = static_cast<T>(bias);
+    return;
+  }
+
+  // preserve / stochastic: move each code by the delta measured in steps of
+  // the group's own grid; a zero delta leaves every code as it was.
+  const bool stochastic = policy == kStochastic;
+  const float s = static_cast<float>(scale_in);
+  const float b = static_cast<float>(bias_in);
+  bool in_range = true;
+  for (int j = 0; j < group_size; ++j) {
+    const float q = float(unpack_code<bits>(words_in, j));
+    float step = delta[j] / s;
+    float t = q + step;
+    float nq = stochastic ? pf_math::floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)))
+                          : pf_math::rint(t);
+    in_range = in_range && nq >= 0.0f && nq <= n_bins;
+    codes[j] = nq;
+  }
+  if (in_range) {
+    pack_group<bits, group_size>(codes, words_out);
+    if (args.k != 1.0f) {
+      *scale_out = static_cast<T>(s * args.k);
+      *bias_out = static_cast<T>(b * args.k);
+    } else {
+      *scale_out = scale_in;
+      *bias_out = bias_in;
+    }
+    return;
+  }
+
+  // Re-fit: the delta left the grid's range. MLX's affine rule (CPU
+  // flavour on every backend: this policy is pyfuse's own and must agree
+  // everywhere) on the float32 fused values.
+  for (int j = 0; j < group_size; ++j) {
+    const float q = float(unpack_code<bits>(words_in, j));
+    float x = q * s;
+    x = x + b;
+    x = x + delta[j];
+    values[j] = x * args.k;
+  }
+  fit_affine<float, bits, group_size, false>(values, scale, bias);
+  if (stochastic) {
+    for (int j = 0; j < group_size; ++j) {
+      float t = (values[j] - bias) / scale;
+      t = pf_math::floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
+      codes[j] = pf_math::min(pf_math::max(t, 0.0f), n_bins);
+    }
+  } else {
+    round_to_grid<bits, group_size, false>(values, scale, bias, codes);
+  }
+  pack_group<bits, group_size>(codes, words_out);
+  *scale_out = static_cast<T>(scale);
+  *bias_out = static_cast<T>(bias);
+}
+
+// Sum of squares of the stock fused row values of one group (DoRA norms).
+template <typename T, int bits, int group_size>
+PF_INLINE float group_sumsq(
+    const PF_DEVICE uint32_t* words, T scale, T bias, const PF_THREAD float* delta) {
+  float values[group_size];
+  stock_values<T, bits, group_size>(words, scale, bias, delta, values);
+  float acc = 0.0f;
+  for (int j = 0; j < group_size; ++j) {
+    float sq = values[j] * values[j];
+    acc = acc + sq;
+  }
+  return acc;
+}
+
+// The DoRA factor magnitude / ||row||, snapped to 1 within float noise.
+PF_INLINE float dora_factor(float magnitude, float sumsq) {
+  float k = magnitude / pf_math::sqrt(sumsq);
+  return pf_math::abs(k - 1.0f) <= kDoraUnitTolerance ? 1.0f : k;
+}
+
+// ------------------------------------------- indexing shared by backends
+
+// Shapes and options of one dispatch; rows are the E * out rows of w.
+struct FuseParams {
+  int in_dims;
+  int out_dims;
+  int rank;
+  int groups_per_row;
+  int policy;
+  float scale;
+  uint32_t key;  // stochastic_key(seed)
+  int has_k;     // DoRA: row_k holds one rescale factor per row
+};
+
+// Fuses group `g` of row `row` (the unit of work of every backend).
+template <typename T, int bits, int group_size, bool MetalRounding>
+PF_INLINE void fuse_group_at(
+    PF_CONSTANT_REF(FuseParams) p,
+    uint32_t row,
+    uint32_t g,
+    const PF_DEVICE uint32_t* w_in,
+    const PF_DEVICE T* scales_in,
+    const PF_DEVICE T* biases_in,
+    const PF_DEVICE float* a,
+    const PF_DEVICE float* b,
+    const PF_DEVICE float* row_k,
+    PF_DEVICE uint32_t* w_out,
+    PF_DEVICE T* scales_out,
+    PF_DEVICE T* biases_out) {
+  constexpr int words_per_group = group_size * bits / 32;
+  const uint32_t expert = row / uint32_t(p.out_dims);
+  const uint32_t sg = row * uint32_t(p.groups_per_row) + g;
+  const uint32_t wo = sg * uint32_t(words_per_group);
+  float delta[group_size];
+  group_delta<group_size>(
+      p.scale,
+      b + size_t(row) * p.rank,
+      a + size_t(expert) * p.rank * p.in_dims + size_t(g) * group_size,
+      p.rank,
+      p.in_dims,
+      delta);
+  GroupArgs args;
+  args.k = p.has_k ? row_k[row] : 1.0f;
+  args.key = p.key;
+  args.index0 = row * uint32_t(p.in_dims) + g * uint32_t(group_size);
+  fuse_group<T, bits, group_size, MetalRounding>(
+      p.policy, w_in + wo, scales_in[sg], biases_in[sg], delta, args,
+      w_out + wo, scales_out + sg, biases_out + sg);
+}
+
+// The DoRA factor of row `row`: magnitude[row] / ||stock fused row||.
+template <typename T, int bits, int group_size>
+PF_INLINE float row_factor_at(
+    PF_CONSTANT_REF(FuseParams) p,
+    uint32_t row,
+    const PF_DEVICE uint32_t* w_in,
+    const PF_DEVICE T* scales_in,
+    const PF_DEVICE T* biases_in,
+    const PF_DEVICE float* a,
+    const PF_DEVICE float* b,
+    const PF_DEVICE float* magnitude) {
+  constexpr int words_per_group = group_size * bits / 32;
+  const uint32_t expert = row / uint32_t(p.out_dims);
+  float sumsq = 0.0f;
+  for (int g = 0; g < p.groups_per_row; ++g) {
+    const uint32_t sg = row * uint32_t(p.groups_per_row) + uint32_t(g);
+    float delta[group_size];
+    group_delta<group_size>(
+        p.scale,
+        b + size_t(row) * p.rank,
+        a + size_t(expert) * p.rank * p.in_dims + size_t(g) * group_size,
+        p.rank,
+        p.in_dims,
+        delta);
+    float part = group_sumsq<T, bits, group_size>(
+        w_in + size_t(sg) * words_per_group, scales_in[sg], biases_in[sg], delta);
+    sumsq = sumsq + part;
+  }
+  return dora_factor(magnitude[row], sumsq);
+}
+
+} // namespace pyfuse

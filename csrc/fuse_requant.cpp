@@ -1,0 +1,340 @@
+// The FuseRequant primitive: argument checks, the multithreaded CPU
+// evaluation and the Metal dispatch. The per-group math is in fuse_math.h.
+#include "csrc/fuse_requant.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "csrc/fuse_math.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/utils.h"
+
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+#include "mlx/backend/metal/utils.h"
+#endif
+
+namespace pyfuse {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) {
+  throw std::invalid_argument("[pyfuse.fuse_requant] " + msg);
+}
+
+std::string shape_str(const mx::array& x) {
+  std::ostringstream os;
+  os << x.shape();
+  return os.str();
+}
+
+int policy_from_string(const std::string& policy) {
+  if (policy == "stock") return kStock;
+  if (policy == "preserve") return kPreserve;
+  if (policy == "stochastic") return kStochastic;
+  fail("policy '" + policy + "' is not supported; supported: stock, preserve, stochastic");
+}
+
+void check_arguments(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& a,
+    const mx::array& b,
+    int group_size,
+    int bits,
+    const std::optional<mx::array>& magnitude) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+    fail("bits=" + std::to_string(bits) + " is not supported; supported: 2, 3, 4, 5, 6, 8");
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    fail("group_size=" + std::to_string(group_size) + " is not supported; supported: 32, 64, 128");
+  }
+  if (w.dtype() != mx::uint32) {
+    fail("w must be uint32 (packed codes)");
+  }
+  auto dt = scales.dtype();
+  if (dt != mx::bfloat16 && dt != mx::float16 && dt != mx::float32) {
+    fail("scales dtype is not supported; supported: bfloat16, float16, float32");
+  }
+  if (biases.dtype() != dt) {
+    fail("biases must have the dtype of scales");
+  }
+  if (w.ndim() != 2 && w.ndim() != 3) {
+    fail("w must be 2-D or 3-D, got shape " + shape_str(w));
+  }
+  if (scales.shape() != biases.shape() || scales.ndim() != w.ndim()) {
+    fail("scales " + shape_str(scales) + " and biases " + shape_str(biases) +
+         " must match w " + shape_str(w));
+  }
+  for (int d = 0; d < w.ndim() - 1; ++d) {
+    if (scales.shape(d) != w.shape(d)) fail("scales " + shape_str(scales) + " do not match w " + shape_str(w));
+  }
+  int64_t in_dims = int64_t(w.shape(-1)) * 32 / bits;
+  if ((int64_t(w.shape(-1)) * 32) % bits != 0 || int64_t(scales.shape(-1)) * group_size != in_dims) {
+    fail("w " + shape_str(w) + " and scales " + shape_str(scales) +
+         " disagree for group_size=" + std::to_string(group_size) + ", bits=" + std::to_string(bits));
+  }
+  if (a.ndim() != w.ndim() || b.ndim() != w.ndim()) {
+    fail("a [..., r, in] and b [..., out, r] must have w's number of dims");
+  }
+  for (int d = 0; d < w.ndim() - 2; ++d) {
+    if (a.shape(d) != w.shape(d) || b.shape(d) != w.shape(d)) fail("a, b and w leading dims differ");
+  }
+  if (a.shape(-1) != in_dims) fail("a " + shape_str(a) + " must be [..., r, " + std::to_string(in_dims) + "]");
+  if (b.shape(-2) != w.shape(-2)) fail("b " + shape_str(b) + " must be [..., out, r]");
+  if (a.shape(-2) != b.shape(-1) || a.shape(-2) < 1) {
+    fail("rank mismatch: a " + shape_str(a) + ", b " + shape_str(b));
+  }
+  if (int64_t(w.size()) * 32 / bits >= (int64_t(1) << 32)) {
+    fail("tensors of 2^32 or more weights are not supported");
+  }
+  if (magnitude) {
+    auto expect = w.shape();
+    expect.pop_back();
+    if (magnitude->shape() != expect) fail("magnitude " + shape_str(*magnitude) + " must be [..., out]");
+  }
+}
+
+// ------------------------------------------------------------------ CPU
+
+struct CpuBuffers {
+  const uint32_t* w_in;
+  const void* scales_in;
+  const void* biases_in;
+  const float* a;
+  const float* b;
+  const float* magnitude;  // nullptr without DoRA
+  uint32_t* w_out;
+  void* scales_out;
+  void* biases_out;
+};
+
+template <typename T, int bits, int group_size, bool MetalRounding>
+void fuse_rows(const FuseParams& p, const CpuBuffers& buf, float* row_k, size_t row0, size_t row1) {
+  auto s_in = static_cast<const T*>(buf.scales_in);
+  auto b_in = static_cast<const T*>(buf.biases_in);
+  auto s_out = static_cast<T*>(buf.scales_out);
+  auto b_out = static_cast<T*>(buf.biases_out);
+  for (size_t row = row0; row < row1; ++row) {
+    if (p.has_k) {
+      row_k[row] = row_factor_at<T, bits, group_size>(
+          p, uint32_t(row), buf.w_in, s_in, b_in, buf.a, buf.b, buf.magnitude);
+    }
+    for (int g = 0; g < p.groups_per_row; ++g) {
+      fuse_group_at<T, bits, group_size, MetalRounding>(
+          p, uint32_t(row), uint32_t(g), buf.w_in, s_in, b_in, buf.a, buf.b, row_k,
+          buf.w_out, s_out, b_out);
+    }
+  }
+}
+
+using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float*, size_t, size_t);
+
+template <typename T, bool MetalRounding>
+RowsFn select_rows_fn(int bits, int group_size) {
+#define PYFUSE_CASE(B, G) \
+  if (bits == B && group_size == G) return &fuse_rows<T, B, G, MetalRounding>;
+#define PYFUSE_CASES(B) PYFUSE_CASE(B, 32) PYFUSE_CASE(B, 64) PYFUSE_CASE(B, 128)
+  PYFUSE_CASES(2)
+  PYFUSE_CASES(3)
+  PYFUSE_CASES(4)
+  PYFUSE_CASES(5)
+  PYFUSE_CASES(6)
+  PYFUSE_CASES(8)
+#undef PYFUSE_CASES
+#undef PYFUSE_CASE
+  fail("unsupported bits/group_size");
+}
+
+template <bool MetalRounding>
+RowsFn select_rows_fn(mx::Dtype dtype, int bits, int group_size) {
+  if (dtype == mx::float32) return select_rows_fn<float, MetalRounding>(bits, group_size);
+  if (dtype == mx::float16) return select_rows_fn<mx::float16_t, MetalRounding>(bits, group_size);
+  return select_rows_fn<mx::bfloat16_t, MetalRounding>(bits, group_size);
+}
+
+// Splits rows over the cores; each row is independent (DoRA rows compute
+// their own norm first), so threads never share an output word.
+void run_threads(RowsFn fn, const FuseParams& p, const CpuBuffers& buf, size_t n_rows) {
+  std::vector<float> row_k(p.has_k ? n_rows : 0);
+  size_t n_threads = std::max<size_t>(1, std::thread::hardware_concurrency());
+  n_threads = std::min(n_threads, std::max<size_t>(1, n_rows / 8));
+  size_t per = (n_rows + n_threads - 1) / n_threads;
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < n_threads; ++t) {
+    size_t r0 = t * per, r1 = std::min(n_rows, r0 + per);
+    if (r0 < r1) pool.emplace_back(fn, std::cref(p), std::cref(buf), row_k.data(), r0, r1);
+  }
+  fn(p, buf, row_k.data(), 0, std::min(n_rows, per));
+  for (auto& th : pool) th.join();
+}
+
+FuseParams make_params(const mx::array& w, const mx::array& scales, const mx::array& a,
+                       float scale, int policy, uint32_t seed, bool has_k) {
+  FuseParams p;
+  p.in_dims = a.shape(-1);
+  p.out_dims = w.shape(-2);
+  p.rank = a.shape(-2);
+  p.groups_per_row = scales.shape(-1);
+  p.policy = policy;
+  p.scale = scale;
+  p.key = stochastic_key(seed);
+  p.has_k = has_k ? 1 : 0;
+  return p;
+}
+
+} // namespace
+
+std::vector<mx::array> fuse_requant(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const mx::array& a,
+    const mx::array& b,
+    float scale,
+    int group_size,
+    int bits,
+    const std::string& policy,
+    uint32_t seed,
+    const std::optional<mx::array>& magnitude,
+    Rounding rounding,
+    mx::StreamOrDevice s) {
+  int policy_id = policy_from_string(policy);
+  check_arguments(w, scales, biases, a, b, group_size, bits, magnitude);
+  auto stream = mx::to_stream(s);
+  // The kernels index raw row-major buffers of float32 LoRA factors.
+  std::vector<mx::array> inputs = {
+      mx::contiguous(w, false, stream),
+      mx::contiguous(scales, false, stream),
+      mx::contiguous(biases, false, stream),
+      mx::contiguous(mx::astype(a, mx::float32, stream), false, stream),
+      mx::contiguous(mx::astype(b, mx::float32, stream), false, stream)};
+  if (magnitude) {
+    inputs.push_back(mx::contiguous(mx::astype(*magnitude, mx::float32, stream), false, stream));
+  }
+  return mx::array::make_arrays(
+      {w.shape(), scales.shape(), scales.shape()},
+      {mx::uint32, scales.dtype(), scales.dtype()},
+      std::make_shared<FuseRequant>(
+          stream, scale, group_size, bits, policy_id, seed, magnitude.has_value(), rounding),
+      inputs);
+}
+
+void FuseRequant::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  const auto& w = inputs[0];
+  const auto& scales = inputs[1];
+  FuseParams p = make_params(w, scales, inputs[3], scale_, policy_, seed_, has_magnitude_);
+  CpuBuffers buf{
+      w.data<uint32_t>(),
+      scales.data<void>(),
+      inputs[2].data<void>(),
+      inputs[3].data<float>(),
+      inputs[4].data<float>(),
+      has_magnitude_ ? inputs[5].data<float>() : nullptr,
+      outputs[0].data<uint32_t>(),
+      outputs[1].data<void>(),
+      outputs[2].data<void>()};
+  RowsFn fn = rounding_ == Rounding::Metal
+      ? select_rows_fn<true>(scales.dtype(), bits_, group_size_)
+      : select_rows_fn<false>(scales.dtype(), bits_, group_size_);
+  size_t n_rows = w.size() / w.shape(-1);
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& x : inputs) encoder.set_input_array(x);
+  for (auto& x : outputs) encoder.set_output_array(x);
+  encoder.dispatch([fn, p, buf, n_rows]() { run_threads(fn, p, buf, n_rows); });
+}
+
+#ifdef _METAL_
+
+namespace {
+
+// The directory of this extension binary: pyfuse.metallib sits beside it.
+std::string binary_dir() {
+  static std::string dir = []() {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&binary_dir), &info)) {
+      throw std::runtime_error("[pyfuse.fuse_requant] cannot locate the extension binary");
+    }
+    return std::filesystem::path(info.dli_fname).parent_path().string();
+  }();
+  return dir;
+}
+
+std::string kernel_suffix(mx::Dtype dtype, int group_size, int bits) {
+  std::string type = dtype == mx::float32 ? "float32" : dtype == mx::float16 ? "float16" : "bfloat16";
+  return type + "_gs_" + std::to_string(group_size) + "_b_" + std::to_string(bits);
+}
+
+} // namespace
+
+// NOTE: written against MLX 0.32's Metal extension API; it is compiled only
+// when MLX was built with Metal and has not been run by pyfuse's CI (Linux).
+void FuseRequant::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  const auto& w = inputs[0];
+  const auto& scales = inputs[1];
+  FuseParams p = make_params(w, scales, inputs[3], scale_, policy_, seed_, has_magnitude_);
+  uint32_t n_rows = w.size() / w.shape(-1);
+  auto suffix = kernel_suffix(scales.dtype(), group_size_, bits_);
+  auto lib = d.get_library("pyfuse", binary_dir());
+  auto& enc = mx::metal::get_command_encoder(s);
+
+  // DoRA: the per-row factors first (one thread per row), then the groups.
+  mx::array row_k({has_magnitude_ ? int(n_rows) : 1}, mx::float32, nullptr, {});
+  row_k.set_data(mx::allocator::malloc(row_k.nbytes()));
+  enc.add_temporary(row_k);
+  if (has_magnitude_) {
+    auto kernel = d.get_kernel("fuse_requant_row_factor_" + suffix, lib);
+    enc.set_compute_pipeline_state(kernel);
+    for (int i = 0; i < 5; ++i) enc.set_input_array(inputs[i], i);
+    enc.set_input_array(inputs[5], 5);
+    enc.set_output_array(row_k, 6);
+    enc.set_bytes(p, 9);
+    enc.set_bytes(n_rows, 10);
+    size_t tg = std::min<size_t>(n_rows, kernel->maxTotalThreadsPerThreadgroup());
+    enc.dispatch_threads(MTL::Size(n_rows, 1, 1), MTL::Size(tg, 1, 1));
+  }
+
+  auto kernel = d.get_kernel("fuse_requant_" + suffix, lib);
+  enc.set_compute_pipeline_state(kernel);
+  for (int i = 0; i < 5; ++i) enc.set_input_array(inputs[i], i);
+  enc.set_input_array(row_k, 5);
+  enc.set_output_array(outputs[0], 6);
+  enc.set_output_array(outputs[1], 7);
+  enc.set_output_array(outputs[2], 8);
+  enc.set_bytes(p, 9);
+  size_t gx = std::min<size_t>(p.groups_per_row, 32);
+  size_t gy = std::max<size_t>(1, std::min<size_t>(n_rows, kernel->maxTotalThreadsPerThreadgroup() / gx));
+  enc.dispatch_threads(MTL::Size(p.groups_per_row, n_rows, 1), MTL::Size(gx, gy, 1));
+}
+
+#else
+
+void FuseRequant::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[pyfuse.fuse_requant] this build of pyfuse has no Metal kernels (MLX was built without Metal)");
+}
+
+#endif
+
+bool FuseRequant::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const FuseRequant&>(other);
+  return scale_ == o.scale_ && group_size_ == o.group_size_ && bits_ == o.bits_ &&
+      policy_ == o.policy_ && seed_ == o.seed_ && has_magnitude_ == o.has_magnitude_ &&
+      rounding_ == o.rounding_;
+}
+
+} // namespace pyfuse

@@ -1,0 +1,111 @@
+// Runs the Metal kernel source (metal/fuse_requant.h), compiled as C++ via
+// metal/metal_shim.h, over a simulated grid on the CPU: one call of the
+// kernel function per grid position, exactly as Metal would launch them.
+// Tests compare its output bit for bit with the CPU primitive evaluating
+// MLX's Metal rules (Rounding::Metal). Linux only; never used for real work.
+#include "csrc/metal_sim.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <stdexcept>
+
+#include "mlx/ops.h"
+#include "mlx/types/half_types.h"
+#include "mlx/transforms.h"
+
+// The shim turns `device`, `constant` and `thread` into nothing for
+// everything below it, so every other header must come before it.
+#include "metal/metal_shim.h"
+#include "metal/fuse_requant.h"
+
+namespace pyfuse {
+
+namespace {
+
+struct HostOut {
+  uint32_t* w;
+  void* scales;
+  void* biases;
+};
+
+template <typename T, int gs, int bits>
+void run_grid(const std::vector<mx::array>& in, HostOut out, const FuseParams& p, uint32_t n_rows) {
+  const float* magnitude = in.size() > 5 ? in[5].data<float>() : nullptr;
+  std::vector<float> row_k(n_rows, 1.0f);
+  if (magnitude) {
+    for (uint32_t r = 0; r < n_rows; ++r) {
+      fuse_requant_row_factor<T, gs, bits>(
+          in[0].data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), in[3].data<float>(),
+          in[4].data<float>(), magnitude, row_k.data(), p, n_rows, r);
+    }
+  }
+  // A grid rounded up to whole threadgroups of 32, as dispatch_threads may
+  // launch: the kernel must ignore the extra positions.
+  uint32_t gx = ((uint32_t(p.groups_per_row) + 31) / 32) * 32;
+  for (uint32_t y = 0; y < n_rows; ++y) {
+    for (uint32_t x = 0; x < gx; ++x) {
+      fuse_requant<T, gs, bits>(
+          in[0].data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), in[3].data<float>(),
+          in[4].data<float>(), row_k.data(), out.w, static_cast<T*>(out.scales),
+          static_cast<T*>(out.biases), p, uint2{x, y});
+    }
+  }
+}
+
+template <typename T>
+void run_typed(const std::vector<mx::array>& in, HostOut out, const FuseParams& p,
+               uint32_t n_rows, int gs, int bits) {
+#define PYFUSE_SIM(G, B) \
+  if (gs == G && bits == B) return run_grid<T, G, B>(in, out, p, n_rows);
+#define PYFUSE_SIM_BITS(G) PYFUSE_SIM(G, 2) PYFUSE_SIM(G, 3) PYFUSE_SIM(G, 4) PYFUSE_SIM(G, 5) PYFUSE_SIM(G, 6) PYFUSE_SIM(G, 8)
+  PYFUSE_SIM_BITS(32)
+  PYFUSE_SIM_BITS(64)
+  PYFUSE_SIM_BITS(128)
+#undef PYFUSE_SIM_BITS
+#undef PYFUSE_SIM
+  throw std::invalid_argument("[pyfuse.simulate_metal] unsupported group_size/bits");
+}
+
+} // namespace
+
+std::vector<mx::array> simulate_metal_fuse_requant(
+    std::vector<mx::array> inputs, float scale, int group_size, int bits, int policy, uint32_t seed) {
+  for (auto& x : inputs) mx::eval(x);
+  const auto& w = inputs[0];
+  const auto& scales = inputs[1];
+  // Outputs are computed into host buffers, then copied into new arrays.
+  size_t n_words = w.size(), n_groups = scales.size(), item = scales.itemsize();
+  std::vector<uint32_t> w_out(n_words);
+  std::vector<uint8_t> s_out(n_groups * item), b_out(n_groups * item);
+  FuseParams p;
+  p.in_dims = inputs[3].shape(-1);
+  p.out_dims = w.shape(-2);
+  p.rank = inputs[3].shape(-2);
+  p.groups_per_row = scales.shape(-1);
+  p.policy = policy;
+  p.scale = scale;
+  p.key = stochastic_key(seed);
+  p.has_k = inputs.size() > 5 ? 1 : 0;
+  uint32_t n_rows = w.size() / w.shape(-1);
+  HostOut out{w_out.data(), s_out.data(), b_out.data()};
+  auto dt = scales.dtype();
+  if (dt == mx::float32) {
+    run_typed<float>(inputs, out, p, n_rows, group_size, bits);
+    return {mx::array(w_out.data(), w.shape(), mx::uint32),
+            mx::array(reinterpret_cast<float*>(s_out.data()), scales.shape(), dt),
+            mx::array(reinterpret_cast<float*>(b_out.data()), scales.shape(), dt)};
+  }
+  if (dt == mx::float16) {
+    run_typed<mx::float16_t>(inputs, out, p, n_rows, group_size, bits);
+    return {mx::array(w_out.data(), w.shape(), mx::uint32),
+            mx::array(reinterpret_cast<mx::float16_t*>(s_out.data()), scales.shape(), dt),
+            mx::array(reinterpret_cast<mx::float16_t*>(b_out.data()), scales.shape(), dt)};
+  }
+  run_typed<mx::bfloat16_t>(inputs, out, p, n_rows, group_size, bits);
+  return {mx::array(w_out.data(), w.shape(), mx::uint32),
+          mx::array(reinterpret_cast<mx::bfloat16_t*>(s_out.data()), scales.shape(), dt),
+          mx::array(reinterpret_cast<mx::bfloat16_t*>(b_out.data()), scales.shape(), dt)};
+}
+
+} // namespace pyfuse
