@@ -1,0 +1,57 @@
+"""Session-wide test setup: quiet progress bars, no network, and the tiny
+mlx-lm models (built once per session, ~1 s in all, see pyfuse.tiny_model).
+
+Test files add their own fixtures; keep this one small."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub / transformers (they read these at
+# import time): tests never reach a model hub.
+os.environ.setdefault("PYFUSE_PROGRESS", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_models_root):
+    """Byte-level BPE (1024 ids) with Qwen3 special tokens and chat template."""
+    from pyfuse.tiny_model import build_tokenizer
+
+    return build_tokenizer(tiny_models_root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tiny_models_root, tiny_tokenizer_dir):
+    """qwen3_moe, 4 layers x 8 experts (top-2), hidden 64, 3-bit g64, f32 scales."""
+    from pyfuse.tiny_model import build_tiny_model
+
+    return build_tiny_model(tiny_models_root / "moe_3bit", tokenizer_dir=tiny_tokenizer_dir,
+                            arch="qwen3_moe", quantize={"group_size": 64, "bits": 3})
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_mixed_dir(tiny_models_root, tiny_tokenizer_dir):
+    """As ``tiny_moe_dir`` but every ``down_proj`` (the experts') at 6-bit g64."""
+    from pyfuse.tiny_model import build_tiny_model
+
+    return build_tiny_model(tiny_models_root / "moe_3bit_down6", tokenizer_dir=tiny_tokenizer_dir,
+                            arch="qwen3_moe", quantize={"group_size": 64, "bits": 3},
+                            quant_overrides={"down_proj": {"group_size": 64, "bits": 6}})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_models_root, tiny_tokenizer_dir):
+    """Dense llama, 4 layers, hidden 64, 4-bit g64, f32 scales."""
+    from pyfuse.tiny_model import build_tiny_model
+
+    return build_tiny_model(tiny_models_root / "llama_4bit", tokenizer_dir=tiny_tokenizer_dir,
+                            arch="llama", quantize={"group_size": 64, "bits": 4})
