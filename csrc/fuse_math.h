@@ -83,6 +83,80 @@ enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2 };
 // as exactly 1, so a zero DoRA delta with unchanged magnitudes is bit-exact.
 constexpr PF_CONSTANT float kDoraUnitTolerance = 1e-6f;
 
+// ------------------------------------------------------ rounding helpers
+
+// round_to<T>(x): x rounded to the nearest T (ties to even) and widened
+// back to float: one T operation's result, as MLX computes T arithmetic
+// (in float, then rounded). pf_rint / pf_floor: rint and floor.
+#if defined(__METAL_VERSION__)
+template <typename T>
+PF_INLINE float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+PF_INLINE float pf_rint(float x) {
+  return metal::rint(x);
+}
+PF_INLINE float pf_floor(float x) {
+  return metal::floor(x);
+}
+#else
+// Bit-level versions: the x86-64 baseline (no SSE4.1, no F16C) has no
+// instruction for rint or half conversion, and library calls would cost
+// more than the rest of the fuse. Each is exact: tests compare every
+// result with MLX's own types.
+PF_INLINE uint32_t pf_bits(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  return u;
+}
+PF_INLINE float pf_from_bits(uint32_t u) {
+  float x;
+  __builtin_memcpy(&x, &u, 4);
+  return x;
+}
+// Round to nearest even integer for |x| < 2^23 by the 2^23 trick (larger
+// floats are integers already). Needs default rounding and no fast-math.
+PF_INLINE float pf_rint(float x) {
+  const float big = 8388608.0f;
+  float ax = __builtin_fabsf(x);
+  float r = (ax + big) - big;
+  r = __builtin_copysignf(r, x);
+  return ax < big ? r : x;
+}
+PF_INLINE float pf_floor(float x) {
+  float r = pf_rint(x);
+  return r > x ? r - 1.0f : r;
+}
+template <typename T>
+PF_INLINE float round_to(float x);
+template <>
+PF_INLINE float round_to<float>(float x) {
+  return x;
+}
+template <>
+PF_INLINE float round_to<mlx::core::bfloat16_t>(float x) {
+  // MLX's float -> bfloat16 (ties to even; NaN -> 0x7FC0), then back.
+  uint32_t u = pf_bits(x);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return x != x ? pf_from_bits(0x7FC00000u) : pf_from_bits(r);
+}
+template <>
+PF_INLINE float round_to<mlx::core::float16_t>(float x) {
+  // IEEE float -> half (ties to even) -> float, as MLX's conversion does.
+  float ax = __builtin_fabsf(x);
+  // Normal halves: keep 10 mantissa bits (ties to even on the dropped 13).
+  uint32_t u = pf_bits(ax);
+  float normal = pf_from_bits((u + 0xFFFu + ((u >> 13) & 1u)) & 0xFFFFE000u);
+  // Subnormal halves (|x| < 2^-14): multiples of 2^-24; scaling by powers
+  // of two is exact.
+  float sub = pf_rint(ax * 16777216.0f) * (1.0f / 16777216.0f);
+  float r = ax < 6.103515625e-05f ? sub : normal;
+  r = ax >= 65520.0f ? __builtin_inff() : r;  // rounds past the largest half
+  r = __builtin_copysignf(r, x);
+  return x != x ? x : r;
+}
+#endif
+
 // ---------------------------------------------------------------- packing
 
 // Code `j` of a group whose words start at `words` (LSB-first bit stream).
@@ -144,7 +218,8 @@ PF_INLINE void group_delta(
   }
 }
 
-// The stock fused weight `dequantize(q) + T(delta)` in T arithmetic, as float.
+// The stock fused weight `dequantize(q) + T(delta)`, every operation
+// rounded to T as MLX's ops do: T(T(T(q) * s) + b) + T(delta).
 template <typename T, int bits, int group_size>
 PF_INLINE void stock_values(
     const PF_DEVICE uint32_t* words,
@@ -152,12 +227,13 @@ PF_INLINE void stock_values(
     T bias,
     const PF_THREAD float* delta,
     PF_THREAD float* values) {
+  const float s = static_cast<float>(scale);
+  const float b = static_cast<float>(bias);
   for (int j = 0; j < group_size; ++j) {
-    T q = static_cast<T>(float(unpack_code<bits>(words, j)));
-    T w = q * scale;
-    w = w + bias;
-    w = w + static_cast<T>(delta[j]);
-    values[j] = static_cast<float>(w);
+    float q = float(unpack_code<bits>(words, j));
+    float w = round_to<T>(q * s);
+    w = round_to<T>(w + b);
+    values[j] = round_to<T>(w + round_to<T>(delta[j]));
   }
 }
 
@@ -186,7 +262,7 @@ PF_INLINE void fit_affine(const PF_THREAD float* values, PF_THREAD float& scale,
   float s = pf_math::max((w_max - w_min) / n_bins, eps);
   s = mask ? s : -s;
   const float edge = mask ? w_min : w_max;
-  const float q0 = MetalRounding ? pf_math::round(edge / s) : pf_math::rint(edge / s);
+  const float q0 = MetalRounding ? pf_math::round(edge / s) : pf_rint(edge / s);
   bias = 0.0f;
   if (q0 != 0.0f) {
     s = edge / q0;
@@ -202,7 +278,7 @@ PF_INLINE void round_to_grid(
   const float n_bins = float((1 << bits) - 1);
   for (int j = 0; j < group_size; ++j) {
     float t = (values[j] - bias) / scale;
-    t = MetalRounding ? pf_math::round(t) : pf_math::rint(t);
+    t = MetalRounding ? pf_math::round(t) : pf_rint(t);
     codes[j] = pf_math::min(pf_math::max(t, 0.0f), n_bins);
   }
 }
@@ -259,7 +335,7 @@ PF_INLINE void fuse_group(
     stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, values);
     if (args.k != 1.0f) {
       for (int j = 0; j < group_size; ++j) {
-        values[j] = static_cast<float>(static_cast<T>(args.k * values[j]));
+        values[j] = round_to<T>(args.k * values[j]);
       }
     }
     fit_affine<T, bits, group_size, MetalRounding>(values, scale, bias);
@@ -280,8 +356,8 @@ PF_INLINE void fuse_group(
     const float q = float(unpack_code<bits>(words_in, j));
     float step = delta[j] / s;
     float t = q + step;
-    float nq = stochastic ? pf_math::floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)))
-                          : pf_math::rint(t);
+    float nq = stochastic ? pf_floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)))
+                          : pf_rint(t);
     in_range = in_range && nq >= 0.0f && nq <= n_bins;
     codes[j] = nq;
   }
@@ -311,7 +387,7 @@ PF_INLINE void fuse_group(
   if (stochastic) {
     for (int j = 0; j < group_size; ++j) {
       float t = (values[j] - bias) / scale;
-      t = pf_math::floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
+      t = pf_floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
       codes[j] = pf_math::min(pf_math::max(t, 0.0f), n_bins);
     }
   } else {
