@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "csrc/fuse_cpu.h"
 #include "csrc/fuse_math.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
@@ -103,60 +104,13 @@ void check_arguments(
 
 // ------------------------------------------------------------------ CPU
 
-struct CpuBuffers {
-  const uint32_t* w_in;
-  const void* scales_in;
-  const void* biases_in;
-  const float* a;
-  const float* b;
-  const float* magnitude;  // nullptr without DoRA
-  uint32_t* w_out;
-  void* scales_out;
-  void* biases_out;
-};
-
-template <typename T, int bits, int group_size, bool MetalRounding>
-void fuse_rows(const FuseParams& p, const CpuBuffers& buf, float* row_k, size_t row0, size_t row1) {
-  auto s_in = static_cast<const T*>(buf.scales_in);
-  auto b_in = static_cast<const T*>(buf.biases_in);
-  auto s_out = static_cast<T*>(buf.scales_out);
-  auto b_out = static_cast<T*>(buf.biases_out);
-  for (size_t row = row0; row < row1; ++row) {
-    if (p.has_k) {
-      row_k[row] = row_factor_at<T, bits, group_size>(
-          p, uint32_t(row), buf.w_in, s_in, b_in, buf.a, buf.b, buf.magnitude);
-    }
-    for (int g = 0; g < p.groups_per_row; ++g) {
-      fuse_group_at<T, bits, group_size, MetalRounding>(
-          p, uint32_t(row), uint32_t(g), buf.w_in, s_in, b_in, buf.a, buf.b, row_k,
-          buf.w_out, s_out, b_out);
-    }
-  }
-}
-
-using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float*, size_t, size_t);
-
-template <typename T, bool MetalRounding>
-RowsFn select_rows_fn(int bits, int group_size) {
-#define PYFUSE_CASE(B, G) \
-  if (bits == B && group_size == G) return &fuse_rows<T, B, G, MetalRounding>;
-#define PYFUSE_CASES(B) PYFUSE_CASE(B, 32) PYFUSE_CASE(B, 64) PYFUSE_CASE(B, 128)
-  PYFUSE_CASES(2)
-  PYFUSE_CASES(3)
-  PYFUSE_CASES(4)
-  PYFUSE_CASES(5)
-  PYFUSE_CASES(6)
-  PYFUSE_CASES(8)
-#undef PYFUSE_CASES
-#undef PYFUSE_CASE
-  fail("unsupported bits/group_size");
-}
-
-template <bool MetalRounding>
-RowsFn select_rows_fn(mx::Dtype dtype, int bits, int group_size) {
-  if (dtype == mx::float32) return select_rows_fn<float, MetalRounding>(bits, group_size);
-  if (dtype == mx::float16) return select_rows_fn<mx::float16_t, MetalRounding>(bits, group_size);
-  return select_rows_fn<mx::bfloat16_t, MetalRounding>(bits, group_size);
+// The widest CPU kernels this processor runs (chosen once per process).
+RowsFn select_rows_fn(mx::Dtype dtype, int bits, int group_size, bool metal_rounding) {
+#if defined(PYFUSE_HAVE_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return cpu_avx2::select_rows_fn(dtype, bits, group_size, metal_rounding);
+#endif
+  return cpu_base::select_rows_fn(dtype, bits, group_size, metal_rounding);
 }
 
 // Splits rows over the cores; each row is independent (DoRA rows compute
@@ -243,9 +197,7 @@ void FuseRequant::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
       outputs[0].data<uint32_t>(),
       outputs[1].data<void>(),
       outputs[2].data<void>()};
-  RowsFn fn = rounding_ == Rounding::Metal
-      ? select_rows_fn<true>(scales.dtype(), bits_, group_size_)
-      : select_rows_fn<false>(scales.dtype(), bits_, group_size_);
+  RowsFn fn = select_rows_fn(scales.dtype(), bits_, group_size_, rounding_ == Rounding::Metal);
   size_t n_rows = w.size() / w.shape(-1);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
