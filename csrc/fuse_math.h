@@ -226,31 +226,23 @@ PF_INLINE uint64_t gather_pack(uint64_t v) {
 
 // The group's codes, from its words (an LSB-first bit stream).
 template <int bits, int group_size>
-PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint32_t* codes) {
+PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint8_t* codes) {
   const PF_DEVICE uint8_t* bytes = reinterpret_cast<const PF_DEVICE uint8_t*>(words);
-  uint8_t q[group_size];
   for (int p = 0; p < group_size / 8; ++p) {
     uint64_t x = 0;
     for (int t = 0; t < bits; ++t) {
       x |= uint64_t(bytes[p * bits + t]) << (8 * t);
     }
-    store_u64(spread_pack<bits>(x), q + 8 * p);
-  }
-  for (int j = 0; j < group_size; ++j) {
-    codes[j] = q[j];
+    store_u64(spread_pack<bits>(x), codes + 8 * p);
   }
 }
 
-// Packs `group_size` integer codes (held as floats) into the group's words.
+// Packs `group_size` codes (one per byte) into the group's words.
 template <int bits, int group_size>
-PF_INLINE void pack_group(const PF_THREAD float* codes, PF_DEVICE uint32_t* words) {
-  uint8_t q[group_size];
-  for (int j = 0; j < group_size; ++j) {
-    q[j] = uint8_t(static_cast<int>(codes[j]));
-  }
+PF_INLINE void pack_group(const PF_THREAD uint8_t* codes, PF_DEVICE uint32_t* words) {
   PF_DEVICE uint8_t* bytes = reinterpret_cast<PF_DEVICE uint8_t*>(words);
   for (int p = 0; p < group_size / 8; ++p) {
-    const uint64_t x = gather_pack<bits>(load_u64(q + 8 * p));
+    const uint64_t x = gather_pack<bits>(load_u64(codes + 8 * p));
     for (int t = 0; t < bits; ++t) {
       bytes[p * bits + t] = uint8_t(x >> (8 * t));
     }
@@ -294,7 +286,7 @@ PF_INLINE void stock_values(
     PF_THREAD float* values) {
   const float s = static_cast<float>(scale);
   const float b = static_cast<float>(bias);
-  uint32_t codes[group_size];
+  uint8_t codes[group_size];
   unpack_group<bits, group_size>(words, codes);
   for (int j = 0; j < group_size; ++j) {
     float q = float(int(codes[j]));
@@ -383,13 +375,14 @@ PF_INLINE void fit_affine(const PF_THREAD float* values, PF_THREAD float& scale,
 // Nearest codes on the (scale, bias) grid, clamped to [0, 2^bits - 1].
 template <int bits, int group_size, bool MetalRounding>
 PF_INLINE void round_to_grid(
-    const PF_THREAD float* values, float scale, float bias, PF_THREAD float* codes) {
+    const PF_THREAD float* values, float scale, float bias, PF_THREAD uint8_t* codes) {
   const float n_bins = float((1 << bits) - 1);
   for (int j = 0; j < group_size; ++j) {
     float t = (values[j] - bias) / scale;
     t = GridRound<MetalRounding>::apply(t);
     t = t < 0.0f ? 0.0f : t;
-    codes[j] = t > n_bins ? n_bins : t;
+    t = t > n_bins ? n_bins : t;
+    codes[j] = uint8_t(int(t));
   }
 }
 
@@ -437,7 +430,7 @@ PF_INLINE void fuse_group(
     PF_DEVICE T* bias_out) {
   const float n_bins = float((1 << bits) - 1);
   float values[group_size];
-  float codes[group_size];
+  uint8_t codes[group_size];
   float scale;
   float bias;
 
@@ -461,28 +454,32 @@ PF_INLINE void fuse_group(
   const bool stochastic = policy == kStochastic;
   const float s = static_cast<float>(scale_in);
   const float b = static_cast<float>(bias_in);
-  uint32_t old_codes[group_size];
+  uint8_t old_codes[group_size];
   unpack_group<bits, group_size>(words_in, old_codes);
+  float steps[group_size];  // the new codes, before the range check
   for (int j = 0; j < group_size; ++j) {
     const float q = float(int(old_codes[j]));
     float step = delta[j] / s;
-    codes[j] = q + step;
+    steps[j] = q + step;
   }
   if (stochastic) {
     for (int j = 0; j < group_size; ++j) {
-      codes[j] = pf_floor(codes[j] + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
+      steps[j] = pf_floor(steps[j] + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
     }
   } else {
     for (int j = 0; j < group_size; ++j) {
-      codes[j] = pf_rint(codes[j]);
+      steps[j] = pf_rint(steps[j]);
     }
   }
   int out_of_range = 0;
   for (int j = 0; j < group_size; ++j) {
-    out_of_range |= int(codes[j] < 0.0f) | int(codes[j] > n_bins);
+    out_of_range |= int(steps[j] < 0.0f) | int(steps[j] > n_bins);
   }
   const bool in_range = out_of_range == 0;
   if (in_range) {
+    for (int j = 0; j < group_size; ++j) {
+      codes[j] = uint8_t(int(steps[j]));
+    }
     pack_group<bits, group_size>(codes, words_out);
     if (args.k != 1.0f) {
       *scale_out = static_cast<T>(s * args.k);
@@ -510,7 +507,8 @@ PF_INLINE void fuse_group(
       float t = (values[j] - bias) / scale;
       t = pf_floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
       t = t < 0.0f ? 0.0f : t;
-      codes[j] = t > n_bins ? n_bins : t;
+      t = t > n_bins ? n_bins : t;
+      codes[j] = uint8_t(int(t));
     }
   } else {
     round_to_grid<bits, group_size, false>(values, scale, bias, codes);
