@@ -227,6 +227,8 @@ PF_INLINE uint64_t gather_pack(uint64_t v) {
 // The group's codes, from its words (an LSB-first bit stream).
 template <int bits, int group_size>
 PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint8_t* codes) {
+  constexpr int n_bytes = group_size * bits / 8;
+#if defined(__METAL_VERSION__)
   const PF_DEVICE uint8_t* bytes = reinterpret_cast<const PF_DEVICE uint8_t*>(words);
   for (int p = 0; p < group_size / 8; ++p) {
     uint64_t x = 0;
@@ -235,11 +237,22 @@ PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint8_t* 
     }
     store_u64(spread_pack<bits>(x), codes + 8 * p);
   }
+#else
+  // One copy of the group into a padded buffer, then one 8-byte load per
+  // pack (spread_pack ignores the bytes past the pack).
+  uint8_t bytes[n_bytes + 8] = {};
+  __builtin_memcpy(bytes, words, n_bytes);
+  for (int p = 0; p < group_size / 8; ++p) {
+    store_u64(spread_pack<bits>(load_u64(bytes + p * bits)), codes + 8 * p);
+  }
+#endif
 }
 
 // Packs `group_size` codes (one per byte) into the group's words.
 template <int bits, int group_size>
 PF_INLINE void pack_group(const PF_THREAD uint8_t* codes, PF_DEVICE uint32_t* words) {
+  constexpr int n_bytes = group_size * bits / 8;
+#if defined(__METAL_VERSION__)
   PF_DEVICE uint8_t* bytes = reinterpret_cast<PF_DEVICE uint8_t*>(words);
   for (int p = 0; p < group_size / 8; ++p) {
     const uint64_t x = gather_pack<bits>(load_u64(codes + 8 * p));
@@ -247,6 +260,15 @@ PF_INLINE void pack_group(const PF_THREAD uint8_t* codes, PF_DEVICE uint32_t* wo
       bytes[p * bits + t] = uint8_t(x >> (8 * t));
     }
   }
+#else
+  // 8-byte stores in ascending order into a padded buffer: each pack's
+  // zero high bytes are overwritten by the next pack; then one copy out.
+  uint8_t bytes[n_bytes + 8];
+  for (int p = 0; p < group_size / 8; ++p) {
+    store_u64(gather_pack<bits>(load_u64(codes + 8 * p)), bytes + p * bits);
+  }
+  __builtin_memcpy(words, bytes, n_bytes);
+#endif
 }
 
 // ------------------------------------------------------------ the values
@@ -376,13 +398,13 @@ PF_INLINE void fit_affine(const PF_THREAD float* values, PF_THREAD float& scale,
 template <int bits, int group_size, bool MetalRounding>
 PF_INLINE void round_to_grid(
     const PF_THREAD float* values, float scale, float bias, PF_THREAD uint8_t* codes) {
-  const float n_bins = float((1 << bits) - 1);
   for (int j = 0; j < group_size; ++j) {
     float t = (values[j] - bias) / scale;
-    t = GridRound<MetalRounding>::apply(t);
-    t = t < 0.0f ? 0.0f : t;
-    t = t > n_bins ? n_bins : t;
-    codes[j] = uint8_t(int(t));
+    // Clamped as an integer (t is an integer-valued float well inside
+    // int range: the grid spans the group's values), which vectorizes.
+    int q = int(GridRound<MetalRounding>::apply(t));
+    q = q < 0 ? 0 : q;
+    codes[j] = uint8_t(q > (1 << bits) - 1 ? (1 << bits) - 1 : q);
   }
 }
 
