@@ -5,6 +5,16 @@ apart."""
 from .ops import fuse_requant, native_available
 from .reference import fuse_requant_reference
 
+
+def __getattr__(name):
+    # The model-level fuse pulls in mlx-lm and safetensors: imported on first use.
+    if name in ("fuse_model", "FuseResult"):
+        from . import fuse
+
+        return getattr(fuse, name)
+    raise AttributeError(f"module 'pyfuse' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
-__all__ = ["fuse_requant", "fuse_requant_reference", "native_available", "__version__"]
+__all__ = ["fuse_requant", "fuse_requant_reference", "fuse_model", "FuseResult", "native_available",
+           "__version__"]
