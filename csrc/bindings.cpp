@@ -7,6 +7,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "csrc/fidelity.h"
 #include "csrc/fuse_requant.h"
 #include "csrc/metal_sim.h"
 #include "mlx/version.h"
@@ -40,6 +41,24 @@ NB_MODULE(_ext, m) {
       "magnitude"_a = nb::none(), "metal_rules"_a = false, "stream"_a = nb::none(),
       "Dequantize -> add scale * b @ a -> re-quantize (see pyfuse.fuse_requant). "
       "metal_rules=True evaluates MLX's Metal quantizer rules on the CPU (tests).");
+
+  m.def(
+      "fidelity_sums",
+      [](std::vector<mx::array> inputs, float scale, int group_size, int bits) {
+        auto s = pyfuse::fidelity_sums(std::move(inputs), scale, group_size, bits);
+        nb::dict d;
+        d["dd"] = s.dd;
+        d["cc"] = s.cc;
+        d["cd"] = s.cd;
+        d["ww"] = s.ww;
+        d["weights_changed"] = s.weights_changed;
+        d["codes_changed"] = s.codes_changed;
+        d["groups_refit"] = s.groups_refit;
+        d["max_abs"] = s.max_abs;
+        return d;
+      },
+      "inputs"_a, "scale"_a, "group_size"_a, "bits"_a,
+      "Sums behind the fidelity figures of one fused tensor (pyfuse.fidelity).");
 
   m.def(
       "simulate_metal_fuse_requant",

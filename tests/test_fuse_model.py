@@ -24,6 +24,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import pyfuse
+
 import pyfuse.fuse as fuse_mod
 from pyfuse.cli import main as pyfuse_main
 from pyfuse.errors import UserError
@@ -707,8 +709,16 @@ def test_user_error_type_from_the_api(work, tiny_moe_dir):
         fuse_model(tiny_moe_dir, work / "no_such_adapter", work / "never")
 
 
-def test_sampled_report_estimates_the_exact_one(work, tiny_moe_dir, moe_adapter):
+def test_sampled_report_estimates_the_exact_one(work, tiny_moe_dir, moe_adapter, monkeypatch):
     exact = fuse_model(tiny_moe_dir, moe_adapter, work / "exact_rep", report_sample=None).report
+    if pyfuse.native_available():
+        # The native sums are exact at memory speed: nothing is sampled.
+        native = fuse_model(tiny_moe_dir, moe_adapter, work / "native_rep", report_sample=4096).report
+        assert all(t["sampled"] == 1.0 for t in native["tensors"])
+        for e, n in zip(exact["tensors"], native["tensors"]):
+            assert n["retention"] == pytest.approx(e["retention"], rel=1e-6)
+        # Sampling is the pure-MLX path's way to stay fast.
+        monkeypatch.setattr("pyfuse.fuse.native_available", lambda: False)
     sampled = fuse_model(tiny_moe_dir, moe_adapter, work / "sampled_rep", report_sample=4096).report
     assert differing(tensors(work / "exact_rep"), tensors(work / "sampled_rep")) == []
     for e, s in zip(exact["tensors"], sampled["tensors"]):
