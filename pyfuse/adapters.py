@@ -281,6 +281,12 @@ def configured_modules(adapter: Adapter, tensors: dict[str, TensorInfo],
     keys = adapter.keys
     out = []
     for path, info in modules.items():
+        # mlx-lm matches keys both relative to each of the last num_layers
+        # blocks and as full module paths anywhere in the model (the form
+        # `pyfuse train --layers` writes).
+        if keys is not None and path in keys:
+            out.append(path)
+            continue
         m = _LAYER.match(path + ".")
         if m and m.group(1) == prefix:
             if int(m.group(2)) < first:
@@ -291,8 +297,6 @@ def configured_modules(adapter: Adapter, tensors: dict[str, TensorInfo],
                     out.append(path)
             elif _is_lora_target(path, info, tensors):
                 out.append(path)
-        elif keys is not None and path in keys:
-            out.append(path)
     return sorted(out, key=natural_key)
 
 

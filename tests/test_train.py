@@ -123,12 +123,16 @@ def test_mlx_lm_applies_exactly_the_trained_modules(case, moe_dir, tmp_path, mon
     assert changed == TRAINED
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyfuse.fuse") is None, reason="pyfuse.fuse not available")
 def test_pyfuse_fuse_reads_the_adapter(case, moe_dir, tmp_path, capsys):
     out = tmp_path / "fused"
+    report = tmp_path / "report.json"
     assert main(["fuse", "--model", str(moe_dir), "--adapter-path", str(case["adapter"]),
-                 "--save-path", str(out), "--quiet"]) == 0
+                 "--save-path", str(out), "--report", str(report), "--quiet"]) == 0
     assert "4 module(s) fused" in capsys.readouterr().out
+    # The full-path keys of explicit layers are understood as mlx-lm does:
+    # every fused module was configured, and nothing configured lacked weights.
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["outside_config"] == [] and summary["configured_without_weights"] == []
     fused = evaluate_mc(out, case["items"], method="logprob")
     assert fused.accuracy == 1.0  # the trained behaviour survived the stock fuse
     base = mx.load(str(moe_dir / "model.safetensors"))
