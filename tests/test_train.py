@@ -6,7 +6,6 @@ and bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
