@@ -63,6 +63,33 @@ namespace pf_math = std;
 
 namespace pyfuse {
 
+// ------------------------------------------------- data shared by backends
+
+enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2 };
+
+// Shapes and options of one dispatch; rows are the E * out rows of w.
+struct FuseParams {
+  int in_dims;
+  int out_dims;
+  int rank;
+  int groups_per_row;
+  int policy;
+  float scale;
+  uint32_t key;  // stochastic_key(seed)
+  int has_k;     // DoRA: row_k holds one rescale factor per row
+};
+
+struct GroupArgs {
+  float k;             // DoRA row rescale (1 without DoRA)
+  uint32_t key;        // stochastic_key(seed)
+  uint32_t index0;     // flat index of the group's first element
+};
+
+// Everything below has internal linkage (an unnamed namespace): the CPU
+// kernels are compiled once per instruction set (csrc/fuse_cpu.cpp), and
+// shared inline symbols would let the linker keep one ISA's copy for all.
+namespace {
+
 // The largest finite value of T, where MLX's Metal quantizer starts min.
 #if defined(__METAL_VERSION__)
 template <typename T>
@@ -86,7 +113,6 @@ inline float pf_limits_max<mlx::core::bfloat16_t>() {
 }
 #endif
 
-enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2 };
 
 // Rescale factors within 1e-5 of 1 are float32 noise of the row norm (a
 // sum of in/group_size * group_size squares, added in another order by
@@ -431,11 +457,6 @@ PF_INLINE float stochastic_uniform(uint32_t key, uint32_t index) {
 
 // ----------------------------------------------------------- one group
 
-struct GroupArgs {
-  float k;             // DoRA row rescale (1 without DoRA)
-  uint32_t key;        // stochastic_key(seed)
-  uint32_t index0;     // flat index of the group's first element
-};
 
 // Fuses one group. `delta` holds the group's float32 delta. Writes the
 // group's packed words and its (scale, bias) in T.
@@ -562,17 +583,6 @@ PF_INLINE float dora_factor(float magnitude, float sumsq) {
 
 // ------------------------------------------- indexing shared by backends
 
-// Shapes and options of one dispatch; rows are the E * out rows of w.
-struct FuseParams {
-  int in_dims;
-  int out_dims;
-  int rank;
-  int groups_per_row;
-  int policy;
-  float scale;
-  uint32_t key;  // stochastic_key(seed)
-  int has_k;     // DoRA: row_k holds one rescale factor per row
-};
 
 // Fuses group `g` of row `row` (the unit of work of every backend).
 template <typename T, int bits, int group_size, bool MetalRounding>
@@ -641,4 +651,5 @@ PF_INLINE float row_factor_at(
   return dora_factor(magnitude[row], sumsq);
 }
 
+} // namespace
 } // namespace pyfuse
