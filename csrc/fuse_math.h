@@ -455,6 +455,16 @@ PF_INLINE float stochastic_uniform(uint32_t key, uint32_t index) {
   return float(lowbias32(index ^ key) >> 8) * (1.0f / 16777216.0f);
 }
 
+// floor(t + u) as if computed exactly: the float sum t + u rounds up to the
+// next integer when u is within float spacing of 1 (a few codes per million
+// at 8 bits), which would move codes even for a zero delta. Splitting t into
+// its integer part and fraction keeps a zero delta (fraction 0) exact.
+PF_INLINE float stochastic_round(float t, float u) {
+  const float whole = pf_floor(t);
+  const float frac = t - whole;  // exact
+  return u >= 1.0f - frac ? whole + 1.0f : whole;
+}
+
 // ----------------------------------------------------------- one group
 
 
@@ -507,7 +517,7 @@ PF_INLINE void fuse_group(
   }
   if (stochastic) {
     for (int j = 0; j < group_size; ++j) {
-      steps[j] = pf_floor(steps[j] + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
+      steps[j] = stochastic_round(steps[j], stochastic_uniform(args.key, args.index0 + uint32_t(j)));
     }
   } else {
     for (int j = 0; j < group_size; ++j) {
@@ -548,7 +558,7 @@ PF_INLINE void fuse_group(
   if (stochastic) {
     for (int j = 0; j < group_size; ++j) {
       float t = (values[j] - bias) / scale;
-      t = pf_floor(t + stochastic_uniform(args.key, args.index0 + uint32_t(j)));
+      t = stochastic_round(t, stochastic_uniform(args.key, args.index0 + uint32_t(j)));
       t = t < 0.0f ? 0.0f : t;
       t = t > n_bins ? n_bins : t;
       codes[j] = uint8_t(int(t));

@@ -94,6 +94,13 @@ def _dora_factor(rows: mx.array, magnitude: mx.array) -> mx.array:
     return mx.where(mx.abs(k - 1.0) <= DORA_UNIT_TOLERANCE, mx.array(1.0), k)
 
 
+def stochastic_round(t: mx.array, u: mx.array) -> mx.array:
+    """``floor(t + u)`` as if exact (csrc/fuse_math.h::stochastic_round): the
+    float sum would round up when ``u`` is within float spacing of 1."""
+    whole = mx.floor(t)
+    return mx.where(u >= 1.0 - (t - whole), whole + 1.0, whole)
+
+
 def _by_group(x: mx.array, group_size: int) -> mx.array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
@@ -143,7 +150,7 @@ def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, 
     target = q + d / s  # the fused weight measured in steps of the old grid
     if policy == "stochastic":
         u = _by_group(hash_uniform(seed, delta.size).reshape(delta.shape), group_size)
-        new_q = mx.floor(target + u)
+        new_q = stochastic_round(target, u)
     else:
         new_q = mx.round(target)
     refit = mx.any((new_q < 0) | (new_q > n_bins), axis=-1)
@@ -167,7 +174,7 @@ def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, 
     _, fit_s, fit_b = mx.quantize(x.reshape(delta.shape), group_size=group_size, bits=bits)
     fit_s, fit_b = fit_s[..., None], fit_b[..., None]
     fit_t = (x - fit_b) / fit_s
-    fit_q = mx.floor(fit_t + u) if policy == "stochastic" else mx.round(fit_t)
+    fit_q = stochastic_round(fit_t, u) if policy == "stochastic" else mx.round(fit_t)
     fit_q = mx.clip(fit_q, 0, n_bins)
 
     r = refit[..., None]

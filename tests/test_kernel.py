@@ -157,6 +157,17 @@ def test_zero_delta_preserve_and_stochastic_return_inputs_bit_for_bit(dtype, bit
         assert same(out, (w, s, b)), ("dora", group_size)
 
 
+def test_zero_delta_stochastic_exact_at_scale():
+    # floor(q + u) in float32 would round up for u within float spacing of
+    # 1 (a few codes per million at 8 bits): 2M weights at 8 bits must still
+    # come back bit for bit, in the kernel and in the reference.
+    w, s, b = quantized((8, 512, 512), mx.bfloat16, 64, 8, seed=21)
+    a, bb = lora((8,), 512, 512, 1, seed=21)
+    kw = dict(group_size=64, bits=8, policy="stochastic", seed=123)
+    assert same(pyfuse.fuse_requant(w, s, b, a, bb * 0, **kw), (w, s, b))
+    assert same(fuse_requant_reference(w, s, b, a, bb * 0, **kw), (w, s, b))
+
+
 def test_stock_zero_delta_is_not_idempotent_like_mlx():
     # The reason `preserve` exists: MLX's own round trip changes weights.
     w, s, b = quantized((4, 64, 512), mx.bfloat16, 64, 4, seed=3)
