@@ -72,7 +72,8 @@ def child(args) -> None:
     res = nf.measure_noise_floor(
         args.model, group_sizes=[int(x) for x in args.group_sizes.split(",")],
         bits=[int(x) for x in args.bits.split(",")], policies=args.policies.split(","),
-        rounds=args.rounds, adapter_path=args.adapter, outputs=args.outputs, out=args.out)
+        rounds=args.rounds, adapter_path=args.adapter, outputs=args.outputs, out=args.out,
+        prompts=args.prompts_file)
     seconds = time.perf_counter() - t0
     summary = {"seconds": seconds, "kernel_calls": calls["n"], "experts_per_call": calls["max_experts"],
                "native": pyfuse.native_available(), "rows": res.rows, "meta": res.meta,
@@ -91,11 +92,15 @@ def main() -> None:
     ap.add_argument("--no-adapter", action="store_true", help="skip the adapter's retention/noise")
     ap.add_argument("--no-outputs", dest="outputs", action="store_false",
                     help="skip the output level (KL on the built-in prompts)")
+    ap.add_argument("--prompts", type=int, default=None, metavar="N",
+                    help="use only the first N built-in prompts for the output level (on CPU each "
+                         "token costs ~0.5 s on the full model: MLX's gather_qmm); default: all 12")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--summary", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -113,10 +118,17 @@ def main() -> None:
         cmd += ["--adapter", str(adapter)]
     if not args.outputs:
         cmd += ["--no-outputs"]
+    elif args.prompts is not None:
+        from pyfuse.noise_floor import DEFAULT_PROMPTS
+
+        pf = args.workdir / f"prompts-{args.prompts}.jsonl"
+        pf.write_text("".join(json.dumps({"text": t}) + "\n" for t in DEFAULT_PROMPTS[:args.prompts]))
+        cmd += ["--prompts-file", str(pf)]
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     print(f"model: {model} ({model_bytes / 1e9:.2f} GB); settings: g{args.group_sizes} x {args.bits}-bit x "
           f"{args.policies}; rounds {args.rounds}; adapter: {'no' if args.no_adapter else adapter}; "
-          f"outputs: {'yes' if args.outputs else 'no'}; cpus: {os.cpu_count()}", flush=True)
+          f"outputs: {'no' if not args.outputs else (f'{args.prompts} prompts' if args.prompts else 'yes')}; "
+          f"cpus: {os.cpu_count()}", flush=True)
     env = {**os.environ, "PYFUSE_PROGRESS": os.environ.get("PYFUSE_PROGRESS", "0"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
@@ -135,12 +147,15 @@ def main() -> None:
     print(f"{'gs':>4} {'bits':>4} {'policy':>10} {'w. changed':>11} {'codes ch.':>10} {'rel err':>9} "
           f"{'retention':>9} {'noise':>8} {'KL mean':>9} {'top1 flip':>9} {'t weights':>9} {'t outputs':>9}")
     f = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+    secs = lambda x: "-" if x is None else f"{x:.1f}s"  # noqa: E731
     for r in s["rows"]:
         print(f"{r['group_size']:>4} {r['bits']:>4} {r['policy']:>10} {f(r['weights_changed'], '.3%'):>11} "
               f"{f(r['codes_changed'], '.3%'):>10} {f(r['rel_error'], '.2e'):>9} {f(r['retention'], '.3f'):>9} "
               f"{f(r['noise'], '.3g'):>8} {f(r['kl_mean'], '.2e'):>9} {f(r['top1_flip'], '.2%'):>9} "
-              f"{r['seconds_weights']:>8.1f}s {f(r.get('seconds_outputs'), '.1f'):>8}s")
-    print(f"\noutputs in {out}")
+              f"{r['seconds_weights']:>8.1f}s {secs(r.get('seconds_outputs')):>9}")
+    if s["meta"].get("prompt_tokens"):
+        print(f"\noutput level: {s['meta']['prompts']}, {s['meta']['prompt_tokens']} tokens")
+    print(f"outputs in {out}")
 
 
 if __name__ == "__main__":
