@@ -1,0 +1,110 @@
+"""``pyfuse experiment run|validate|report``: declarative experiments."""
+
+from __future__ import annotations
+
+import sys
+
+HELP = "run, validate or report a declarative experiment (conditions, zero-delta controls, pre-registration)"
+DESCRIPTION = """\
+Declarative experiments (a YAML spec): models and data, conditions built
+from ordered stages (train an adapter, make its zero-delta twin, fuse it with
+a policy, stack another adapter), evaluation suites (multiple choice,
+identity), Set-G mining, comparisons and a pre-registered criterion.
+
+  pyfuse experiment validate SPEC.yaml        check the spec (field-named errors; missing paths listed)
+  pyfuse experiment run SPEC.yaml --out DIR   run or resume it: DIR/results.json, DIR/report.md
+  pyfuse experiment report DIR                rewrite DIR/report.md and its plots
+
+Before any step runs, the pre-registration (criterion, tests, alpha, thresholds,
+split rule, design) is written to DIR/prereg.json as canonical JSON and hashed
+(SHA-256); the Set-G split seed is int(sha256[:8], 16). A later run whose
+pre-registration differs refuses to continue in DIR. Every step's output is
+content-addressed and published atomically: a rerun skips finished steps, and a
+run killed at any moment resumes where it stopped. Fused models no longer needed
+are removed unless --keep-models.
+
+Examples: examples/stacking-confound.yaml, examples/identity-stacking.yaml."""
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    r = sub.add_parser("run", help="run (or resume) an experiment")
+    r.add_argument("spec", metavar="SPEC.yaml")
+    r.add_argument("--out", required=True, metavar="DIR", help="the run directory (created; reused to resume)")
+    r.add_argument("--keep-models", action="store_true",
+                   help="keep every fused model (default: remove those no pending step needs)")
+    r.add_argument("--quiet", action="store_true", help="print only warnings, errors and the verdict")
+    v = sub.add_parser("validate", help="check a spec without running it")
+    v.add_argument("spec", metavar="SPEC.yaml")
+    v.add_argument("--strict", action="store_true", help="missing model/data/suite paths are errors too")
+    rp = sub.add_parser("report", help="rewrite DIR/report.md and its plots")
+    rp.add_argument("dir", metavar="DIR")
+    p.set_defaults(_experiment_parser=p)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+
+
+def run(args) -> int:
+    action = getattr(args, "action", None)
+    if action is None:
+        args._experiment_parser.print_help()
+        return 2
+    return {"run": _run, "validate": _validate, "report": _report}[action](args)
+
+
+def _validate(args) -> int:
+    from ..experiment.prereg import power_warnings, prereg_document
+    from ..experiment.spec import SpecError, check_suite, load_spec, missing_paths
+
+    spec = load_spec(args.spec, check_paths=args.strict)
+    problems = check_suite(spec)
+    if problems:
+        raise SpecError(args.spec, problems)
+    missing = missing_paths(spec)
+    stages = sum(len(c.stages) for c in spec.conditions.values())
+    print(f"pyfuse experiment validate: {args.spec} is valid ({len(spec.conditions)} conditions, {stages} stages, "
+          f"{len(spec.comparisons)} comparisons"
+          + (", pre-registered" if spec.preregistration else ", no pre-registration") + ")")
+    for where, what, path in missing:
+        print(f"pyfuse experiment validate: note: {where}: {what} does not exist (yet): {path}", file=sys.stderr)
+    if missing:
+        print(f"pyfuse experiment validate: {len(missing)} path(s) must exist before `run`", file=sys.stderr)
+    if spec.preregistration is None and spec.comparisons:
+        print("pyfuse experiment validate: warning: comparisons without a preregistration section are "
+              "exploratory (no locked criterion, no verdict)", file=sys.stderr)
+    doc = prereg_document(spec)
+    if doc is not None:
+        for w in power_warnings(doc):
+            if w["warn"]:
+                print(f"pyfuse experiment validate: warning: under-powered design: {w['text']}", file=sys.stderr)
+    return 0
+
+
+def _run(args) -> int:
+    from ..experiment.engine import run_experiment
+
+    console = _console()
+    def echo(msg: str) -> None:
+        if not args.quiet or msg.startswith("warning"):
+            console.print(f"pyfuse experiment: {msg}")
+
+    res = run_experiment(args.spec, args.out, keep_models=args.keep_models, echo=echo)
+    v = res.results.get("verdict")
+    print(f"pyfuse experiment: {len(res.executed)} step(s) run, {len(res.skipped)} skipped"
+          + (f", {len(res.pruned)} fused model(s) pruned" if res.pruned else "")
+          + f" in {res.seconds:.1f} s; wrote {res.out / 'results.json'} and {res.out / 'report.md'}")
+    if v is not None:
+        print(f"pyfuse experiment: verdict: {v['text']}")
+    return 0
+
+
+def _report(args) -> int:
+    from ..experiment.report import write_report
+
+    path = write_report(args.dir)
+    print(f"pyfuse experiment report: wrote {path}")
+    return 0

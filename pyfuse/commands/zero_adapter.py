@@ -1,0 +1,37 @@
+"""``pyfuse zero-adapter``: the zero-delta twin of an adapter (the control)."""
+
+from __future__ import annotations
+
+HELP = "write the zero-delta twin of an adapter: same structure, every learned delta zero (the control)"
+DESCRIPTION = """\
+Write the structurally identical adapter with every learned delta zeroed:
+the same adapter_config.json, tensor names, shapes and dtypes, with lora_b
+all zeros (lora_a kept), so scale * B @ A is exactly 0. Fused through the
+same pipeline as the trained adapter, it measures what the fuse and
+re-quantization do on their own: the control every LoRA-on-quantized-model
+result needs.
+
+DoRA adapters also carry magnitudes (m); their twin sets each magnitude to
+the norm of the base weight's row, so the DoRA rescale leaves every row as
+it was. That needs the base model (--model).
+
+  pyfuse zero-adapter --adapter-path adapters/factual --out adapters/factual-zero
+  pyfuse fuse --model persona --adapter-path adapters/factual-zero --save-path A0 --requant stock"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--adapter-path", required=True, help="the trained mlx-lm adapter directory")
+    p.add_argument("--out", required=True, help="where to write the zero-delta adapter directory")
+    p.add_argument("--model", default=None,
+                   help="the base model the adapter is fused into (required for DoRA adapters)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def run(args) -> int:
+    from ..zero_adapter import zero_adapter
+
+    res = zero_adapter(args.adapter_path, args.out, model=args.model, force=args.force)
+    extra = f", {len(res.magnitudes)} DoRA magnitude(s) set to the base rows' norms" if res.magnitudes else ""
+    print(f"pyfuse zero-adapter: wrote {res.out} ({res.fine_tune_type}, lora_b zeroed in "
+          f"{len(res.modules)} module(s){extra})")
+    return 0

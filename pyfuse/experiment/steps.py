@@ -1,0 +1,151 @@
+"""What each step kind does: a thin call into pyfuse's own API, writing its
+outputs into the step's (temporary) directory. The engine
+(:mod:`pyfuse.experiment.engine`) decides when a step runs, publishes the
+directory atomically and writes its ``done.json``.
+
+=============  ==========================================  ===============================
+kind           inputs                                      outputs (in the step directory)
+=============  ==========================================  ===============================
+train          model, data                                 ``adapter/`` (pyfuse.train_adapter)
+zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.zero_adapter)
+fuse           model, adapter                              ``model/``, ``fuse_report.json``
+eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
+eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
+setg           base_rows, persona_rows, data               ``data/`` (train/valid/test.jsonl,
+                                                           items.json, counts.json), ``items/``
+                                                           (the MMLU-Pro rows of each split)
+noise-floor    model                                       ``noise_floor.json`` (+ .md, plots)
+=============  ==========================================  ===============================
+
+Every function returns a small summary (kept in ``done.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from ..mmlu import write_json, write_jsonl
+
+OUTPUTS = {
+    "train": "adapter",
+    "zero": "adapter",
+    "fuse": "model",
+    "eval-mc": "rows.jsonl",
+    "eval-identity": "rows.jsonl",
+    "setg": "data",
+    "noise-floor": "noise_floor.json",
+}
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..train import train_adapter
+
+    kwargs = {k: v for k, v in opts.items() if k != "data"}
+    with _stdout_to_stderr():
+        res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / "adapter", verbose=False,
+                            **kwargs)
+    return {"modules": len(res.modules), "trainable_parameters": res.trainable_parameters,
+            "first_loss": res.first_loss, "final_loss": res.final_loss, "seconds": res.seconds,
+            "iters": opts["iters"], "warnings": list(res.warnings)}
+
+
+def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..zero_adapter import zero_adapter
+
+    res = zero_adapter(inputs["adapter"], out / "adapter", model=inputs.get("model"))
+    return {"modules": len(res.modules), "magnitudes": len(res.magnitudes),
+            "fine_tune_type": res.fine_tune_type}
+
+
+def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..fuse import fuse_model
+
+    res = fuse_model(inputs["model"], inputs["adapter"], out / "model", requant=opts["policy"],
+                     seed=opts["seed"], requant_bits=opts["requant_bits"],
+                     requant_group_size=opts["requant_group_size"], only=opts["only"],
+                     dequantize=opts["dequantize"], report=out / "fuse_report.json", link_unchanged=True)
+    s = res.summary
+    keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
+            "codes_changed", "groups_refit", "kernel", "warnings")
+    return {k: s.get(k) for k in keep}
+
+
+def run_eval_mc(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..evals.mc import evaluate_mc
+
+    res = evaluate_mc(str(inputs["model"]), str(inputs["data"]), method=opts["method"],
+                      batch_size=opts["batch_size"] or 8, limit=opts["limit"],
+                      max_tokens=opts["max_tokens"] or 1024,
+                      system_prompt=opts["system_prompt"], out=out / "rows.jsonl",
+                      adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None)
+    summary = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct, "method": res.method,
+               "per_category": res.per_category}
+    write_json(out / "summary.json", summary)
+    return {"accuracy": res.accuracy, "n": res.n, "correct": res.correct, "seconds": res.seconds}
+
+
+def run_eval_identity(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..evals.identity import evaluate_identity
+
+    res = evaluate_identity(str(inputs["model"]), str(inputs["suite"]) if "suite" in inputs else None,
+                            persona_name=opts["persona_name"], aliases=opts["aliases"],
+                            base_names=opts["base_names"], vendors=opts["vendors"],
+                            system_prompt=opts["system_prompt"], max_tokens=opts["max_tokens"],
+                            batch_size=opts["batch_size"], out=out / "rows.jsonl",
+                            adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None)
+    summary = {"score": res.score, "n": res.n, "persona": res.persona, "per_category": res.per_category}
+    write_json(out / "summary.json", summary)
+    return {"score": res.score, "n": res.n, "seconds": res.seconds}
+
+
+def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..mmlu import id_key, load_mc
+    from ..setg import SPLITS, mine_setg
+
+    res = mine_setg(inputs["base_rows"], inputs["persona_rows"], inputs["data"],
+                    train_frac=opts["train_frac"], seed=opts["seed"], out=out / "data")
+    items = {id_key(it.question_id): it for it in load_mc(inputs["data"])}
+    for split in SPLITS:
+        write_jsonl(out / "items" / f"{split}.jsonl",
+                    [items[id_key(i)].model_dump(mode="json") for i in res.splits[split]])
+    return {"n_items": res.n_items, "n_setg": res.n_setg, "seed": res.seed, "train_frac": res.train_frac,
+            "splits": {s: len(res.splits[s]) for s in SPLITS}}
+
+
+def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..noise_floor import measure_noise_floor
+
+    with _stdout_to_stderr():
+        res = measure_noise_floor(str(inputs["model"]), group_sizes=[opts["group_size"]], bits=[opts["bits"]],
+                                  policies=[opts["policy"]], rounds=1, outputs=opts["outputs"], out=out,
+                                  seed=opts["seed"])
+    return {"rows": len(res.rows), "warnings": list(res.warnings)}
+
+
+RUNNERS = {
+    "train": run_train,
+    "zero": run_zero,
+    "fuse": run_fuse,
+    "eval-mc": run_eval_mc,
+    "eval-identity": run_eval_identity,
+    "setg": run_setg,
+    "noise-floor": run_noise_floor,
+}
+
+
+def read_mc_rows(step_dir: Path) -> list[dict]:
+    with open(step_dir / "rows.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_summary(step_dir: Path) -> dict:
+    return json.loads((step_dir / "summary.json").read_text(encoding="utf-8"))
