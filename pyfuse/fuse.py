@@ -68,10 +68,7 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +78,7 @@ from . import progress
 from .adapters import (Adapter, AdapterModule, configured_modules, kernel_factors, match_module,
                        natural_key, read_adapter)
 from .errors import UserError
+from .fileio import TMP_MARK, sigterm_as_interrupt
 from .fidelity import tensor_fidelity
 from .ops import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, fuse_requant, native_available
 from .reference import delta_f32
@@ -89,7 +87,6 @@ from .safetensors_io import (SafetensorsError, SafetensorsFile, SafetensorsWrite
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-TMP_MARK = ".pyfuse-tmp-"
 # Work on this many weight elements at a time (rows or experts) so that the
 # float32 intermediates of a 128 x 2048 x 512 expert tensor stay ~16 MB each.
 CHUNK_ELEMENTS = 1 << 22
@@ -482,7 +479,7 @@ def fuse_model(
                           requant_bits=requant_bits, requant_group_size=requant_group_size,
                           only_re=only_re)
         plan.report_sample = report_sample
-        with _interrupts_as_exceptions():
+        with sigterm_as_interrupt():
             try:
                 records, written = _execute(mdir, plan, save_path, requant=requant, seed=seed,
                                             dequantize=dequantize, link_unchanged=link_unchanged,
@@ -646,28 +643,6 @@ def _check_dora_sizing(mdir: ModelDir, adapter: Adapter, path: str, in_dims: int
 # -- execution --------------------------------------------------------------------------
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that the temporary output is removed."""
-
-
-@contextmanager
-def _interrupts_as_exceptions():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
     field_validator, model_validator
 
 from .errors import UserError
+from .fileio import atomic_write_text, open_text
 
 LETTERS = string.ascii_uppercase[:10]  # MMLU-Pro: at most 10 options, A-J
 MIN_OPTIONS, MAX_OPTIONS = 2, 10
@@ -137,14 +137,7 @@ def _describe(err: ValidationError) -> str:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """``(where, parsed object)`` for each non-blank line."""
-    try:
-        fh = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSON Lines file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    fh = open_text(path)
     with fh:
         try:
             for lineno, line in enumerate(fh, 1):
@@ -264,31 +257,6 @@ def match_results(a: list[MCResult], b: list[MCResult], name_a: str = "a",
 
 def _plain(obj: Any) -> Any:
     return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory
-    and ``os.replace``: readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the mode open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:

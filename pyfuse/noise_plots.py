@@ -12,9 +12,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+from .fileio import save_figure
 
 
 def _pyplot():
@@ -27,19 +26,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return save_figure(fig, path)
 
 
 def _by_policy(rows, key):

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
+from .fileio import TMP_MARK, open_text, publish_dir
 
 FINE_TUNE_TYPES = ("lora", "dora")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
@@ -73,7 +74,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 LOSS_FILE = "loss.json"
 LOSS_PLOT = "loss.png"
-TMP_MARK = ".pyfuse-tmp-"
 
 __all__ = ["TrainResult", "TrainingData", "load_training_data", "parse_layers", "train_adapter"]
 
@@ -150,14 +150,7 @@ def _check_row(row: Any, fmt: str | None, where: str) -> str:
 
 def _read_jsonl_rows(path: Path) -> tuple[list[Any], list[str]]:
     rows, where = [], []
-    try:
-        fh = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSON Lines file") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    fh = open_text(path)
     with fh:
         try:
             for lineno, line in enumerate(fh, 1):
@@ -428,21 +421,6 @@ def _tmp_dir_for(final: Path) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, final: Path, force: bool) -> None:
-    if final.exists() or final.is_symlink():
-        if not force:
-            raise UserError(f"{final} exists (pass force=True / --force to replace it)")
-        old = final.with_name(f".{final.name}.pyfuse-old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.rename(tmp, final)
-
-
 @contextlib.contextmanager
 def _restored_call(layer_cls):
     """mlx-lm's grad_checkpoint patches ``type(layer).__call__`` for the whole
@@ -655,7 +633,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
             f.write("\n")
         _plot_losses(tmp / LOSS_PLOT, recorder.train, recorder.val,
                      f"{fine_tune_type} r={rank} alpha={alpha:g} lr={learning_rate:g} ({final.name})")
-        _publish(tmp, final, force)
+        publish_dir(tmp, final, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

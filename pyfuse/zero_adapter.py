@@ -41,10 +41,10 @@ import mlx.core as mx
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, match_module, read_adapter
 from .errors import UserError
+from .fileio import TMP_MARK, publish_dir
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 PROVENANCE = "zero_adapter.json"
-TMP_MARK = ".pyfuse-tmp-"
 
 __all__ = ["ZeroAdapterResult", "zero_adapter", "is_zero_adapter"]
 
@@ -149,16 +149,7 @@ def zero_adapter(adapter_path: str | os.PathLike, out: str | os.PathLike, *,
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if final.exists() or final.is_symlink():
-            old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, final)
+        publish_dir(tmp, final, force=True)  # --force was checked before any work
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -38,8 +38,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -47,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..fileio import sigterm_as_interrupt
 from ..errors import UserError
 from ..mmlu import atomic_write_text
 from . import prereg as prereg_mod
@@ -426,28 +425,6 @@ def _dir_lock(out: Path):
         os.close(fd)
 
 
-class _Terminated(KeyboardInterrupt):
-    pass
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -710,7 +687,7 @@ def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep
     except OSError as err:
         raise UserError(f"cannot create {out} ({err.strerror})") from None
     warnings: list[str] = []
-    with _dir_lock(out), _sigterm_as_interrupt():
+    with _dir_lock(out), sigterm_as_interrupt():
         runner_probe = Runner(Plan(spec=spec, split_seed=None), out)
         runner_probe.clean_temps()
         finished = any((p / DONE).is_file() for p in (out / STEPS_DIR).iterdir())

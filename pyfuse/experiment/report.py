@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from ..fileio import save_figure
 from ..errors import UserError
 from ..mmlu import atomic_write_text
 from .engine import PLAN_FILE, STEPS_DIR
@@ -37,22 +37,10 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png", metadata={"Software": None})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        return save_figure(fig, path)
     finally:
-        plt.close(fig)
-    return path
+        _pyplot().close(fig)
 
 
 def _wilson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
