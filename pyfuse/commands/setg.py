@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "Mine Set-G (items base and persona both get wrong) into train/valid/test chat data"
+HELP = "mine Set-G (items base and persona both get wrong) into train/valid/test chat data"
 DESCRIPTION = """\
 Mine Set-G: the items that both the base and the persona model answer wrongly,
 from two per-item eval result files (pyfuse eval mc) over the same items.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Compare accuracies: z-test, McNemar, Newcombe interval, minimum detectable effect"
+HELP = "compare accuracies: z-test, McNemar, Newcombe interval, minimum detectable effect"
 DESCRIPTION = """\
 Compare multiple-choice accuracies between two conditions.
 
