@@ -35,7 +35,6 @@ void sums_rows(const std::vector<mx::array>& in, const FuseParams& p, bool has_d
   uint8_t q1[group_size];
   float delta[group_size];
   for (size_t row = row0; row < row1; ++row) {
-    const size_t expert = row / size_t(p.out_dims);
     for (int g = 0; g < p.groups_per_row; ++g) {
       const size_t sg = row * p.groups_per_row + g;
       unpack_group<bits, group_size>(w0 + sg * words_per_group, q0);
@@ -44,9 +43,7 @@ void sums_rows(const std::vector<mx::array>& in, const FuseParams& p, bool has_d
       const float fs1 = static_cast<float>(s1[sg]), fb1 = static_cast<float>(b1[sg]);
       acc.groups_refit += (fs0 != fs1 || fb0 != fb1) ? 1 : 0;
       if (has_delta) {
-        group_delta<group_size>(p.scale, b + row * p.rank,
-                                a + expert * p.rank * p.in_dims + size_t(g) * group_size, p.rank,
-                                p.in_dims, delta);
+        group_delta_at<group_size>(p, uint32_t(row), uint32_t(g), a, b, delta);
       }
       for (int j = 0; j < group_size; ++j) {
         float before = float(q0[j]) * fs0;

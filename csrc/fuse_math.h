@@ -594,6 +594,25 @@ PF_INLINE float dora_factor(float magnitude, float sumsq) {
 // ------------------------------------------- indexing shared by backends
 
 
+// The float32 delta of group `g` of row `row` (rows are E * out, expert-major).
+template <int group_size>
+PF_INLINE void group_delta_at(
+    PF_CONSTANT_REF(FuseParams) p,
+    uint32_t row,
+    uint32_t g,
+    const PF_DEVICE float* a,
+    const PF_DEVICE float* b,
+    PF_THREAD float* delta) {
+  const uint32_t expert = row / uint32_t(p.out_dims);
+  group_delta<group_size>(
+      p.scale,
+      b + size_t(row) * p.rank,
+      a + size_t(expert) * p.rank * p.in_dims + size_t(g) * group_size,
+      p.rank,
+      p.in_dims,
+      delta);
+}
+
 // Fuses group `g` of row `row` (the unit of work of every backend).
 template <typename T, int bits, int group_size, bool MetalRounding>
 PF_INLINE void fuse_group_at(
@@ -610,17 +629,10 @@ PF_INLINE void fuse_group_at(
     PF_DEVICE T* scales_out,
     PF_DEVICE T* biases_out) {
   constexpr int words_per_group = group_size * bits / 32;
-  const uint32_t expert = row / uint32_t(p.out_dims);
   const uint32_t sg = row * uint32_t(p.groups_per_row) + g;
   const uint32_t wo = sg * uint32_t(words_per_group);
   float delta[group_size];
-  group_delta<group_size>(
-      p.scale,
-      b + size_t(row) * p.rank,
-      a + size_t(expert) * p.rank * p.in_dims + size_t(g) * group_size,
-      p.rank,
-      p.in_dims,
-      delta);
+  group_delta_at<group_size>(p, row, g, a, b, delta);
   GroupArgs args;
   args.k = p.has_k ? row_k[row] : 1.0f;
   args.key = p.key;
@@ -642,18 +654,11 @@ PF_INLINE float row_factor_at(
     const PF_DEVICE float* b,
     const PF_DEVICE float* magnitude) {
   constexpr int words_per_group = group_size * bits / 32;
-  const uint32_t expert = row / uint32_t(p.out_dims);
   float sumsq = 0.0f;
   for (int g = 0; g < p.groups_per_row; ++g) {
     const uint32_t sg = row * uint32_t(p.groups_per_row) + uint32_t(g);
     float delta[group_size];
-    group_delta<group_size>(
-        p.scale,
-        b + size_t(row) * p.rank,
-        a + size_t(expert) * p.rank * p.in_dims + size_t(g) * group_size,
-        p.rank,
-        p.in_dims,
-        delta);
+    group_delta_at<group_size>(p, row, uint32_t(g), a, b, delta);
     float part = group_sumsq<T, bits, group_size>(
         w_in + size_t(sg) * words_per_group, scales_in[sg], biases_in[sg], delta);
     sumsq = sumsq + part;
