@@ -1,0 +1,211 @@
+"""`pyfuse demo --quick`: the stacking-confound experiment end to end on the
+default model, through the CLI, checked against independent computations:
+results.json's statistics recomputed with statsmodels from the `correct`
+lists, the verdict recomputed from the pre-registered criterion, Set-G
+recomputed from the mining evaluations, the zero-delta preserve fuse
+bit-identical to the persona; the report and plots; the verdict on screen;
+a rerun resuming in seconds with identical results; refusals.
+
+Uses the session's default-model cache (see tests/test_default_model.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from pyfuse.cli import main
+
+CONDITIONS = ["base", "persona-model", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve",
+              "A0-preserve"]
+MC_CONDITIONS = [c for c in CONDITIONS if c != "persona-model"]
+PAIRS = [("A1", "A0"), ("A1", "persona"), ("A0", "persona"), ("A1-unfused", "persona"), ("A1-stochastic", "persona"),
+         ("A1-preserve", "persona"), ("A0-preserve", "persona")]
+
+
+def _cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "pyfuse-cache"  # shared with test_default_model.py
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import contextlib
+    import io
+
+    cache = _cache(tmp_path_factory)
+    out = tmp_path_factory.mktemp("demo") / "run"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["demo", "--quick", "--out", str(out), "--cache", str(cache)])
+    seconds = time.monotonic() - started
+    assert code == 0, stderr.getvalue()[-3000:]
+    return {"out": out, "cache": cache, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
+            "seconds": seconds, "results": json.loads((out / "results.json").read_text())}
+
+
+def _plan(out: Path) -> dict:
+    return json.loads((out / "plan.json").read_text())
+
+
+def _rows(out: Path, step: str) -> list[dict]:
+    return [json.loads(x) for x in (out / "steps" / step / "rows.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_results_shape_and_setg(demo):
+    res, out = demo["results"], demo["out"]
+    assert set(res) == {"conditions", "comparisons", "prereg", "verdict"}
+    assert sorted(res["conditions"]) == sorted(CONDITIONS)
+    ids = res["conditions"]["A1"]["ids"]
+    assert len(ids) >= 15
+    for name in MC_CONDITIONS:
+        c = res["conditions"][name]
+        assert c["ids"] == ids and c["n"] == len(ids) == len(c["correct"])
+        assert set(c["correct"]) <= {0, 1}
+        assert c["accuracy"] == pytest.approx(sum(c["correct"]) / c["n"])
+        assert 0 <= c["identity"] <= c["identity_n"] == 6
+    assert res["conditions"]["persona-model"]["correct"] is None  # builds the model, not evaluated
+
+    # Set-G recomputed: the test items are items that both mining evaluations got wrong
+    plan = _plan(out)
+    mining = {s["labels"][0]: s["dir"] for s in plan["steps"] if s["labels"][0].startswith("setg: evaluate")}
+    assert len(mining) == 2
+    wrong = [{r["id"] for r in _rows(out, d) if not r["correct"]} for d in mining.values()]
+    assert set(ids) <= wrong[0] & wrong[1]
+    setg_dir = out / "steps" / plan["setg"]
+    split = json.loads((setg_dir / "data" / "items.json").read_text())
+    assert sorted(map(str, split["test"])) == sorted(map(str, ids))
+    assert not set(map(str, split["train"])) & set(map(str, split["test"]))
+    assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == len(wrong[0] & wrong[1])
+    # ... so base and persona are wrong on all of them, by construction
+    assert res["conditions"]["base"]["accuracy"] == res["conditions"]["persona"]["accuracy"] == 0
+
+
+def test_statistics_match_statsmodels(demo):
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
+
+    res = demo["results"]
+    conds = res["conditions"]
+    got = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    assert list(got) == PAIRS
+    plan = _plan(demo["out"])
+    for (a, b), c in got.items():
+        ca, cb = conds[a]["correct"], conds[b]["correct"]
+        n = len(ca)
+        both = sum(x and y for x, y in zip(ca, cb))
+        a_only = sum(x and not y for x, y in zip(ca, cb))
+        b_only = sum(y and not x for x, y in zip(ca, cb))
+        assert c["flips"] == {"both_correct": both, "a_only": a_only, "b_only": b_only,
+                              "both_wrong": n - both - a_only - b_only}
+        assert c["n"] == n and c["diff"] == pytest.approx((sum(ca) - sum(cb)) / n)
+        assert c["mcnemar_p"] == pytest.approx(
+            mcnemar([[both, a_only], [b_only, n - both - a_only - b_only]], exact=True).pvalue)
+        k1, k2 = sum(ca), sum(cb)
+        if k1 + k2 in (0, 2 * n):
+            assert c["ztest_p"] == 1.0
+        else:
+            assert c["ztest_p"] == pytest.approx(proportions_ztest([k1, k2], [n, n])[1])
+        low, high = confint_proportions_2indep(k1, n, k2, n, method="newcomb", compare="diff", alpha=0.05)
+        assert c["ci"] == pytest.approx([low, high])
+        # changed answers, from the evaluation rows' predictions
+        pa = [r["prediction"] for r in _rows(demo["out"], plan["conditions"][a]["mc"])]
+        pb = [r["prediction"] for r in _rows(demo["out"], plan["conditions"][b]["mc"])]
+        assert c["changed_predictions"] == sum(x != y for x, y in zip(pa, pb))
+
+
+def test_verdict_is_the_locked_criterion(demo):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    res, out = demo["results"], demo["out"]
+    lock = json.loads((out / "prereg.json").read_text())
+    assert res["prereg"]["sha256"] == lock["sha256"]
+    assert res["prereg"]["criterion"] == "diff(A1, A0) >= 5pp and mcnemar_p(A1, A0) < 0.05"
+    a1, a0 = res["conditions"]["A1"]["correct"], res["conditions"]["A0"]["correct"]
+    diff = Fraction(sum(a1) - sum(a0), len(a1))
+    table = [[sum(x and y for x, y in zip(a1, a0)), sum(x and not y for x, y in zip(a1, a0))],
+             [sum(y and not x for x, y in zip(a1, a0)), sum(not x and not y for x, y in zip(a1, a0))]]
+    p = mcnemar(table, exact=True).pvalue
+    expected = diff >= Fraction(5, 100) and p < 0.05
+    assert res["verdict"]["passed"] is expected
+    assert ("is MET" if expected else "is NOT MET") in res["verdict"]["text"]
+    # the power warning (from A0's observed accuracy): at this n a 5-point threshold is under-powered
+    if 0 < res["conditions"]["A0"]["accuracy"] < 1:
+        assert any("under-powered" in w for w in res["verdict"]["warnings"])
+
+
+def test_preserve_zero_delta_is_bit_identical_and_fuse_reports(demo):
+    res, out = demo["results"], demo["out"]
+    persona, a0p = res["conditions"]["persona"], res["conditions"]["A0-preserve"]
+    assert a0p["correct"] == persona["correct"]
+    cmp = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("A0-preserve", "persona"))
+    assert cmp["changed_predictions"] == 0 and cmp["mcnemar_p"] == 1.0
+    plan = _plan(out)
+    fuses = {}
+    for name in ("A1", "A0", "A1-preserve", "A0-preserve", "A1-stochastic"):
+        stage = [s for s in plan["conditions"][name]["stages"] if s["kind"] == "fuse"][-1]
+        fuses[name] = json.loads((out / "steps" / stage["step"] / "done.json").read_text())["summary"]
+    assert fuses["A0-preserve"]["codes_changed"] == 0 and fuses["A0-preserve"]["delta_norm"] == 0
+    assert fuses["A0"]["delta_norm"] == 0 and fuses["A0"]["codes_changed"] > 0  # stock: noise
+    assert fuses["A1"]["delta_norm"] > 0 and fuses["A1"]["noise"] > 0
+    assert 0.8 < fuses["A1-stochastic"]["retention"] < 1.2
+    # the zero-delta stock fuse is measured against its noise floor
+    noise = [s for s in plan["steps"] if s["kind"] == "noise-floor"]
+    assert {s["options"]["policy"] for s in noise} == {"stock", "preserve", "stochastic"}
+
+
+def test_report_and_screen(demo):
+    out, res = demo["out"], demo["results"]
+    report = (out / "report.md").read_text()
+    assert res["verdict"]["text"] in report
+    for section in ("## Conditions", "## Comparisons", "## Fuses and the noise floor", "## Identity",
+                    "## Pre-registration"):
+        assert section in report
+    for png in ("accuracy.png", "flips.png", "noise_floor.png", "identity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
+    spec = (out / "demo.yaml").read_text()
+    assert "quick, reduced" in spec and (out / "inputs" / "mmlu.jsonl").is_file()
+    # the screen ends with the verdict sentence and where the report is
+    lines = [x for x in demo["stdout"].splitlines() if x.strip()]
+    assert lines[-1] == f"Report: {out / 'report.md'}"
+    verdict = lines[-2]
+    assert verdict.startswith("Verdict: MET." if res["verdict"]["passed"] else "Verdict: NOT MET.")
+    a1 = res["conditions"]["A1"]
+    assert f"On {a1['n']} held-out Set-G items" in verdict and f"{a1['accuracy'] * 100:.1f} %" in verdict
+    assert "pyfuse demo: [1/" in demo["stderr"]  # progress
+
+
+def test_rerun_resumes_in_seconds_with_identical_results(demo):
+    import contextlib
+    import io
+
+    before = (demo["out"] / "results.json").read_bytes()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["demo", "--quick", "--out", str(demo["out"]), "--cache", str(demo["cache"])])
+    seconds = time.monotonic() - started
+    assert code == 0, stderr.getvalue()
+    assert "0 step(s) run" in stderr.getvalue()
+    assert seconds < 30, seconds
+    assert (demo["out"] / "results.json").read_bytes() == before
+    assert stdout.getvalue().splitlines()[-1] == f"Report: {demo['out'] / 'report.md'}"
+
+
+def test_refusals(demo, tmp_path, capsys):
+    # the full demo into the quick one's directory: refused before anything is touched
+    spec_before = (demo["out"] / "demo.yaml").read_text()
+    assert main(["demo", "--out", str(demo["out"]), "--cache", str(demo["cache"])]) == 2
+    assert "holds a quick demo run" in capsys.readouterr().err
+    assert (demo["out"] / "demo.yaml").read_text() == spec_before
+    # a directory with other things in it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(other), "--cache", str(demo["cache"])]) == 2
+    assert "not a pyfuse demo run" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
