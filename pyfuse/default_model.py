@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UserError
-from .fileio import TMP_MARK
+from .fileio import TMP_MARK, pid_alive
 
 __all__ = ["BUILDER_VERSION", "DEFAULT_PARAMS", "DefaultAssets", "build_default_assets", "cache_key",
            "cache_root", "default_assets", "default_model_dir", "pretrain_on_documents"]
@@ -163,16 +163,6 @@ def _complete(root: Path) -> bool:
             and a.identity_suite.is_file())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
@@ -184,7 +174,7 @@ def _remove_stale_temps(root: Path) -> None:
             pid = int(p.name.rsplit(TMP_MARK, 1)[1].split("-")[0])
         except (ValueError, IndexError):
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -117,6 +117,17 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a temp dir it owns is not stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _unlink_quietly(path) -> None:
     try:
         os.unlink(path)

@@ -78,7 +78,7 @@ from . import progress
 from .adapters import (Adapter, AdapterModule, configured_modules, kernel_factors, match_module,
                        natural_key, read_adapter)
 from .errors import UserError
-from .fileio import TMP_MARK, sigterm_as_interrupt
+from .fileio import TMP_MARK, pid_alive, sigterm_as_interrupt
 from .fidelity import tensor_fidelity
 from .ops import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, fuse_requant, native_available
 from .reference import delta_f32
@@ -645,23 +645,13 @@ def _check_dora_sizing(mdir: ModelDir, adapter: Adapter, path: str, in_dims: int
 
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temps(parent: Path, name: str) -> None:
     """Remove temporary outputs of runs that were killed (their pid is gone)."""
     prefix = f".{name}{TMP_MARK}"
     for entry in parent.glob(f"{prefix}*"):
         rest = entry.name[len(prefix):]
         pid = rest.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and entry.is_dir():
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
 
 
