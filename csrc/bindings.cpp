@@ -7,6 +7,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "csrc/cpu_isa.h"
 #include "csrc/fidelity.h"
 #include "csrc/fuse_requant.h"
 #include "csrc/metal_sim.h"
@@ -59,6 +60,20 @@ NB_MODULE(_ext, m) {
       },
       "inputs"_a, "scale"_a, "group_size"_a, "bits"_a,
       "Sums behind the fidelity figures of one fused tensor (pyfuse.fidelity).");
+
+  m.def(
+      "cpu_kernels",
+      []() {
+        nb::dict d;
+        d["available"] = pyfuse::available_cpu_kernels();
+        d["active"] = pyfuse::active_cpu_kernels();
+        return d;
+      },
+      "The CPU kernel builds this processor runs (narrowest first) and the one in use.");
+  m.def(
+      "set_cpu_kernels", &pyfuse::set_cpu_kernels, "name"_a,
+      "Force a CPU kernel build ('baseline', 'avx2', 'avx512') or 'auto' (the widest); "
+      "for tests and benchmarks.");
 
   m.def(
       "simulate_metal_fuse_requant",

@@ -31,8 +31,8 @@ void sums_rows(const std::vector<mx::array>& in, const FuseParams& p, bool has_d
   const float* a = has_delta ? in[6].data<float>() : nullptr;
   const float* b = has_delta ? in[7].data<float>() : nullptr;
   FidelitySums acc;
-  uint8_t q0[group_size];
-  uint8_t q1[group_size];
+  pf_code q0[group_size];
+  pf_code q1[group_size];
   float delta[group_size];
   for (size_t row = row0; row < row1; ++row) {
     for (int g = 0; g < p.groups_per_row; ++g) {

@@ -1,7 +1,8 @@
 // CPU kernels: every row's groups through the shared math, one function per
-// dtype x bits x group size. This file is compiled twice (CMakeLists.txt):
-// for the x86-64 baseline as pyfuse::cpu_base and with -mavx2 as
-// pyfuse::cpu_avx2 (never -mfma: -ffp-contract=off keeps every rounding).
+// dtype x bits x group size. This file is compiled once per instruction set
+// (CMakeLists.txt): the platform baseline as pyfuse::cpu_base, and on
+// x86-64 also pyfuse::cpu_avx2 and pyfuse::cpu_avx512 (AVX-512 brings FMA
+// instructions; -ffp-contract=off keeps every rounding all the same).
 #include "csrc/fuse_cpu.h"
 
 #include <stdexcept>

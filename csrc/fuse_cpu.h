@@ -1,6 +1,7 @@
 // The CPU kernels of FuseRequant, compiled once per instruction set
-// (csrc/fuse_cpu.cpp; see CMakeLists.txt) and chosen at run time, so that
-// one wheel runs on every x86-64 and still uses AVX2 where it exists.
+// (csrc/fuse_cpu.cpp; see CMakeLists.txt) and chosen at run time
+// (csrc/cpu_isa.cpp), so that one wheel runs on every x86-64 and still uses
+// AVX2 or AVX-512 where they exist.
 #pragma once
 
 #include <cstddef>
@@ -30,6 +31,9 @@ namespace cpu_base {
 RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
 }
 namespace cpu_avx2 {
+RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
+}
+namespace cpu_avx512 {
 RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
 }
 

@@ -148,6 +148,12 @@ PF_INLINE uint32_t pf_bits(float x) {
 PF_INLINE float pf_from_bits(uint32_t u) {
   return __builtin_bit_cast(float, u);
 }
+#if defined(__SSE4_1__) || defined(__aarch64__)
+// One instruction (roundps / frintn), and it vectorizes.
+PF_INLINE float pf_rint(float x) {
+  return __builtin_rintf(x);
+}
+#else
 // Round to nearest even integer for |x| < 2^23 by the 2^23 trick (larger
 // floats are integers already). Needs default rounding and no fast-math.
 PF_INLINE float pf_rint(float x) {
@@ -157,6 +163,7 @@ PF_INLINE float pf_rint(float x) {
   r = __builtin_copysignf(r, x);
   return ax < big ? r : x;
 }
+#endif
 PF_INLINE float pf_floor(float x) {
   float r = pf_rint(x);
   return r > x ? r - 1.0f : r;
@@ -232,17 +239,17 @@ PF_INLINE void store_u64(uint64_t v, PF_THREAD uint8_t* p) {
 #endif
 }
 
-template <int bits>
-PF_INLINE uint64_t spread_pack(uint64_t x) {
+template <int bits, typename U>
+PF_INLINE U spread_pack(U x) {
   constexpr int b = bits;
-  uint64_t v = (x & lanes(64, 4 * b)) | (((x >> (4 * b)) & lanes(64, 4 * b)) << 32);
+  U v = (x & lanes(64, 4 * b)) | (((x >> (4 * b)) & lanes(64, 4 * b)) << 32);
   v = (v & lanes(32, 2 * b)) | (((v >> (2 * b)) & lanes(32, 2 * b)) << 16);
   v = (v & lanes(16, b)) | (((v >> b) & lanes(16, b)) << 8);
   return v;  // byte k holds code k
 }
 
-template <int bits>
-PF_INLINE uint64_t gather_pack(uint64_t v) {
+template <int bits, typename U>
+PF_INLINE U gather_pack(U v) {
   constexpr int b = bits;  // byte k of v holds code k (< 2^bits)
   v = (v & lanes(16, 8)) | (((v >> 8) & lanes(16, 8)) << b);
   v = (v & lanes(32, 16)) | (((v >> 16) & lanes(32, 16)) << (2 * b));
@@ -250,9 +257,27 @@ PF_INLINE uint64_t gather_pack(uint64_t v) {
   return v;  // the pack's 8 * bits bits
 }
 
+// A code in a group's working array: one byte per code on Metal (thread
+// memory is scarce), one int32 lane per code in C++, which the value loops
+// and table lookups use directly and which packs of at most 4 bits spread
+// into with per-lane shifts.
+#if defined(__METAL_VERSION__)
+typedef uint8_t pf_code;
+#else
+typedef int32_t pf_code;
+typedef uint32_t pf_u32x8 __attribute__((vector_size(32)));
+typedef uint64_t pf_u64x4 __attribute__((vector_size(32)));
+
+// {0, b, 2b, ..., 7b}: where each code of a pack of width b <= 4 starts.
+template <int bits>
+PF_INLINE pf_u32x8 pack_shifts() {
+  return pf_u32x8{0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits};
+}
+#endif
+
 // The group's codes, from its words (an LSB-first bit stream).
 template <int bits, int group_size>
-PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint8_t* codes) {
+PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD pf_code* codes) {
   constexpr int n_bytes = group_size * bits / 8;
 #if defined(__METAL_VERSION__)
   const PF_DEVICE uint8_t* bytes = reinterpret_cast<const PF_DEVICE uint8_t*>(words);
@@ -264,19 +289,40 @@ PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD uint8_t* 
     store_u64(spread_pack<bits>(x), codes + 8 * p);
   }
 #else
-  // One copy of the group into a padded buffer, then one 8-byte load per
-  // pack (spread_pack ignores the bytes past the pack).
-  uint8_t bytes[n_bytes + 8] = {};
+  // One copy of the group into a padded buffer, then one load per pack
+  // (the bytes past the pack are masked off or ignored).
+  uint8_t bytes[n_bytes + 8];
   __builtin_memcpy(bytes, words, n_bytes);
-  for (int p = 0; p < group_size / 8; ++p) {
-    store_u64(spread_pack<bits>(load_u64(bytes + p * bits)), codes + 8 * p);
+  __builtin_memset(bytes + n_bytes, 0, 8);
+  if constexpr (bits <= 4) {
+    // A pack fits in 32 bits: broadcast it and shift each lane to its code.
+    for (int p = 0; p < group_size / 8; ++p) {
+      uint32_t x;
+      __builtin_memcpy(&x, bytes + p * bits, sizeof(x));
+      pf_u32x8 v = (pf_u32x8{} + x) >> pack_shifts<bits>();
+      v &= (1u << bits) - 1u;
+      __builtin_memcpy(codes + 8 * p, &v, sizeof(v));
+    }
+  } else {
+    // Wider packs: spread four packs per step to one code per byte (SWAR
+    // on a vector of four 64-bit words), then widen.
+    uint8_t narrow[group_size];
+    for (int p = 0; p < group_size / 8; p += 4) {
+      pf_u64x4 v = {load_u64(bytes + p * bits), load_u64(bytes + (p + 1) * bits),
+                    load_u64(bytes + (p + 2) * bits), load_u64(bytes + (p + 3) * bits)};
+      v = spread_pack<bits>(v);
+      __builtin_memcpy(narrow + 8 * p, &v, sizeof(v));
+    }
+    for (int j = 0; j < group_size; ++j) {
+      codes[j] = narrow[j];
+    }
   }
 #endif
 }
 
-// Packs `group_size` codes (one per byte) into the group's words.
+// Packs `group_size` codes (each < 2^bits) into the group's words.
 template <int bits, int group_size>
-PF_INLINE void pack_group(const PF_THREAD uint8_t* codes, PF_DEVICE uint32_t* words) {
+PF_INLINE void pack_group(const PF_THREAD pf_code* codes, PF_DEVICE uint32_t* words) {
   constexpr int n_bytes = group_size * bits / 8;
 #if defined(__METAL_VERSION__)
   PF_DEVICE uint8_t* bytes = reinterpret_cast<PF_DEVICE uint8_t*>(words);
@@ -287,11 +333,22 @@ PF_INLINE void pack_group(const PF_THREAD uint8_t* codes, PF_DEVICE uint32_t* wo
     }
   }
 #else
-  // 8-byte stores in ascending order into a padded buffer: each pack's
-  // zero high bytes are overwritten by the next pack; then one copy out.
+  // Narrow to one code per byte, then gather four packs per step (SWAR on
+  // a vector of four 64-bit words). Each pack is stored whole, in ascending
+  // order, into a padded buffer: its zero high bytes are overwritten by the
+  // next pack; then one copy out.
   uint8_t bytes[n_bytes + 8];
-  for (int p = 0; p < group_size / 8; ++p) {
-    store_u64(gather_pack<bits>(load_u64(codes + 8 * p)), bytes + p * bits);
+  uint8_t narrow[group_size];
+  for (int j = 0; j < group_size; ++j) {
+    narrow[j] = uint8_t(codes[j]);
+  }
+  for (int p = 0; p < group_size / 8; p += 4) {
+    pf_u64x4 v;
+    __builtin_memcpy(&v, narrow + 8 * p, sizeof(v));
+    v = gather_pack<bits>(v);
+    for (int l = 0; l < 4; ++l) {
+      store_u64(v[l], bytes + (p + l) * bits);
+    }
   }
   __builtin_memcpy(words, bytes, n_bytes);
 #endif
@@ -323,6 +380,21 @@ PF_INLINE void group_delta(
   }
 }
 
+// MLX's dequantized weight T(T(q) * s) + b, each operation rounded to T.
+template <typename T>
+PF_INLINE float dequantized(float q, float s, float b) {
+  return round_to<T>(round_to<T>(q * s) + b);
+}
+
+// Variable vector shuffles (GCC's __builtin_shuffle) compile to one or two
+// permute instructions with AVX2 and later; elsewhere values are computed
+// code by code.
+#if !defined(__METAL_VERSION__) && !defined(__clang__) && defined(__GNUC__) && defined(__AVX2__)
+#define PF_VECTOR_TABLE 1
+#else
+#define PF_VECTOR_TABLE 0
+#endif
+
 // The stock fused weight `dequantize(q) + T(delta)`, every operation
 // rounded to T as MLX's ops do: T(T(T(q) * s) + b) + T(delta).
 template <typename T, int bits, int group_size>
@@ -334,13 +406,37 @@ PF_INLINE void stock_values(
     PF_THREAD float* values) {
   const float s = static_cast<float>(scale);
   const float b = static_cast<float>(bias);
-  uint8_t codes[group_size];
+  pf_code codes[group_size];
   unpack_group<bits, group_size>(words, codes);
+#if PF_VECTOR_TABLE
+  if constexpr ((1 << bits) <= 16) {
+    // Few codes: dequantize each possible code once (a vector or two), then
+    // look the group's codes up with variable shuffles (vpermps and kin).
+    typedef float f8 __attribute__((vector_size(32)));
+    typedef int32_t i8 __attribute__((vector_size(32)));
+    constexpr int n_codes = 1 << bits;
+    float table[16] = {};
+#pragma GCC unroll 1  // kept a loop, so that it vectorizes
+    for (int q = 0; q < n_codes; ++q) {
+      table[q] = dequantized<T>(float(q), s, b);
+    }
+    f8 lo, hi;
+    __builtin_memcpy(&lo, table, sizeof(f8));
+    __builtin_memcpy(&hi, table + 8, sizeof(f8));
+    for (int j = 0; j < group_size; j += 8) {
+      i8 idx;
+      __builtin_memcpy(&idx, codes + j, sizeof(idx));
+      f8 w = n_codes <= 8 ? __builtin_shuffle(lo, idx) : __builtin_shuffle(lo, hi, idx);
+      __builtin_memcpy(values + j, &w, sizeof(w));
+    }
+    for (int j = 0; j < group_size; ++j) {
+      values[j] = round_to<T>(values[j] + round_to<T>(delta[j]));
+    }
+    return;
+  }
+#endif
   for (int j = 0; j < group_size; ++j) {
-    float q = float(int(codes[j]));
-    float w = round_to<T>(q * s);
-    w = round_to<T>(w + b);
-    values[j] = round_to<T>(w + round_to<T>(delta[j]));
+    values[j] = round_to<T>(dequantized<T>(float(int(codes[j])), s, b) + round_to<T>(delta[j]));
   }
 }
 
@@ -368,10 +464,21 @@ PF_INLINE void group_extremes(const PF_THREAD float* values, PF_THREAD float& w_
     lo = v < lo ? v : lo;
     hi = hi < v ? v : hi;
   }
-  for (int l = 0; l < 8; ++l) {
-    w_min = lo[l] < w_min ? lo[l] : w_min;
-    w_max = w_max < hi[l] ? hi[l] : w_max;
-  }
+  // Halve the lanes three times (vector min/max), then fold in the start.
+  typedef float f4 __attribute__((vector_size(16)));
+  f4 lo4, hi4, lo_hi, hi_hi;
+  __builtin_memcpy(&lo4, &lo, sizeof(f4));
+  __builtin_memcpy(&lo_hi, reinterpret_cast<const char*>(&lo) + sizeof(f4), sizeof(f4));
+  __builtin_memcpy(&hi4, &hi, sizeof(f4));
+  __builtin_memcpy(&hi_hi, reinterpret_cast<const char*>(&hi) + sizeof(f4), sizeof(f4));
+  lo4 = lo_hi < lo4 ? lo_hi : lo4;
+  hi4 = hi4 < hi_hi ? hi_hi : hi4;
+  const float lo2[2] = {lo4[0] < lo4[2] ? lo4[0] : lo4[2], lo4[1] < lo4[3] ? lo4[1] : lo4[3]};
+  const float hi2[2] = {hi4[0] < hi4[2] ? hi4[2] : hi4[0], hi4[1] < hi4[3] ? hi4[3] : hi4[1]};
+  const float lo1 = lo2[0] < lo2[1] ? lo2[0] : lo2[1];
+  const float hi1 = hi2[0] < hi2[1] ? hi2[1] : hi2[0];
+  w_min = lo1 < w_min ? lo1 : w_min;
+  w_max = w_max < hi1 ? hi1 : w_max;
 #endif
 }
 
@@ -423,14 +530,14 @@ PF_INLINE void fit_affine(const PF_THREAD float* values, PF_THREAD float& scale,
 // Nearest codes on the (scale, bias) grid, clamped to [0, 2^bits - 1].
 template <int bits, int group_size, bool MetalRounding>
 PF_INLINE void round_to_grid(
-    const PF_THREAD float* values, float scale, float bias, PF_THREAD uint8_t* codes) {
+    const PF_THREAD float* values, float scale, float bias, PF_THREAD pf_code* codes) {
   for (int j = 0; j < group_size; ++j) {
     float t = (values[j] - bias) / scale;
     // Clamped as an integer (t is an integer-valued float well inside
     // int range: the grid spans the group's values), which vectorizes.
     int q = int(GridRound<MetalRounding>::apply(t));
     q = q < 0 ? 0 : q;
-    codes[j] = uint8_t(q > (1 << bits) - 1 ? (1 << bits) - 1 : q);
+    codes[j] = pf_code(q > (1 << bits) - 1 ? (1 << bits) - 1 : q);
   }
 }
 
@@ -483,7 +590,7 @@ PF_INLINE void fuse_group(
     PF_DEVICE T* bias_out) {
   const float n_bins = float((1 << bits) - 1);
   float values[group_size];
-  uint8_t codes[group_size];
+  pf_code codes[group_size];
   float scale;
   float bias;
 
@@ -507,7 +614,7 @@ PF_INLINE void fuse_group(
   const bool stochastic = policy == kStochastic;
   const float s = static_cast<float>(scale_in);
   const float b = static_cast<float>(bias_in);
-  uint8_t old_codes[group_size];
+  pf_code old_codes[group_size];
   unpack_group<bits, group_size>(words_in, old_codes);
   float steps[group_size];  // the new codes, before the range check
   for (int j = 0; j < group_size; ++j) {
@@ -531,7 +638,7 @@ PF_INLINE void fuse_group(
   const bool in_range = out_of_range == 0;
   if (in_range) {
     for (int j = 0; j < group_size; ++j) {
-      codes[j] = uint8_t(int(steps[j]));
+      codes[j] = pf_code(int(steps[j]));
     }
     pack_group<bits, group_size>(codes, words_out);
     if (args.k != 1.0f) {
@@ -561,7 +668,7 @@ PF_INLINE void fuse_group(
       t = stochastic_round(t, stochastic_uniform(args.key, args.index0 + uint32_t(j)));
       t = t < 0.0f ? 0.0f : t;
       t = t > n_bins ? n_bins : t;
-      codes[j] = uint8_t(int(t));
+      codes[j] = pf_code(int(t));
     }
   } else {
     round_to_grid<bits, group_size, false>(values, scale, bias, codes);

@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <thread>
 
-#include "csrc/fuse_cpu.h"
+#include "csrc/cpu_isa.h"
 #include "csrc/fuse_math.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
@@ -103,15 +103,6 @@ void check_arguments(
 }
 
 // ------------------------------------------------------------------ CPU
-
-// The widest CPU kernels this processor runs (chosen once per process).
-RowsFn select_rows_fn(mx::Dtype dtype, int bits, int group_size, bool metal_rounding) {
-#if defined(PYFUSE_HAVE_AVX2)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return cpu_avx2::select_rows_fn(dtype, bits, group_size, metal_rounding);
-#endif
-  return cpu_base::select_rows_fn(dtype, bits, group_size, metal_rounding);
-}
 
 // Splits rows over the cores; each row is independent (DoRA rows compute
 // their own norm first), so threads never share an output word.

@@ -15,6 +15,32 @@ from pyfuse.reference import fuse_requant_reference, unpack_codes
 pytestmark = pytest.mark.skipif(not pyfuse.native_available(),
                                 reason=f"native extension unavailable: {_native.unavailable_reason}")
 
+# Every CPU kernel build this processor runs (baseline, AVX2, AVX-512 on
+# x86-64): each test below runs once per build, so that the builds the
+# automatic choice would skip here are checked too.
+CPU_BUILDS = _native.ext.cpu_kernels()["available"] if pyfuse.native_available() else ["none"]
+
+
+@pytest.fixture(autouse=True, params=CPU_BUILDS)
+def cpu_build(request):
+    if request.param != "none":
+        _native.ext.set_cpu_kernels(request.param)
+    yield request.param
+    if request.param != "none":
+        _native.ext.set_cpu_kernels("auto")
+
+
+def test_cpu_kernel_builds_are_selectable(cpu_build):
+    kernels = _native.ext.cpu_kernels()
+    assert kernels["available"][0] == "baseline"
+    assert kernels["active"] == cpu_build
+    with pytest.raises(ValueError, match="supported: auto, baseline"):
+        _native.ext.set_cpu_kernels("no-such-build")
+    assert _native.ext.cpu_kernels()["active"] == cpu_build  # a refused name changes nothing
+    _native.ext.set_cpu_kernels("auto")
+    assert _native.ext.cpu_kernels()["active"] == kernels["available"][-1]
+
+
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
