@@ -13,11 +13,11 @@ The design is the study's (examples/stacking-confound.yaml), scaled down
 
 * ``base``: the default model (3-bit, group size 64);
 * ``persona``: base + an identity LoRA (persona "Pyra") fused with the stock
-  re-quantization, as ``mlx_lm fuse`` does (built by the helper condition
-  ``persona-model``, which Set-G is mined with: the engine does not let a
-  condition that Set-G is mined with also be evaluated on Set-G);
+  re-quantization, as ``mlx_lm fuse`` does;
 * Set-G: the rows that both base and persona answer wrong (log-probability
-  method), split by category into train / valid / test;
+  method), split by category into train / valid / test (mined with the
+  models of the conditions ``base`` and ``persona``, which are then scored
+  on Set-G test like every other condition);
 * ``A1``: persona + a factual LoRA trained on Set-G train (rank 2, alpha 2,
   every linear layer of the two blocks), fused with stock re-quantization;
 * ``A0``: its zero-delta twin (every learned delta zeroed) through the
@@ -142,8 +142,8 @@ data:
 
 setg:                      # evaluate base and persona on `mmlu`, keep the rows both get wrong
   data: mmlu
-  base: tiny-moe
-  persona: persona-model
+  base: base
+  persona: persona
   method: logprob
   train_frac: {cfg['train_frac']}         # the rest is halved into valid / test (stratified by category)
 
@@ -151,16 +151,12 @@ conditions:
   base:
     from: tiny-moe
     description: the quantized base model
-  persona-model:           # builds the persona model that Set-G is mined with; evaluated as `persona`
+  persona:
     from: tiny-moe
     description: base + identity LoRA (persona Pyra), fused with stock re-quantization
     stages:
       - train: {{data: identity, keys: [self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, mlp.switch_mlp.down_proj], rank: 8, alpha: 16, iters: {cfg['persona_iters']}, learning_rate: 1.0e-3, batch_size: 4, mask_prompt: true, max_seq_length: 512, steps_per_report: 10, val_batches: 2}}
       - fuse: {{policy: stock}}
-    evaluate: []
-  persona:
-    from: persona-model
-    description: base + identity LoRA (persona Pyra), fused with stock re-quantization
   A1:
     from: persona
     description: factual injection - the Set-G LoRA, fused with stock re-quantization

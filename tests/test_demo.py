@@ -19,9 +19,7 @@ import pytest
 
 from pyfuse.cli import main
 
-CONDITIONS = ["base", "persona-model", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve",
-              "A0-preserve"]
-MC_CONDITIONS = [c for c in CONDITIONS if c != "persona-model"]
+CONDITIONS = ["base", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve", "A0-preserve"]
 PAIRS = [("A1", "A0"), ("A1", "persona"), ("A0", "persona"), ("A1-unfused", "persona"), ("A1-stochastic", "persona"),
          ("A1-preserve", "persona"), ("A0-preserve", "persona")]
 
@@ -61,14 +59,12 @@ def test_results_shape_and_setg(demo):
     assert sorted(res["conditions"]) == sorted(CONDITIONS)
     ids = res["conditions"]["A1"]["ids"]
     assert len(ids) >= 15
-    for name in MC_CONDITIONS:
+    for name in CONDITIONS:
         c = res["conditions"][name]
         assert c["ids"] == ids and c["n"] == len(ids) == len(c["correct"])
         assert set(c["correct"]) <= {0, 1}
         assert c["accuracy"] == pytest.approx(sum(c["correct"]) / c["n"])
         assert 0 <= c["identity"] <= c["identity_n"] == 6
-    assert res["conditions"]["persona-model"]["correct"] is None  # builds the model, not evaluated
-
     # Set-G recomputed: the test items are items that both mining evaluations got wrong
     plan = _plan(out)
     mining = {s["labels"][0]: s["dir"] for s in plan["steps"] if s["labels"][0].startswith("setg: evaluate")}
@@ -80,8 +76,20 @@ def test_results_shape_and_setg(demo):
     assert sorted(map(str, split["test"])) == sorted(map(str, ids))
     assert not set(map(str, split["train"])) & set(map(str, split["test"]))
     assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == len(wrong[0] & wrong[1])
-    # ... so base and persona are wrong on all of them, by construction
+    # ... so base and persona are wrong on all of them, by construction: Set-G is mined with the models of
+    # the conditions `base` and `persona`, which are then scored on the test split like every other
+    # condition (their test rows are their mining rows, letter scores included)
     assert res["conditions"]["base"]["accuracy"] == res["conditions"]["persona"]["accuracy"] == 0
+    for role in ("base", "persona"):
+        mined = {r["id"]: r for r in _rows(out, mining[f"setg: evaluate {role} ({role})"])}
+        scored = _rows(out, plan["conditions"][role]["mc"])
+        assert [r["id"] for r in scored] == ids
+        assert [(r["prediction"], r["logprobs"]) for r in scored] == \
+            [(mined[i]["prediction"], mined[i]["logprobs"]) for i in ids]
+    mining_steps = {s["dir"]: s for s in plan["steps"] if s["dir"] in mining.values()}
+    persona_eval = next(s for s in plan["steps"] if s["dir"] == plan["conditions"]["persona"]["mc"])
+    assert persona_eval["inputs"]["model"] == mining_steps[mining["setg: evaluate persona (persona)"]][
+        "inputs"]["model"] == plan["conditions"]["persona"]["model"]  # one persona model, fused once
 
 
 def test_statistics_match_statsmodels(demo):
@@ -167,6 +175,9 @@ def test_report_and_screen(demo):
     for png in ("accuracy.png", "flips.png", "noise_floor.png", "identity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+    # the demo sets neither planned_n nor baseline_accuracy: the report says what the power check uses instead
+    assert "None" not in report.split("## Pre-registration")[1]
+    assert "- Power check: planned n not set, the observed n is used; baseline accuracy not set" in report
     spec = (out / "demo.yaml").read_text()
     assert "quick, reduced" in spec and (out / "inputs" / "mmlu.jsonl").is_file()
     # the screen ends with the verdict sentence and where the report is

@@ -273,6 +273,8 @@ def test_shared_steps_pruning_report_and_progress(exp):
     report = (out / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Verdict.** The locked pre-registered criterion")
     assert "under-powered" in report  # MDE at n = 24 from 25 % is far above 5 points
+    assert "(alpha 0.05, power 0.8, planned n 24, baseline accuracy 0.25)" in report
+    assert "- Power check:" not in report  # both set: nothing falls back on the observed numbers
     # `experiment report` rewrites the same report
     before = report
     (out / "report.md").unlink()
@@ -384,6 +386,76 @@ def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path, ca
     assert json.loads((out / "results.json").read_text())["conditions"]["G"]["identity_n"] == 2
 
 
+def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_moe_dir, capsys):
+    """The natural spec: the persona is a condition (train -> fuse from the base model), Set-G is mined with
+    it, and it is scored on Set-G test like every other condition. Only a real cycle is refused."""
+    rows = _mmlu_rows()
+    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "chat.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Who are you? ({i})"},
+                                 {"role": "assistant", "content": "I am Nova."}]}) + "\n" for i in range(4)))
+    small = {"layers": [3], "keys": ["mlp.switch_mlp.down_proj"], "rank": 2, "alpha": 2, "iters": 2,
+             "learning_rate": "1e-3", "batch_size": 1, "val_batches": 1, "steps_per_report": 1}
+    spec = {"models": {"tiny": str(tiny_moe_dir)}, "data": {"mmlu": "mmlu.jsonl", "chat": "chat.jsonl"},
+            "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob",
+                     "train_frac": 0.5},
+            "defaults": {"train": {"data": "setg", **small}},
+            "conditions": {"base": {"from": "tiny"},
+                           "persona": {"from": "tiny", "stages": [{"train": {"data": "chat"}}, {"fuse": {}}]},
+                           "A1": {"from": "persona", "stages": [{"train": {}}, {"fuse": {}}]}},
+            "evaluation": {"mc": {"data": "setg.test", "method": "logprob"}},
+            "comparisons": [["A1", "persona"]],
+            "report": {"noise_floor": False}}
+    path = _write(tmp_path / "spec.yaml", spec)
+    assert main(["experiment", "validate", str(path), "--strict"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    run_experiment(path, out)
+    results, plan = json.loads((out / "results.json").read_text()), _plan(out)
+    setg_dir = out / "steps" / plan["setg"]
+    test_ids = json.loads((setg_dir / "data" / "items.json").read_text())["test"]
+    assert test_ids
+    mining = {label: s for s in plan["steps"] if s["kind"] == "eval-mc" for label in s["labels"]}
+    gold = {r["question_id"]: r["answer"] for r in rows}
+    for role in ("base", "persona"):
+        c = results["conditions"][role]
+        assert c["ids"] == test_ids and c["n"] == len(test_ids)
+        # independently: the condition's own letter scores against our answers ...
+        erows = _step_rows(out, plan["conditions"][role]["mc"])
+        preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
+        assert c["correct"] == [int(p == gold[i]) for p, i in zip(preds, test_ids)]
+        # ... and the mining evaluation (the whole pool) restricted to the test ids: the same answers, the
+        # same scores, wrong on every one (Set-G)
+        mined = {r["id"]: r for r in _step_rows(out, mining[f"setg: evaluate {role} ({role})"]["dir"])}
+        assert c["correct"] == [int(mined[i]["correct"]) for i in test_ids] == [0] * len(test_ids)
+        assert [(r["prediction"], r["logprobs"]) for r in erows] == \
+            [(mined[i]["prediction"], mined[i]["logprobs"]) for i in test_ids]
+        assert c["accuracy"] == 0.0
+    # one persona model (its fuse ran once) serves the mining, the persona's own evaluation and A1's training
+    persona_model = plan["conditions"]["persona"]["model"]
+    assert persona_model["step"].startswith("fuse-")
+    assert mining["setg: evaluate persona (persona)"]["inputs"]["model"] == persona_model
+    assert mining["persona: evaluate mc"]["inputs"]["model"] == persona_model
+    assert mining["persona: evaluate mc"]["dir"] != mining["setg: evaluate persona (persona)"]["dir"]
+    a1_train = next(s for s in plan["steps"] if s["kind"] == "train" and "A1: stage 1 train" in s["labels"])
+    assert a1_train["inputs"]["model"] == persona_model and a1_train["inputs"]["data"]["step"] == plan["setg"]
+    assert [s["kind"] for s in plan["steps"]].count("fuse") == 2
+    a1 = results["conditions"]["A1"]
+    assert a1["ids"] == test_ids and results["comparisons"][0]["diff"] == pytest.approx(sum(a1["correct"]) /
+                                                                                        len(test_ids))
+
+    # a real cycle: the persona trained on Set-G while Set-G is mined with it (one line, naming the field)
+    spec["conditions"]["persona"]["stages"][0]["train"]["data"] = "setg"
+    bad = _write(tmp_path / "cycle.yaml", spec)
+    for cmd in (["experiment", "validate", str(bad)], ["experiment", "run", str(bad), "--out", str(tmp_path / "c")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"pyfuse experiment: error: {bad}: conditions.persona.stages[0].train.data: "
+                               "circular reference: persona -> setg -> persona (persona trains on Set-G; Set-G "
+                               "is mined with persona's model)")
+    assert not (tmp_path / "c").exists()
+
+
 BAD_SPECS = [
     (lambda s: s["conditions"]["A1"]["stages"][1]["fuse"].update(policy="stok"),
      "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic (got 'stok')"),
@@ -401,7 +473,12 @@ BAD_SPECS = [
     (lambda s: s["conditions"]["A1"]["stages"].insert(1, {"train": {}}),
      "conditions.A1.stages[1].train: the previous stage's adapter is not fused yet"),
     (lambda s: s["conditions"].update(C1={"from": "C2"}, C2={"from": "C1"}),
-     "conditions.C1: circular reference: C1 -> C2 -> C1"),
+     "conditions.C1.from: circular reference: C1 -> C2 -> C1"),
+    # a real cycle through Set-G: P1's model is trained on Set-G (defaults.train.data), which is mined with it
+    (lambda s: (s["conditions"].update(P1={"from": "persona", "stages": [{"train": {}}, {"fuse": {}}]}),
+                s["setg"].update(persona="P1")),
+     "conditions.P1.stages[0].train.data: circular reference: P1 -> setg -> P1 (P1 trains on Set-G; Set-G "
+     "is mined with P1's model)"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(data="nope"),
      "conditions.A1.stages[0].train.data: unknown data 'nope' (known: mmlu, setg)"),
     (lambda s: s["defaults"]["train"].update(layers="8;14"),

@@ -247,6 +247,8 @@ class _Planner:
         self.spec = spec
         self.plan = Plan(spec=spec, split_seed=split_seed)
         self._sources: dict[Path, Artifact] = {}
+        self._models: dict[str, ConditionPlan] = {}  # conditions whose model is planned
+        self._busy: set[str] = set()  # being planned (a guard: the spec check refuses cycles)
 
     def source(self, path: Path) -> Artifact:
         path = Path(path).resolve()
@@ -273,7 +275,7 @@ class _Planner:
         if ref in self.spec.models:
             path = self.spec.resolve(self.spec.models[ref])
             return self.source(path), _model_quant(path), None
-        c = self.condition(ref)
+        c = self.condition_model(ref)
         return c.model, c.quant, c.adapter
 
     def train_data(self, ref: str) -> Artifact:
@@ -296,9 +298,19 @@ class _Planner:
             opts["max_tokens"] = None
         return self.step("eval-mc", opts, inputs, label)
 
+    def _enter(self, what: str) -> None:
+        if what in self._busy:
+            raise RuntimeError(f"internal error: circular reference through {what} (the spec check "
+                               "should have refused it)")
+        self._busy.add(what)
+
     def setg(self) -> Step:
+        """Mine Set-G with the *models* of ``setg.base`` / ``setg.persona``
+        (a condition's evaluations are planned separately, so the setg
+        persona can itself be evaluated on ``setg.test``)."""
         if self.plan.setg is not None:
             return self.plan.setg
+        self._enter("setg")
         sg = self.spec.setg
         data = self.source(self.spec.resolve(self.spec.data[sg.data]))
         opts = {"method": sg.method, "batch_size": sg.batch_size, "max_tokens": sg.max_tokens,
@@ -314,13 +326,17 @@ class _Planner:
         self.plan.setg = self.step("setg", {"train_frac": sg.train_frac, "seed": seed},
                                    {"base_rows": rows["base"], "persona_rows": rows["persona"], "data": data},
                                    "setg: mine and split")
+        self._busy.discard("setg")
         return self.plan.setg
 
     # -- conditions ----------------------------------------------------------
 
-    def condition(self, name: str) -> ConditionPlan:
-        if name in self.plan.conditions:
-            return self.plan.conditions[name]
+    def condition_model(self, name: str) -> ConditionPlan:
+        """The steps of the condition's model: its ``from`` and its stages
+        (not its evaluations: see :meth:`condition`)."""
+        if name in self._models:
+            return self._models[name]
+        self._enter(f"condition {name!r}")
         spec = self.spec
         cond = spec.conditions[name]
         model, quant, adapter = self.model_of(cond.from_)
@@ -366,6 +382,21 @@ class _Planner:
                     cp.quant = None
                 cp.stages.append({"kind": "fuse", "step": st.dirname, "options": opts, "setting": setting,
                                   "noise_floor": noise.dirname if noise else None})
+        self._busy.discard(f"condition {name!r}")
+        self._models[name] = cp
+        return cp
+
+    def condition(self, name: str) -> ConditionPlan:
+        """The condition's model, then its evaluations (after its parent
+        condition's, so the steps keep the spec's natural order)."""
+        if name in self.plan.conditions:
+            return self.plan.conditions[name]
+        spec = self.spec
+        self._enter(f"the evaluations of {name!r}")
+        parent = spec.conditions[name].from_
+        if parent in spec.conditions:
+            self.condition(parent)
+        cp = self.condition_model(name)
         suites = evaluated_suites(spec, name)
         if "mc" in suites:
             mc = spec.evaluation.mc
@@ -382,6 +413,7 @@ class _Planner:
                 inputs["suite"] = self.source(spec.resolve(ident.suite))
             cp.identity = self.step("eval-identity", ident.model_dump(exclude={"suite"}), inputs,
                                     f"{name}: evaluate identity")
+        self._busy.discard(f"the evaluations of {name!r}")
         self.plan.conditions[name] = cp
         return cp
 

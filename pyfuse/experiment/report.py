@@ -290,8 +290,18 @@ def write_report(out: str | os.PathLike) -> Path:
         lines.append(f"- SHA-256: `{lock.get('sha256')}` (locked {lock.get('locked_at')}; split seed "
                      f"{lock.get('split_seed')} = {lock.get('seed_rule')})")
         lines.append(f"- Hypothesis: {doc.get('hypothesis')}")
-        lines.append(f"- Criterion: `{doc.get('criterion')}` (alpha {doc.get('alpha')}, power {doc.get('power')}, "
-                     f"planned n {doc.get('planned_n')}, baseline accuracy {doc.get('baseline_accuracy')})")
+        planned, baseline = doc.get("planned_n"), doc.get("baseline_accuracy")
+        params = [f"alpha {doc.get('alpha')}", f"power {doc.get('power')}"]
+        params += [f"planned n {planned}"] if planned is not None else []
+        params += [f"baseline accuracy {baseline}"] if baseline is not None else []
+        lines.append(f"- Criterion: `{doc.get('criterion')}` ({', '.join(params)})")
+        unset = []  # what prereg.power_warnings then falls back on
+        if planned is None:
+            unset.append("planned n not set, the observed n is used")
+        if baseline is None:
+            unset.append("baseline accuracy not set, the observed accuracy of B in diff(A, B) is used")
+        if unset:
+            lines.append(f"- Power check: {'; '.join(unset)}.")
         if doc.get("kill"):
             lines.append(f"- Kill criterion: {doc['kill']}")
         for name, desc in (doc.get("tests") or {}).items():

@@ -13,7 +13,8 @@ Layout (every section but ``models`` and ``conditions`` is optional)::
     setg:                           # mine Set-G (a step) and split it
       data: NAME                    # the MMLU-Pro file both models are evaluated on
       base: NAME                    # a model or a condition
-      persona: NAME                 # a model or a condition
+      persona: NAME                 # a model or a condition (mined with its model; the condition
+                                    # is scored on setg.test like any other)
       method: generate              # eval method for mining (generate | logprob)
       train_frac: 0.7               # split seed: from the pre-registration's hash
     defaults:
@@ -742,7 +743,7 @@ def check_references(spec: Spec) -> list[tuple[str, str]]:
     if not problems:
         cycle = find_cycle(spec)
         if cycle:
-            problems.append((cycle[0], "circular reference: " + " -> ".join(cycle[1])))
+            problems.append(cycle)
     return problems
 
 
@@ -757,43 +758,80 @@ def ends_with_adapter(spec: Spec, name: str) -> bool:
     return pending
 
 
-def dependencies(spec: Spec) -> dict[str, set[str]]:
-    """Entity graph: ``condition:NAME`` and ``setg`` -> what they need."""
-    deps: dict[str, set[str]] = {}
+def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
+    """The entity graph: ``node -> {node it needs: the field that says so}``.
+
+    Nodes: ``model:NAME`` (a condition's model: its ``from``, then its
+    stages), ``eval:NAME`` (the condition's evaluations, of that model) and
+    ``setg`` (both Set-G models evaluated on ``setg.data``, then mined and
+    split). A condition's model and its evaluations are separate nodes: Set-G
+    is mined with the *models* of ``setg.base`` and ``setg.persona``, so those
+    conditions can be evaluated on ``setg.*`` like any other (their models
+    come first, their evaluations after the split); a condition whose model
+    needs Set-G (a stage that trains on it) while Set-G needs that model is a
+    real cycle."""
+    deps: dict[str, dict[str, str]] = {}
     for name, cond in spec.conditions.items():
-        d = set()
+        d: dict[str, str] = {}
         if cond.from_ in spec.conditions:
-            d.add(f"condition:{cond.from_}")
-        for _, kind, opts in condition_stages(spec, name):
+            d[f"model:{cond.from_}"] = f"conditions.{name}.from"
+        for where, kind, opts in condition_stages(spec, name):
             if kind == "train" and opts["data"] in ("setg", "setg.train"):
-                d.add("setg")
+                d.setdefault("setg", f"{where}.data")
+        deps[f"model:{name}"] = d
+        e = {f"model:{name}": f"conditions.{name}"}
         if spec.evaluation.mc is not None and spec.evaluation.mc.data.startswith("setg.") \
-                and "mc" in evaluated_suites(spec, name):
-            d.add("setg")
-        deps[f"condition:{name}"] = d
+                and spec.evaluation.mc.data not in spec.data and "mc" in evaluated_suites(spec, name):
+            e["setg"] = "evaluation.mc.data"
+        deps[f"eval:{name}"] = e
     if spec.setg is not None:
-        deps["setg"] = {f"condition:{r}" for r in (spec.setg.base, spec.setg.persona) if r in spec.conditions}
+        d = {}
+        for role in ("base", "persona"):
+            ref = getattr(spec.setg, role)
+            if ref in spec.conditions:
+                d.setdefault(f"model:{ref}", f"setg.{role}")
+        deps["setg"] = d
     return deps
 
 
-def find_cycle(spec: Spec) -> tuple[str, list[str]] | None:
+def _node_label(node: str) -> str:
+    kind, _, name = node.partition(":")
+    return {"model": name, "eval": f"{name} (evaluation)"}.get(kind, node)
+
+
+def _edge_reason(src: str, dst: str) -> str:
+    s, d = _node_label(src), _node_label(dst)
+    if dst == "setg":
+        return f"{s} {'trains' if src.startswith('model:') else 'is evaluated'} on Set-G"
+    if src == "setg":
+        return f"Set-G is mined with {d}'s model"
+    return f"{s} starts from {d}"
+
+
+def find_cycle(spec: Spec) -> tuple[str, str] | None:
+    """The first circular reference of :func:`dependencies`, as ``(field,
+    message)``: the field is that of the cycle's first edge (e.g.
+    ``conditions.C1.from``; through Set-G, the field that needs Set-G, e.g.
+    ``conditions.P.stages[0].train.data``)."""
     deps = dependencies(spec)
     state: dict[str, int] = {}
     stack: list[str] = []
-
-    def label(node: str) -> str:
-        return node.split(":", 1)[1] if node.startswith("condition:") else node
-
-    def where(node: str) -> str:
-        return f"conditions.{label(node)}" if node.startswith("condition:") else "setg"
 
     def visit(node: str):
         state[node] = 1
         stack.append(node)
         for nxt in sorted(deps.get(node, ())):
             if state.get(nxt) == 1:
-                cyc = stack[stack.index(nxt):] + [nxt]
-                return where(nxt), [label(n) for n in cyc]
+                ring = stack[stack.index(nxt):]
+                if "setg" in ring:  # start at what needs Set-G: the field that closes the loop
+                    i = (ring.index("setg") - 1) % len(ring)
+                    ring = ring[i:] + ring[:i]
+                cyc = ring + [ring[0]]
+                edges = list(zip(cyc, cyc[1:]))
+                text = "circular reference: " + " -> ".join(_node_label(n) for n in cyc)
+                if "setg" in cyc:
+                    text += " (" + "; ".join(_edge_reason(a, b) for a, b in edges) + ")"
+                return deps[edges[0][0]][edges[0][1]], text
             if state.get(nxt) is None:
                 found = visit(nxt)
                 if found:
