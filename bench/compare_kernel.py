@@ -4,9 +4,11 @@ shape (128 x 2048 x 512, bf16, rank 2), for group sizes 32/64/128 and
 ratios (the README quotes it).
 
     python bench/compare_kernel.py [--group-sizes 32,64,128] [--bits 3,4,8] [--repeats 3]
+                                   [--cpu-kernels auto|baseline|avx2|avx512]
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pyfuse  # noqa: E402
+from pyfuse import _native  # noqa: E402
 from kernel_cases import expert_tensor, memcpy_bound, mlx_stock_fuse  # noqa: E402
 
 
@@ -33,9 +36,18 @@ def main():
     parser.add_argument("--bits", default="3,4,8")
     parser.add_argument("--repeats", type=int, default=3, help="best of N for the native and memcpy runs")
     parser.add_argument("--mlx-repeats", type=int, default=2, help="best of N for the (slow) MLX path")
+    parser.add_argument("--cpu-kernels", default="auto",
+                        help="the CPU kernel build to measure (default: the widest this processor runs)")
     args = parser.parse_args()
     if not pyfuse.native_available():
         sys.exit("compare_kernel: the native extension is not built")
+    try:
+        _native.ext.set_cpu_kernels(args.cpu_kernels)
+    except ValueError as err:
+        sys.exit(f"compare_kernel: {err}")
+    kernels = _native.ext.cpu_kernels()
+    print(f"CPU kernel build: {kernels['active']} (available: {', '.join(kernels['available'])}); "
+          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at the start\n")
 
     print("| group size | bits | MLX stock path | pyfuse stock | pyfuse preserve | memcpy | speed-up (stock) | x memcpy |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -289,16 +289,18 @@ PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD pf_code* 
     store_u64(spread_pack<bits>(x), codes + 8 * p);
   }
 #else
-  // One copy of the group into a padded buffer, then one load per pack
-  // (the bytes past the pack are masked off or ignored).
-  uint8_t bytes[n_bytes + 8];
-  __builtin_memcpy(bytes, words, n_bytes);
-  __builtin_memset(bytes + n_bytes, 0, 8);
+  // One load per pack straight from the words (a staging copy would stall
+  // the loads on store forwarding): a window of 4 (or 8) bytes holding the
+  // pack, moved back to stay inside the group at its end, shifted to it.
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(words);
   if constexpr (bits <= 4) {
     // A pack fits in 32 bits: broadcast it and shift each lane to its code.
+    PF_UNROLL
     for (int p = 0; p < group_size / 8; ++p) {
+      const int at = p * bits <= n_bytes - 4 ? p * bits : n_bytes - 4;
       uint32_t x;
-      __builtin_memcpy(&x, bytes + p * bits, sizeof(x));
+      __builtin_memcpy(&x, bytes + at, sizeof(x));
+      x >>= 8 * (p * bits - at);
       pf_u32x8 v = (pf_u32x8{} + x) >> pack_shifts<bits>();
       v &= (1u << bits) - 1u;
       __builtin_memcpy(codes + 8 * p, &v, sizeof(v));
@@ -307,9 +309,13 @@ PF_INLINE void unpack_group(const PF_DEVICE uint32_t* words, PF_THREAD pf_code* 
     // Wider packs: spread four packs per step to one code per byte (SWAR
     // on a vector of four 64-bit words), then widen.
     uint8_t narrow[group_size];
+    PF_UNROLL
     for (int p = 0; p < group_size / 8; p += 4) {
-      pf_u64x4 v = {load_u64(bytes + p * bits), load_u64(bytes + (p + 1) * bits),
-                    load_u64(bytes + (p + 2) * bits), load_u64(bytes + (p + 3) * bits)};
+      pf_u64x4 v;
+      for (int l = 0; l < 4; ++l) {
+        const int at = (p + l) * bits <= n_bytes - 8 ? (p + l) * bits : n_bytes - 8;
+        v[l] = load_u64(bytes + at) >> (8 * ((p + l) * bits - at));
+      }
       v = spread_pack<bits>(v);
       __builtin_memcpy(narrow + 8 * p, &v, sizeof(v));
     }
@@ -333,24 +339,39 @@ PF_INLINE void pack_group(const PF_THREAD pf_code* codes, PF_DEVICE uint32_t* wo
     }
   }
 #else
-  // Narrow to one code per byte, then gather four packs per step (SWAR on
-  // a vector of four 64-bit words). Each pack is stored whole, in ascending
-  // order, into a padded buffer: its zero high bytes are overwritten by the
-  // next pack; then one copy out.
-  uint8_t bytes[n_bytes + 8];
+  // Narrow to one code per byte, gather four packs per step (SWAR on a
+  // vector of four 64-bit words), then append the packs to a 64-bit
+  // accumulator that is stored whenever it fills (no staging buffer: its
+  // reloads would stall on store forwarding). Unrolled, every shift and
+  // branch on `fill` is a constant.
   uint8_t narrow[group_size];
   for (int j = 0; j < group_size; ++j) {
     narrow[j] = uint8_t(codes[j]);
   }
+  uint8_t* out = reinterpret_cast<uint8_t*>(words);
+  uint64_t acc = 0;
+  int fill = 0;  // bits in acc, always < 64 here
+  PF_UNROLL
   for (int p = 0; p < group_size / 8; p += 4) {
     pf_u64x4 v;
     __builtin_memcpy(&v, narrow + 8 * p, sizeof(v));
     v = gather_pack<bits>(v);
     for (int l = 0; l < 4; ++l) {
-      store_u64(v[l], bytes + (p + l) * bits);
+      const uint64_t x = v[l];  // 8 * bits bits
+      acc |= x << fill;
+      fill += 8 * bits;
+      if (fill >= 64) {
+        store_u64(acc, out);
+        out += 8;
+        fill -= 64;
+        acc = fill > 0 ? x >> (8 * bits - fill) : 0;
+      }
     }
   }
-  __builtin_memcpy(words, bytes, n_bytes);
+  if (fill > 0) {
+    __builtin_memcpy(out, &acc, size_t(fill / 8));
+  }
+  (void)n_bytes;
 #endif
 }
 
