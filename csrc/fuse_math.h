@@ -77,12 +77,14 @@ struct FuseParams {
   float scale;
   uint32_t key;  // stochastic_key(seed)
   int has_k;     // DoRA: row_k holds one rescale factor per row
+  int no_nan;    // a, b and scale hold no NaN (see round_to_not_nan)
 };
 
 struct GroupArgs {
   float k;             // DoRA row rescale (1 without DoRA)
   uint32_t key;        // stochastic_key(seed)
   uint32_t index0;     // flat index of the group's first element
+  int no_nan;          // FuseParams::no_nan
 };
 
 // Everything below has internal linkage (an unnamed namespace): the CPU
@@ -126,10 +128,20 @@ constexpr PF_CONSTANT float kDoraUnitTolerance = 1e-5f;
 // round_to<T>(x): x rounded to the nearest T (ties to even) and widened
 // back to float: one T operation's result, as MLX computes T arithmetic
 // (in float, then rounded). pf_rint / pf_floor: rint and floor.
+//
+// round_to_not_nan<T>(x): the same, without the NaN test. Exact for every
+// number and for the default NaN that an invalid operation (inf - inf,
+// 0 * inf) produces, which stays a NaN; only a NaN carrying a payload could
+// come out as another value. The stock values use it when no input holds a
+// NaN (FuseParams::no_nan): then every NaN they meet is a default one.
 #if defined(__METAL_VERSION__)
 template <typename T>
 PF_INLINE float round_to(float x) {
   return static_cast<float>(static_cast<T>(x));
+}
+template <typename T>
+PF_INLINE float round_to_not_nan(float x) {
+  return round_to<T>(x);
 }
 PF_INLINE float pf_rint(float x) {
   return metal::rint(x);
@@ -169,20 +181,19 @@ PF_INLINE float pf_floor(float x) {
   return r > x ? r - 1.0f : r;
 }
 template <typename T>
-PF_INLINE float round_to(float x);
+PF_INLINE float round_to_not_nan(float x);
 template <>
-PF_INLINE float round_to<float>(float x) {
+PF_INLINE float round_to_not_nan<float>(float x) {
   return x;
 }
 template <>
-PF_INLINE float round_to<mlx::core::bfloat16_t>(float x) {
-  // MLX's float -> bfloat16 (ties to even; NaN -> 0x7FC0), then back.
+PF_INLINE float round_to_not_nan<mlx::core::bfloat16_t>(float x) {
+  // Ties to even on the 16 dropped bits (a default NaN keeps its bits).
   uint32_t u = pf_bits(x);
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  return x != x ? pf_from_bits(0x7FC00000u) : pf_from_bits(r);
+  return pf_from_bits((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
 }
 template <>
-PF_INLINE float round_to<mlx::core::float16_t>(float x) {
+PF_INLINE float round_to_not_nan<mlx::core::float16_t>(float x) {
   // IEEE float -> half (ties to even) -> float, as MLX's conversion does.
   float ax = __builtin_fabsf(x);
   // Normal halves: keep 10 mantissa bits (ties to even on the dropped 13).
@@ -193,8 +204,16 @@ PF_INLINE float round_to<mlx::core::float16_t>(float x) {
   float sub = pf_rint(ax * 16777216.0f) * (1.0f / 16777216.0f);
   float r = ax < 6.103515625e-05f ? sub : normal;
   r = ax >= 65520.0f ? __builtin_inff() : r;  // rounds past the largest half
-  r = __builtin_copysignf(r, x);
-  return x != x ? x : r;
+  return __builtin_copysignf(r, x);  // a default NaN: `normal` keeps it a NaN
+}
+template <typename T>
+PF_INLINE float round_to(float x) {
+  return x != x ? x : round_to_not_nan<T>(x);
+}
+template <>
+PF_INLINE float round_to<mlx::core::bfloat16_t>(float x) {
+  // MLX's float -> bfloat16 turns every NaN into 0x7FC0.
+  return x != x ? pf_from_bits(0x7FC00000u) : round_to_not_nan<mlx::core::bfloat16_t>(x);
 }
 #endif
 
@@ -417,13 +436,15 @@ PF_INLINE float dequantized(float q, float s, float b) {
 #endif
 
 // The stock fused weight `dequantize(q) + T(delta)`, every operation
-// rounded to T as MLX's ops do: T(T(T(q) * s) + b) + T(delta).
+// rounded to T as MLX's ops do: T(T(T(q) * s) + b) + T(delta). `no_nan`:
+// see round_to_not_nan.
 template <typename T, int bits, int group_size>
 PF_INLINE void stock_values(
     const PF_DEVICE uint32_t* words,
     T scale,
     T bias,
     const PF_THREAD float* delta,
+    bool no_nan,
     PF_THREAD float* values) {
   const float s = static_cast<float>(scale);
   const float b = static_cast<float>(bias);
@@ -450,14 +471,21 @@ PF_INLINE void stock_values(
       f8 w = n_codes <= 8 ? __builtin_shuffle(lo, idx) : __builtin_shuffle(lo, hi, idx);
       __builtin_memcpy(values + j, &w, sizeof(w));
     }
+  } else
+#endif
+  {
+    for (int j = 0; j < group_size; ++j) {
+      values[j] = dequantized<T>(float(int(codes[j])), s, b);
+    }
+  }
+  if (no_nan) {
+    for (int j = 0; j < group_size; ++j) {
+      values[j] = round_to_not_nan<T>(values[j] + round_to_not_nan<T>(delta[j]));
+    }
+  } else {
     for (int j = 0; j < group_size; ++j) {
       values[j] = round_to<T>(values[j] + round_to<T>(delta[j]));
     }
-    return;
-  }
-#endif
-  for (int j = 0; j < group_size; ++j) {
-    values[j] = round_to<T>(dequantized<T>(float(int(codes[j])), s, b) + round_to<T>(delta[j]));
   }
 }
 
@@ -616,7 +644,7 @@ PF_INLINE void fuse_group(
   float bias;
 
   if (policy == kStock) {
-    stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, values);
+    stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, args.no_nan != 0, values);
     if (args.k != 1.0f) {
       for (int j = 0; j < group_size; ++j) {
         values[j] = round_to<T>(args.k * values[j]);
@@ -702,9 +730,9 @@ PF_INLINE void fuse_group(
 // Sum of squares of the stock fused row values of one group (DoRA norms).
 template <typename T, int bits, int group_size>
 PF_INLINE float group_sumsq(
-    const PF_DEVICE uint32_t* words, T scale, T bias, const PF_THREAD float* delta) {
+    const PF_DEVICE uint32_t* words, T scale, T bias, const PF_THREAD float* delta, bool no_nan) {
   float values[group_size];
-  stock_values<T, bits, group_size>(words, scale, bias, delta, values);
+  stock_values<T, bits, group_size>(words, scale, bias, delta, no_nan, values);
   float acc = 0.0f;
   for (int j = 0; j < group_size; ++j) {
     float sq = values[j] * values[j];
@@ -765,6 +793,7 @@ PF_INLINE void fuse_group_at(
   args.k = p.has_k ? row_k[row] : 1.0f;
   args.key = p.key;
   args.index0 = row * uint32_t(p.in_dims) + g * uint32_t(group_size);
+  args.no_nan = p.no_nan;
   fuse_group<T, bits, group_size, MetalRounding>(
       p.policy, w_in + wo, scales_in[sg], biases_in[sg], delta, args,
       w_out + wo, scales_out + sg, biases_out + sg);
@@ -788,7 +817,7 @@ PF_INLINE float row_factor_at(
     float delta[group_size];
     group_delta_at<group_size>(p, row, uint32_t(g), a, b, delta);
     float part = group_sumsq<T, bits, group_size>(
-        w_in + size_t(sg) * words_per_group, scales_in[sg], biases_in[sg], delta);
+        w_in + size_t(sg) * words_per_group, scales_in[sg], biases_in[sg], delta, p.no_nan != 0);
     sumsq = sumsq + part;
   }
   return dora_factor(magnitude[row], sumsq);

@@ -120,6 +120,16 @@ void run_threads(RowsFn fn, const FuseParams& p, const CpuBuffers& buf, size_t n
   for (auto& th : pool) th.join();
 }
 
+// Whether any of n floats is a NaN (then the kernels check every rounding
+// for NaNs: see round_to_not_nan in fuse_math.h).
+bool has_nan(const float* x, size_t n) {
+  bool any = false;
+  for (size_t i = 0; i < n; ++i) {
+    any |= x[i] != x[i];
+  }
+  return any;
+}
+
 FuseParams make_params(const mx::array& w, const mx::array& scales, const mx::array& a,
                        float scale, int policy, uint32_t seed, bool has_k) {
   FuseParams p;
@@ -131,6 +141,7 @@ FuseParams make_params(const mx::array& w, const mx::array& scales, const mx::ar
   p.scale = scale;
   p.key = stochastic_key(seed);
   p.has_k = has_k ? 1 : 0;
+  p.no_nan = 0;  // set by eval_cpu, which can read a and b
   return p;
 }
 
@@ -194,7 +205,11 @@ void FuseRequant::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& x : inputs) encoder.set_input_array(x);
   for (auto& x : outputs) encoder.set_output_array(x);
-  encoder.dispatch([fn, p, buf, n_rows]() { run_threads(fn, p, buf, n_rows); });
+  size_t n_a = inputs[3].size(), n_b = inputs[4].size();
+  encoder.dispatch([fn, p, buf, n_rows, n_a, n_b]() mutable {
+    p.no_nan = !has_nan(&p.scale, 1) && !has_nan(buf.a, n_a) && !has_nan(buf.b, n_b);
+    run_threads(fn, p, buf, n_rows);
+  });
 }
 
 #ifdef _METAL_

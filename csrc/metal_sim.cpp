@@ -87,6 +87,7 @@ std::vector<mx::array> simulate_metal_fuse_requant(
   p.scale = scale;
   p.key = stochastic_key(seed);
   p.has_k = inputs.size() > 5 ? 1 : 0;
+  p.no_nan = 0;  // the real Metal kernel converts with the hardware's rounding
   uint32_t n_rows = w.size() / w.shape(-1);
   HostOut out{w_out.data(), s_out.data(), b_out.data()};
   auto dt = scales.dtype();

@@ -168,6 +168,28 @@ def test_dora_stock_matches_mlx_lm_dora_fuse():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("poison", ["nan-payloads", "inf-minus-inf"])
+def test_stock_matches_reference_with_nan_and_inf_in_the_lora(dtype, poison):
+    """NaNs in the delta reach the roundings: NaNs with payloads in `a` (the
+    kernels then check every rounding; the check-free rounding would turn
+    such a NaN into a number), and default NaNs from inf - inf (which the
+    check-free rounding keeps NaN): the bytes equal MLX's either way."""
+    w, s, b = quantized((3, 64, 256), dtype, 64, 3, seed=5)
+    a, bb = (np.array(x) for x in lora((3,), 64, 256, 4, seed=5))
+    if poison == "nan-payloads":
+        a.view(np.uint32)[0, 1, 5] = 0x7FFFFFFF  # +NaN, every payload bit set
+        a.view(np.uint32)[1, 2, 7] = 0xFF800001  # -NaN, signalling, low payload
+    else:
+        a[0, 0, 9], a[0, 1, 9] = np.inf, -np.inf
+        bb[0, :, :2] = 1.0
+    args = (w, s, b, mx.array(a), mx.array(bb))
+    kw = dict(group_size=64, bits=3, policy="stock")
+    out = pyfuse.fuse_requant(*args, **kw)
+    assert not mx.all(mx.isfinite((mx.array(bb) @ mx.array(a))[:2])).item()  # the poison reaches the delta
+    assert same(out, fuse_requant_reference(*args, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bits", BITS)
 def test_zero_delta_preserve_and_stochastic_return_inputs_bit_for_bit(dtype, bits):
     for group_size in GROUP_SIZES:
