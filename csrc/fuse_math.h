@@ -623,6 +623,44 @@ PF_INLINE float stochastic_round(float t, float u) {
 
 // ----------------------------------------------------------- one group
 
+// The stock policy in two halves, so that the CPU can batch groups
+// (csrc/fuse_cpu.cpp): the next groups' values are computed while one
+// group's fit (a chain of divisions) completes.
+// 1. The fused values (DoRA-rescaled by k) and their affine fit.
+template <typename T, int bits, int group_size, bool MetalRounding>
+PF_INLINE void stock_fit(
+    const PF_DEVICE uint32_t* words_in,
+    T scale_in,
+    T bias_in,
+    const PF_THREAD float* delta,
+    GroupArgs args,
+    PF_THREAD float* values,
+    PF_THREAD float& scale,
+    PF_THREAD float& bias) {
+  stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, args.no_nan != 0, values);
+  if (args.k != 1.0f) {
+    for (int j = 0; j < group_size; ++j) {
+      values[j] = round_to<T>(args.k * values[j]);
+    }
+  }
+  fit_affine<T, bits, group_size, MetalRounding>(values, scale, bias);
+}
+
+// 2. The codes on that grid, packed, and the grid in T.
+template <typename T, int bits, int group_size, bool MetalRounding>
+PF_INLINE void stock_store(
+    const PF_THREAD float* values,
+    float scale,
+    float bias,
+    PF_DEVICE uint32_t* words_out,
+    PF_DEVICE T* scale_out,
+    PF_DEVICE T* bias_out) {
+  pf_code codes[group_size];
+  round_to_grid<bits, group_size, MetalRounding>(values, scale, bias, codes);
+  pack_group<bits, group_size>(codes, words_out);
+  *scale_out = static_cast<T>(scale);
+  *bias_out = static_cast<T>(bias);
+}
 
 // Fuses one group. `delta` holds the group's float32 delta. Writes the
 // group's packed words and its (scale, bias) in T.
@@ -644,17 +682,8 @@ PF_INLINE void fuse_group(
   float bias;
 
   if (policy == kStock) {
-    stock_values<T, bits, group_size>(words_in, scale_in, bias_in, delta, args.no_nan != 0, values);
-    if (args.k != 1.0f) {
-      for (int j = 0; j < group_size; ++j) {
-        values[j] = round_to<T>(args.k * values[j]);
-      }
-    }
-    fit_affine<T, bits, group_size, MetalRounding>(values, scale, bias);
-    round_to_grid<bits, group_size, MetalRounding>(values, scale, bias, codes);
-    pack_group<bits, group_size>(codes, words_out);
-    *scale_out = static_cast<T>(scale);
-    *bias_out = static_cast<T>(bias);
+    stock_fit<T, bits, group_size, MetalRounding>(words_in, scale_in, bias_in, delta, args, values, scale, bias);
+    stock_store<T, bits, group_size, MetalRounding>(values, scale, bias, words_out, scale_out, bias_out);
     return;
   }
 
@@ -769,6 +798,17 @@ PF_INLINE void group_delta_at(
       delta);
 }
 
+// The per-group arguments of group `g` of row `row`.
+template <int group_size>
+PF_INLINE GroupArgs group_args(PF_CONSTANT_REF(FuseParams) p, uint32_t row, uint32_t g, const PF_DEVICE float* row_k) {
+  GroupArgs args;
+  args.k = p.has_k ? row_k[row] : 1.0f;
+  args.key = p.key;
+  args.index0 = row * uint32_t(p.in_dims) + g * uint32_t(group_size);
+  args.no_nan = p.no_nan;
+  return args;
+}
+
 // Fuses group `g` of row `row` (the unit of work of every backend).
 template <typename T, int bits, int group_size, bool MetalRounding>
 PF_INLINE void fuse_group_at(
@@ -789,11 +829,7 @@ PF_INLINE void fuse_group_at(
   const uint32_t wo = sg * uint32_t(words_per_group);
   float delta[group_size];
   group_delta_at<group_size>(p, row, g, a, b, delta);
-  GroupArgs args;
-  args.k = p.has_k ? row_k[row] : 1.0f;
-  args.key = p.key;
-  args.index0 = row * uint32_t(p.in_dims) + g * uint32_t(group_size);
-  args.no_nan = p.no_nan;
+  const GroupArgs args = group_args<group_size>(p, row, g, row_k);
   fuse_group<T, bits, group_size, MetalRounding>(
       p.policy, w_in + wo, scales_in[sg], biases_in[sg], delta, args,
       w_out + wo, scales_out + sg, biases_out + sg);
