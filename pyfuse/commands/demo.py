@@ -23,7 +23,7 @@ experiment spec it ran: copy it to run the same study on your own model with
 `pyfuse experiment run`. Running the command again on the same OUT resumes
 (finished steps are skipped: seconds).
 
-  pyfuse demo                     3-6 minutes on 2 CPU cores, into ./pyfuse-demo
+  pyfuse demo                     2-4 minutes on 2 CPU cores, into ./pyfuse-demo
   pyfuse demo --out runs/demo     elsewhere
   pyfuse demo --quick             a reduced configuration (about a minute once the model is built)"""
 
