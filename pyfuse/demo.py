@@ -207,9 +207,9 @@ comparisons:
   - [A1, persona]              # the naive "knowledge injection" number
   - [A0, persona]              # what the fuse and re-quantization alone do
   - [A1-unfused, persona]      # what the adapter does before any fuse
-  - [A1-stochastic, persona]  # the same adapter fused without bias (a zero delta changes nothing)
-  - [A1-preserve, persona]
-  - [A0-preserve, persona]
+  - [A1-stochastic, persona]  # the adapter fused with stochastic rounding (kept in expectation)
+  - [A1-preserve, persona]    # the adapter fused on each group's own grid
+  - [A0-preserve, persona]    # the same with a zero delta (changes nothing)
 
 preregistration:
   hypothesis: the factual LoRA trained on Set-G injects knowledge into the persona model
@@ -259,12 +259,12 @@ def summarize(results: dict, alpha: float = 0.05) -> str:
             f"A0 scores {_pct(a0['accuracy'])} ({_pts(c0p['diff'])}, p = {_p(c0p['mcnemar_p'])}): "
             f"A1 - A0 = {_pts(c10['diff'])} (p = {_p(c10['mcnemar_p'])})")
     if passed:
-        return head + ": the trained content adds knowledge beyond what the fuse and re-quantization do."
+        return head + "; the trained content adds knowledge beyond what the fuse and re-quantization do."
     if c0p["diff"] > 0 and c0p["mcnemar_p"] < alpha:
-        return head + ": the apparent knowledge injection is re-quantization noise, not the LoRA's content."
+        return head + "; the apparent knowledge injection is re-quantization noise, not the LoRA's content."
     if c1p["mcnemar_p"] >= alpha:
-        return head + ": the fused LoRA changes nothing detectable, and neither does the fuse alone."
-    return head + ": A1's gain over the persona is not distinguishable from its zero-delta twin's."
+        return head + "; the fused LoRA changes nothing detectable, and neither does the fuse alone."
+    return head + "; A1's gain over the persona is not distinguishable from its zero-delta twin's."
 
 
 def details(results: dict) -> list[str]:

@@ -1117,7 +1117,7 @@ def _warnings(summary: dict, records) -> list[str]:
     quantized = [x for x in records if x["policy"] != "none"]
     if quantized and r is not None:
         bits = sorted({x["bits"] for x in quantized})
-        bits_s = "/".join(str(b) for b in bits)
+        bits_s = " and ".join(f"{b}-bit" for b in bits)
         hints = []
         if summary["policy"] != "stochastic":
             hints.append("--requant stochastic")
@@ -1127,11 +1127,11 @@ def _warnings(summary: dict, records) -> list[str]:
         hint = "; consider " + ", ".join(hints)
         noise_s = f", noise {n:.3g}x the delta" if n is not None else ""
         if r < LOW_RETENTION:
-            out.append(f"the adapter is mostly erased by {bits_s}-bit re-quantization: "
-                       f"retention {r:.2f}{noise_s}{hint}")
+            out.append(f"the adapter is mostly erased by {bits_s} re-quantization: "
+                       f"retention {r:.3g}{noise_s}{hint}")
         elif r < PARTLY_RETENTION:
-            out.append(f"the adapter is partly erased by {bits_s}-bit re-quantization: "
-                       f"retention {r:.2f}{noise_s}{hint}")
+            out.append(f"the adapter is partly erased by {bits_s} re-quantization: "
+                       f"retention {r:.3g}{noise_s}{hint}")
         elif summary["min_retention"] is not None and summary["min_retention"] < LOW_RETENTION:
             out.append(f"{summary['min_retention_tensor']} keeps only "
                        f"{summary['min_retention']:.2f} of its delta after re-quantization{hint}")
