@@ -126,8 +126,8 @@ void run_threads(RowsFn fn, const FuseParams& p, const CpuBuffers& buf, size_t n
 // Large outputs are fresh memory that the kernels touch page by page; on
 // Linux, transparent huge pages (in "madvise" mode by default) make that
 // one fault per 2 MiB instead of one per 4 KiB (a 128 x 2048 x 512 3-bit
-// tensor: 12,000 faults per fuse -> 500, and ~8 % less time). Advice only: any error
-// is ignored.
+// tensor: 12,000 faults per fuse -> 500, ~8 % less time). Advice only:
+// any error is ignored.
 void prefer_huge_pages(void* data, size_t nbytes) {
 #if defined(__linux__)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
