@@ -231,7 +231,7 @@ def power_warnings(document: dict, *, observed_n: dict | None = None,
         mde = min_detectable_effect(n, p0, alpha=document["alpha"], power=document["power"])
         warn = math.isnan(mde) or mde > threshold
         text = (f"at n = {n} ({n_source}) per condition, alpha {document['alpha']:g}, power "
-                f"{document['power']:g}, from {p0:.1%} ({p0_source}) the minimum detectable effect is "
+                f"{document['power']:g}, from {p0 * 100:.1f} % ({p0_source}) the minimum detectable effect is "
                 + ("more than the room above the baseline" if math.isnan(mde) else f"{mde * 100:.1f} points")
                 + (f": the {threshold * 100:g}-point threshold of {stat} is under-powered" if warn else
                    f", within the {threshold * 100:g}-point threshold of {stat}"))
