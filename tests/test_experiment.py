@@ -552,6 +552,58 @@ def test_examples_validate(capsys):
     assert "minimum detectable effect is 6.1 points" in capsys.readouterr().err
 
 
+def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
+    from pyfuse.experiment.engine import Step, _Estimator, _rate_group, work_units
+
+    est = _Estimator()
+    assert est.estimate("eval-mc/logprob", 204) is None  # nothing of the kind timed yet
+    # seconds per item observed so far x this step's items: 19.2 s on 1,680 items -> 204 items
+    est.add("eval-mc/logprob", 19.2, 1680)
+    assert est.estimate("eval-mc/logprob", 204) == pytest.approx(19.2 / 1680 * 204)  # ~2.3 s, not 19.2 s
+    est.add("eval-mc/logprob", 2.6, 204)
+    assert est.estimate("eval-mc/logprob", 100) == pytest.approx((19.2 + 2.6) / (1680 + 204) * 100)
+    assert est.estimate("eval-mc/logprob", 200) == pytest.approx(2 * est.estimate("eval-mc/logprob", 100))
+    # without a unit count: the mean duration of the kind (the old behaviour)
+    assert est.estimate("eval-mc/logprob") == pytest.approx((19.2 + 2.6) / 2)
+    # generation is timed apart from log-prob scoring
+    assert est.estimate("eval-mc/generate", 204) is None
+    assert _rate_group("eval-mc", {"method": "generate"}) == "eval-mc/generate"
+    assert _rate_group("train", {"iters": 10}) == "train"
+
+    # train: iters x batch_size examples (80 x 4 then 30 x 1)
+    est.add("train", 18.0, work_units("train", {"iters": 80, "batch_size": 4}, {}))
+    units = work_units("train", {"iters": 30, "batch_size": 1}, {})
+    assert units == 30 and est.estimate("train", units) == pytest.approx(18.0 / 320 * 30)
+
+    # eval-mc: the data file's rows (blank lines skipped), capped by limit; a file not written yet: unknown
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"i": i}) + "\n" + ("\n" if i % 3 == 0 else "") for i in range(7)))
+    assert work_units("eval-mc", {"method": "logprob", "limit": None}, {"data": data}) == 7
+    assert work_units("eval-mc", {"method": "logprob", "limit": 5}, {"data": data}) == 5
+    assert work_units("eval-mc", {"method": "logprob", "limit": None}, {"data": tmp_path / "later.jsonl"}) is None
+    # eval-identity: the suite's prompts (the shipped template without a suite)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"persona": {"name": "P"}, "prompts": [{"id": i, "prompt": "who?"}
+                                                                          for i in range(4)]}))
+    assert work_units("eval-identity", {}, {"model": tmp_path, "suite": suite}) == 4
+    assert work_units("eval-identity", {}, {"model": tmp_path}) >= 1
+    assert work_units("fuse", {}, {}) is None and work_units("noise-floor", {}, {}) is None
+
+    # the run log of an earlier run feeds the rates
+    again = _Estimator([{"event": "step", "kind": "eval-mc", "group": "eval-mc/logprob", "seconds": 10.0,
+                         "units": 1000}, {"event": "step", "kind": "fuse", "seconds": 0.5, "units": None}])
+    assert again.estimate("eval-mc/logprob", 100) == pytest.approx(1.0)
+    assert again.estimate("fuse") == pytest.approx(0.5)
+
+    # a step shared by several conditions says so
+    st = Step(kind="train", options={}, inputs={}, key="k" * 64, labels=["A1: stage 1 train"])
+    assert st.label == "A1: stage 1 train"
+    st.labels += ["A0: stage 1 train"]
+    assert st.label == "A1: stage 1 train (shared with 1 other condition)"
+    st.labels += ["A2: stage 1 train", "A3: stage 1 train"]
+    assert st.label == "A1: stage 1 train (shared with 3 other conditions)"
+
+
 def test_criterion_grammar_and_exact_evaluation():
     c = parse_criterion("diff(A1,A0)>=5pp and ztest_p(A1, A0) < 0.05")
     assert str(c) == "diff(A1, A0) >= 5pp and ztest_p(A1, A0) < 0.05"

@@ -154,7 +154,12 @@ class Step:
 
     @property
     def label(self) -> str:
-        return self.labels[0] + (f" (+{len(self.labels) - 1} more)" if len(self.labels) > 1 else "")
+        """The first label; a step that several conditions share (it runs
+        once) says with how many others."""
+        others = len(self.labels) - 1
+        if not others:
+            return self.labels[0]
+        return self.labels[0] + f" (shared with {others} other condition{'s' if others != 1 else ''})"
 
 
 @dataclass
@@ -514,26 +519,112 @@ class _Log:
             return []
 
 
-class _Estimator:
-    """Seconds a step will take, from the steps of this kind already run
-    (this run and earlier runs in the same directory)."""
+def _rate_group(kind: str, options: dict) -> str:
+    """Steps whose durations are comparable (per unit of work): the same
+    kind, and for eval-mc the same method (generating costs far more per
+    item than scoring log-probabilities)."""
+    if kind == "eval-mc" and options.get("method"):
+        return f"{kind}/{options['method']}"
+    return kind
 
-    def __init__(self, history: list[dict]):
-        self.by_kind: dict[str, list[float]] = {}
-        self.per_iter: list[float] = []
+
+_COUNTS: dict[tuple, int] = {}
+
+
+def _cached_count(path: Path, count: Callable[[Path], int]) -> int | None:
+    """``count(path)``, cached by path, size and mtime; None if the file
+    cannot be read (yet) or the count fails (an estimate only, never an error)."""
+    try:
+        st = path.stat()
+        if not path.is_file():
+            return None
+        key = (count.__name__, str(path), st.st_size, st.st_mtime_ns)
+        if key not in _COUNTS:
+            _COUNTS[key] = int(count(path))
+        return _COUNTS[key] or None
+    except Exception:
+        return None
+
+
+def _rows(path: Path) -> int:
+    """Rows of a JSONL (non-blank lines) or Parquet (from its metadata) file."""
+    from ..mmlu import PARQUET_SUFFIXES
+
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _prompts(path: Path) -> int:
+    """Prompts of an identity suite file (YAML or JSON)."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    return len(data["prompts"])
+
+
+def work_units(kind: str, options: dict, inputs: dict[str, Path]) -> float | None:
+    """How much work a step is, in units whose cost is about constant within
+    a rate group: items scored (eval-mc), prompts answered (eval-identity),
+    examples trained on (train: iters x batch_size). None when unknown (other
+    kinds, or an input that does not exist yet)."""
+    try:
+        if kind == "train":
+            iters = options.get("iters")
+            if not iters:
+                return None
+            return float(iters) * float(options.get("batch_size") or 1)
+        if kind == "eval-mc":
+            if "data" not in inputs:
+                return None
+            n = _cached_count(Path(inputs["data"]), _rows)
+            limit = options.get("limit")
+            if n is not None and limit:
+                n = min(n, int(limit))
+            return float(n) if n else None
+        if kind == "eval-identity":
+            from ..evals.identity import default_suite_path
+
+            suite = inputs.get("suite")
+            n = _cached_count(Path(suite) if suite is not None else default_suite_path(), _prompts)
+            return float(n) if n else None
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+class _Estimator:
+    """Seconds a step will take, from the steps of its rate group (see
+    :func:`_rate_group`) already run, in this run and earlier runs in the same
+    directory: the seconds per unit of work observed so far times the step's
+    units (:func:`work_units`); without units, the mean duration of the
+    group."""
+
+    def __init__(self, history: list[dict] = ()):
+        self.by_group: dict[str, list[float]] = {}
+        self.work: dict[str, list[tuple[float, float]]] = {}  # group -> [(seconds, units)]
         for rec in history:
             if rec.get("event") == "step" and isinstance(rec.get("seconds"), (int, float)):
-                self.add(rec["kind"], rec["seconds"], rec.get("iters"))
+                units = rec.get("units")
+                self.add(rec.get("group") or rec.get("kind"), rec["seconds"],
+                         units if isinstance(units, (int, float)) else None)
 
-    def add(self, kind: str, seconds: float, iters=None):
-        self.by_kind.setdefault(kind, []).append(seconds)
-        if kind == "train" and iters:
-            self.per_iter.append(seconds / iters)
+    def add(self, group: str, seconds: float, units: float | None = None) -> None:
+        self.by_group.setdefault(group, []).append(float(seconds))
+        if units and units > 0:
+            self.work.setdefault(group, []).append((float(seconds), float(units)))
 
-    def estimate(self, step: Step) -> float | None:
-        if step.kind == "train" and self.per_iter:
-            return sum(self.per_iter) / len(self.per_iter) * step.options["iters"]
-        xs = self.by_kind.get(step.kind)
+    def estimate(self, group: str, units: float | None = None) -> float | None:
+        done = self.work.get(group)
+        if units and units > 0 and done:
+            seconds = sum(s for s, _ in done)
+            total = sum(u for _, u in done)
+            return seconds / total * units
+        xs = self.by_group.get(group)
         return sum(xs) / len(xs) if xs else None
 
 
@@ -596,15 +687,23 @@ class Runner:
             self._execute(st)
             self._prune()
 
+    def _units(self, st: Step) -> float | None:
+        return work_units(st.kind, st.options, {k: a.path(self.out) for k, a in st.inputs.items()})
+
+    def _estimate(self, st: Step) -> float | None:
+        return self.estimator.estimate(_rate_group(st.kind, st.options), self._units(st))
+
     def _remaining(self, steps: list[Step]) -> str | None:
         known, unknown = 0.0, 0
-        for s in steps:
-            e = self.estimator.estimate(s)
+        this = None
+        for n, s in enumerate(steps):
+            e = self._estimate(s)
+            if n == 0:
+                this = e
             if e is None:
                 unknown += 1
             else:
                 known += e
-        this = self.estimator.estimate(steps[0])
         if this is None and known == 0:
             return None
         parts = []
@@ -670,9 +769,11 @@ class Runner:
                 mx.clear_cache()
             except Exception:  # pragma: no cover - cache clearing is best effort
                 pass
-        self.estimator.add(st.kind, seconds, st.options.get("iters") if st.kind == "train" else None)
+        group, units = _rate_group(st.kind, st.options), self._units(st)
+        self.estimator.add(group, seconds, units)
         self.log.write("step", step=st.dirname, kind=st.kind, seconds=round(seconds, 3),
-                       iters=st.options.get("iters") if st.kind == "train" else None, label=st.label)
+                       iters=st.options.get("iters") if st.kind == "train" else None, group=group,
+                       units=units, label=st.label)
         self.executed.append(st.dirname)
         self.echo(f"      done in {_fmt_seconds(seconds)}")
 
