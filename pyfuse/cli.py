@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from .errors import UserError
+from .fileio import Terminated
 
 # subcommand name -> module in pyfuse.commands
 COMMANDS = {
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"{args._prog}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Terminated:  # SIGTERM: the shell convention 128 + 15
+        print(f"{args._prog}: terminated; nothing was left half-written", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: 128 + 2
         print(f"{args._prog}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
 
