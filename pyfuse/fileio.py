@@ -80,6 +80,20 @@ def publish_dir(tmp: Path, final: Path, force: bool) -> None:
         os.rename(tmp, final)
 
 
+def read_text(path: Path, expected: str) -> str:
+    """A user's UTF-8 text file, or a one-line UserError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected {expected}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+
+
 def open_text(path: Path, expected: str = "a JSON Lines file"):
     """Open a user's text file, or raise a one-line UserError."""
     try:

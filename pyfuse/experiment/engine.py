@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..fileio import sigterm_as_interrupt
+from ..fileio import atomic_write_text, sigterm_as_interrupt
 from ..errors import UserError
-from ..mmlu import atomic_write_text
 from . import prereg as prereg_mod
+from .prereg import canonical_json
 from .spec import (Spec, SpecError, check_suite, condition_stages, evaluated_suites, load_spec)
 from .steps import RUNNERS
 
@@ -61,10 +61,6 @@ HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by content
 LOG_FILE = "run.log.jsonl"
 PLAN_FILE = "plan.json"
 RESULTS_FILE = "results.json"
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +92,7 @@ def fingerprint(path: Path) -> dict:
             if any(part.startswith(".") for part in rel.parts) or not p.is_file():
                 continue
             entries.append([rel.as_posix(), _file_fingerprint(p)])
-        return {"type": "dir", "sha256": hashlib.sha256(canonical(entries).encode()).hexdigest(),
+        return {"type": "dir", "sha256": hashlib.sha256(canonical_json(entries).encode()).hexdigest(),
                 "files": len(entries)}
     raise UserError(f"{path} does not exist")
 
@@ -264,7 +260,7 @@ class _Planner:
     def step(self, kind: str, options: dict, inputs: dict[str, Artifact], label: str) -> Step:
         body = {"engine": ENGINE_VERSION, "kind": kind, "options": options,
                 "inputs": {k: a.ref() for k, a in sorted(inputs.items())}}
-        key = hashlib.sha256(canonical(body).encode()).hexdigest()
+        key = hashlib.sha256(canonical_json(body).encode()).hexdigest()
         existing = self.plan.steps.get(key)
         if existing is not None:
             if label not in existing.labels:

@@ -62,6 +62,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       field_validator, model_validator)
 
 from ..errors import UserError
+from ..fileio import read_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"and", "or", "not", "setg"}
@@ -521,19 +522,6 @@ def _construct_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_spec_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such spec file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a YAML spec") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-
-
 def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
@@ -552,7 +540,7 @@ def load_spec(path: str | Path, *, check_paths: bool = True) -> "Spec":
     ``check_paths`` missing model/data/suite paths are problems too (else
     see :func:`missing_paths`)."""
     path = Path(path)
-    raw = parse_yaml(read_spec_text(path), str(path))
+    raw = parse_yaml(read_text(path, "a YAML spec"), str(path))
     return spec_from_dict(raw, source=str(path), path=path, check_paths=check_paths)
 
 
