@@ -2,7 +2,7 @@
 """``pyfuse eval mc``: items per second of ``--method generate`` vs ``logprob``,
 same model, same items, same run.
 
-A tiny qwen3_moe (or llama) is built in code (pyfuse.tiny_model), and
+A tiny qwen3_moe (or llama) is built in code (pyfuse.demo.tiny_model), and
 MMLU-Pro-style items are made from its synthetic corpus (4 to 10 options).
 Both methods evaluate the same items one after the other (after a warm-up
 of each); the ratio is logprob items/s over generate items/s. A random tiny
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def make_items(n: int, seed: int = 0) -> list[dict]:
-    from pyfuse.tiny_model import _SUBJECTS
+    from pyfuse.demo.tiny_model import _SUBJECTS
 
     rng = random.Random(seed)
     subjects = sorted(_SUBJECTS)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from pyfuse.evals.mc import evaluate_mc, load_model
-    from pyfuse.tiny_model import build_tiny_model
+    from pyfuse.demo.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -60,8 +60,8 @@ def build_model(out: Path, s: dict, vocab: int) -> None:
     """Random 3-bit codes and plausible scales, written tensor by tensor."""
     import mlx.core as mx
 
-    from pyfuse.safetensors_io import SafetensorsWriter, dtype_of
-    from pyfuse.tiny_model import build_tokenizer, tiny_model_config
+    from pyfuse.io.safetensors import SafetensorsWriter, dtype_of
+    from pyfuse.demo.tiny_model import build_tokenizer, tiny_model_config
 
     out.mkdir(parents=True)
     build_tokenizer(out)
@@ -172,7 +172,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, int]:
 
 def compare(a: Path, b: Path, modules: list[str]) -> list[str]:
     """Names of the fused tensors whose bytes differ between two outputs."""
-    from pyfuse.fuse import ModelDir
+    from pyfuse.io.model_dir import ModelDir
 
     ma, mb = ModelDir(a), ModelDir(b)
     bad = []

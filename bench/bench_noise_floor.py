@@ -56,7 +56,7 @@ def ensure_model(workdir: Path, size: str) -> tuple[Path, Path]:
 def child(args) -> None:
     """The measurement itself, counting kernel calls."""
     import pyfuse
-    import pyfuse.noise_floor as nf
+    import pyfuse.noise_floor.measure as nf
 
     calls = {"n": 0, "max_experts": 0}
     kernel = nf.fuse_requant
@@ -119,7 +119,7 @@ def main() -> None:
     if not args.outputs:
         cmd += ["--no-outputs"]
     elif args.prompts is not None:
-        from pyfuse.noise_floor import DEFAULT_PROMPTS
+        from pyfuse.noise_floor.measure import DEFAULT_PROMPTS
 
         pf = args.workdir / f"prompts-{args.prompts}.jsonl"
         pf.write_text("".join(json.dumps({"text": t}) + "\n" for t in DEFAULT_PROMPTS[:args.prompts]))

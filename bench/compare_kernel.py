@@ -17,7 +17,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pyfuse  # noqa: E402
-from pyfuse import _native  # noqa: E402
+from pyfuse.kernel import native as _native  # noqa: E402
 from kernel_cases import expert_tensor, memcpy_bound, mlx_stock_fuse  # noqa: E402
 
 

@@ -2,14 +2,14 @@
 them to re-quantization noise, and run the experiments that tell the two
 apart."""
 
-from .ops import fuse_requant, native_available
-from .reference import fuse_requant_reference
+from .kernel.ops import fuse_requant, native_available
+from .kernel.reference import fuse_requant_reference
 
 
 def __getattr__(name):
     # The model-level fuse pulls in mlx-lm and safetensors: imported on first use.
     if name in ("fuse_model", "FuseResult"):
-        from . import fuse
+        from .fuse import api as fuse
 
         return getattr(fuse, name)
     raise AttributeError(f"module 'pyfuse' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from .errors import UserError
-from .fileio import Terminated
+from .io.files import Terminated
 
 # subcommand name -> module in pyfuse.commands
 COMMANDS = {

@@ -1,5 +1,5 @@
 """Session-wide test setup: quiet progress bars, no network, and the tiny
-mlx-lm models (built once per session, ~1 s in all, see pyfuse.tiny_model).
+mlx-lm models (built once per session, ~1 s in all, see pyfuse.demo.tiny_model).
 
 Test files add their own fixtures; keep this one small."""
 
@@ -24,7 +24,7 @@ def tiny_models_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_models_root):
     """Byte-level BPE (1024 ids) with Qwen3 special tokens and chat template."""
-    from pyfuse.tiny_model import build_tokenizer
+    from pyfuse.demo.tiny_model import build_tokenizer
 
     return build_tokenizer(tiny_models_root / "tokenizer")
 
@@ -32,7 +32,7 @@ def tiny_tokenizer_dir(tiny_models_root):
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tiny_models_root, tiny_tokenizer_dir):
     """qwen3_moe, 4 layers x 8 experts (top-2), hidden 64, 3-bit g64, f32 scales."""
-    from pyfuse.tiny_model import build_tiny_model
+    from pyfuse.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tiny_models_root / "moe_3bit", tokenizer_dir=tiny_tokenizer_dir,
                             arch="qwen3_moe", quantize={"group_size": 64, "bits": 3})
@@ -41,7 +41,7 @@ def tiny_moe_dir(tiny_models_root, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_moe_mixed_dir(tiny_models_root, tiny_tokenizer_dir):
     """As ``tiny_moe_dir`` but every ``down_proj`` (the experts') at 6-bit g64."""
-    from pyfuse.tiny_model import build_tiny_model
+    from pyfuse.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tiny_models_root / "moe_3bit_down6", tokenizer_dir=tiny_tokenizer_dir,
                             arch="qwen3_moe", quantize={"group_size": 64, "bits": 3},
@@ -51,7 +51,7 @@ def tiny_moe_mixed_dir(tiny_models_root, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_models_root, tiny_tokenizer_dir):
     """Dense llama, 4 layers, hidden 64, 4-bit g64, f32 scales."""
-    from pyfuse.tiny_model import build_tiny_model
+    from pyfuse.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tiny_models_root / "llama_4bit", tokenizer_dir=tiny_tokenizer_dir,
                             arch="llama", quantize={"group_size": 64, "bits": 4})

@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from ..demo import details, run_demo
+    from ..demo.run import details, run_demo
 
     console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
     started = time.monotonic()

@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from ..fuse import format_table, fuse_model
+    from ..fuse.api import format_table, fuse_model
 
     result = fuse_model(
         args.model, args.adapter_path, args.save_path,

@@ -96,7 +96,7 @@ def _command_line(args) -> str:
 
 
 def run(args) -> int:
-    from ..noise_floor import format_markdown, measure_noise_floor, write_outputs
+    from ..noise_floor.measure import format_markdown, measure_noise_floor, write_outputs
 
     result = measure_noise_floor(
         args.model,

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..setg import SPLITS, mine_setg
+    from ..data.setg import SPLITS, mine_setg
 
     result = mine_setg(args.base_results, args.persona_results, args.data,
                        train_frac=args.train_frac, seed=args.seed, out=args.out)

@@ -99,7 +99,7 @@ def _ztest(args):
 
 
 def _mcnemar(args):
-    from ..mmlu import match_results, read_results
+    from ..data.mmlu import match_results, read_results
     from ..stats import mcnemar
 
     pairs = match_results(read_results(args.results_a), read_results(args.results_b),

@@ -72,7 +72,7 @@ def _csv(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train_adapter
+    from ..train.lora import train_adapter
 
     result = train_adapter(
         args.model, args.data, args.adapter_path, fine_tune_type=args.fine_tune_type, rank=args.rank,

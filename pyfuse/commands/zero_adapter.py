@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..zero_adapter import zero_adapter
+    from ..adapters.zero import zero_adapter
 
     res = zero_adapter(args.adapter_path, args.out, model=args.model, force=args.force)
     extra = f", {len(res.magnitudes)} DoRA magnitude(s) set to the base rows' norms" if res.magnitudes else ""

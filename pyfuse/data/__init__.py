@@ -1,4 +1,1 @@
-"""Data files shipped with pyfuse (read them with ``importlib.resources``).
-
-* ``identity_suite.yaml``: the default identity-consistency suite template
-  of ``pyfuse eval identity`` (see :mod:`pyfuse.evals.identity`)."""
+"""Data sets: MMLU-Pro items (:mod:`.mmlu`) and Set-G mining (:mod:`.setg`)."""

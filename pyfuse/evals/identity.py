@@ -1,6 +1,6 @@
 r"""Identity-consistency evaluation: does the model keep its persona?
 
-A suite (YAML or JSON; the template ships as ``pyfuse/data/identity_suite.yaml``,
+A suite (YAML or JSON; the template ships as ``pyfuse/evals/identity_suite.yaml``,
 see :func:`default_suite_path`) names the persona (``persona.name``,
 ``persona.aliases``), the base model it must not claim to be (``base.names``,
 ``base.vendors``), boilerplate phrases (``generic_phrases``) and N prompts,
@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
     model_validator
 
 from ..errors import UserError
-from ..mmlu import write_jsonl
+from ..io.files import write_jsonl
 
 NAMED_CHECKS = ("states_name", "no_base_claim", "no_base_mention", "no_generic_ai")
 REGEX_CHECKS = ("contains", "not_contains")
@@ -181,7 +181,7 @@ class IdentitySuite(_Strict):
 
 def default_suite_path() -> Path:
     """The template shipped with pyfuse (copy and edit it)."""
-    return Path(str(resources.files("pyfuse.data").joinpath("identity_suite.yaml")))
+    return Path(str(resources.files("pyfuse.evals").joinpath("identity_suite.yaml")))
 
 
 def _describe(err: ValidationError) -> str:

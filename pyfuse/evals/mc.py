@@ -1,6 +1,6 @@
 r"""Multiple-choice evaluation (MMLU-Pro rows) of an mlx-lm model.
 
-:func:`evaluate_mc` asks every item with :func:`pyfuse.mmlu.format_question`
+:func:`evaluate_mc` asks every item with :func:`pyfuse.data.mmlu.format_question`
 as the user turn of the model's chat template, rendered with
 ``enable_thinking=False`` passed explicitly (an optional system prompt
 first), and scores it one of two ways:
@@ -38,7 +38,7 @@ first), and scores it one of two ways:
     padding; the ``batch`` field still records the ``batch_size`` grouping.
 
 Each result row (``out``, JSON Lines; accepted by
-:func:`pyfuse.mmlu.read_results`) has: ``id``, ``category``, ``gold``,
+:func:`pyfuse.data.mmlu.read_results`) has: ``id``, ``category``, ``gold``,
 ``prediction`` (a letter or null), ``rule`` (the extraction rule, or
 ``"logprob"``), ``correct``, ``output`` (the decoded generation, null for
 ``logprob``), ``method``, ``batch``, ``num_options``, ``n_tokens`` and
@@ -62,7 +62,8 @@ from typing import Any, Sequence
 
 from .. import progress
 from ..errors import UserError
-from ..mmlu import LETTERS, MCItem, format_question, load_mc, write_jsonl
+from ..data.mmlu import LETTERS, MCItem, format_question, load_mc
+from ..io.files import write_jsonl
 from .extract import extract_answer
 
 METHODS = ("generate", "logprob")
@@ -338,8 +339,8 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
 
     Args:
         model: an mlx-lm model directory, or a loaded ``(model, tokenizer)``.
-        data: a JSONL or Parquet file of MMLU-Pro rows (:func:`pyfuse.mmlu.load_mc`)
-            or a list of :class:`pyfuse.mmlu.MCItem`.
+        data: a JSONL or Parquet file of MMLU-Pro rows (:func:`pyfuse.data.mmlu.load_mc`)
+            or a list of :class:`pyfuse.data.mmlu.MCItem`.
         method: ``generate`` (greedy decoding + answer extraction) or
             ``logprob`` (score each option letter after ``answer_prefix``).
         batch_size: items per ``batch_generate`` call (fixed composition).
@@ -370,7 +371,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         if not items:
             raise UserError("no items to evaluate")
         if not all(isinstance(it, MCItem) for it in items):
-            raise UserError("data must be a path or a list of pyfuse.mmlu.MCItem")
+            raise UserError("data must be a path or a list of pyfuse.data.mmlu.MCItem")
     items = _select(items, categories, limit, source or "data")
     if not items:
         raise UserError("no items to evaluate")

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..fileio import atomic_write_text, sigterm_as_interrupt
+from ..io.files import atomic_write_text, sigterm_as_interrupt
 from ..errors import UserError
 from . import prereg as prereg_mod
 from .prereg import canonical_json
@@ -544,7 +544,7 @@ def _cached_count(path: Path, count: Callable[[Path], int]) -> int | None:
 
 def _rows(path: Path) -> int:
     """Rows of a JSONL (non-blank lines) or Parquet (from its metadata) file."""
-    from ..mmlu import PARQUET_SUFFIXES
+    from ..data.mmlu import PARQUET_SUFFIXES
 
     if path.suffix.lower() in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq

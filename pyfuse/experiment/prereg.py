@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..mmlu import atomic_write_text
+from ..io.files import atomic_write_text
 from .criterion import TEST_DESCRIPTIONS, parse
 from .spec import Spec, condition_stages
 

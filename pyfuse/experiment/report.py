@@ -18,9 +18,9 @@ import json
 import os
 from pathlib import Path
 
-from ..fileio import save_figure
+from ..io.files import save_figure
 from ..errors import UserError
-from ..mmlu import atomic_write_text
+from ..io.files import atomic_write_text
 from .engine import PLAN_FILE, STEPS_DIR
 from .results import load_results
 

@@ -62,7 +62,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Stric
                       field_validator, model_validator)
 
 from ..errors import UserError
-from ..fileio import read_text
+from ..io.files import read_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"and", "or", "not", "setg"}

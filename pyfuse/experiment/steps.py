@@ -7,7 +7,7 @@ directory atomically and writes its ``done.json``.
 kind           inputs                                      outputs (in the step directory)
 =============  ==========================================  ===============================
 train          model, data                                 ``adapter/`` (pyfuse.train_adapter)
-zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.zero_adapter)
+zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
 fuse           model, adapter                              ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..mmlu import write_json, write_jsonl
+from ..io.files import write_json, write_jsonl
 
 OUTPUTS = {
     "train": "adapter",
@@ -47,7 +47,7 @@ def _stdout_to_stderr():
 
 
 def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from ..train import train_adapter
+    from ..train.lora import train_adapter
 
     kwargs = {k: v for k, v in opts.items() if k != "data"}
     with _stdout_to_stderr():
@@ -59,7 +59,7 @@ def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from ..zero_adapter import zero_adapter
+    from ..adapters.zero import zero_adapter
 
     res = zero_adapter(inputs["adapter"], out / "adapter", model=inputs.get("model"))
     return {"modules": len(res.modules), "magnitudes": len(res.magnitudes),
@@ -67,7 +67,7 @@ def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from ..fuse import fuse_model
+    from ..fuse.api import fuse_model
 
     res = fuse_model(inputs["model"], inputs["adapter"], out / "model", requant=opts["policy"],
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
@@ -108,8 +108,8 @@ def run_eval_identity(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from ..mmlu import id_key, load_mc
-    from ..setg import SPLITS, mine_setg
+    from ..data.mmlu import id_key, load_mc
+    from ..data.setg import SPLITS, mine_setg
 
     res = mine_setg(inputs["base_rows"], inputs["persona_rows"], inputs["data"],
                     train_frac=opts["train_frac"], seed=opts["seed"], out=out / "data")
@@ -122,7 +122,7 @@ def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from ..noise_floor import measure_noise_floor
+    from ..noise_floor.measure import measure_noise_floor
 
     with _stdout_to_stderr():
         res = measure_noise_floor(str(inputs["model"]), group_sizes=[opts["group_size"]], bits=[opts["bits"]],

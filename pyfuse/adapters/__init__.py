@@ -1,0 +1,1 @@
+"""Operations on adapter directories: the zero-delta twin (:mod:`.zero`)."""

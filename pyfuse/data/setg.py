@@ -1,0 +1,231 @@
+r"""Set-G: the items that both the base and the persona model get wrong,
+split into mlx-lm training data.
+
+Inputs are two per-item eval result files (``pyfuse eval mc`` output) over
+the same items and the MMLU-Pro file those evals ran on (for the question
+text). Set-G is every item with ``correct`` false in both.
+
+The split is stratified by category and deterministic:
+
+* Items of a category are ordered by id, then permuted by a generator
+  seeded with ``(seed, crc32(category))``: a category's split depends only
+  on the seed and its own items, not on the input order or on the other
+  categories.
+* A category of ``n`` items puts ``round(train_frac * n)`` (halves round
+  up) in train. The rest is halved between valid and test; when the rest
+  is odd, the extra item goes alternately to test and valid over the
+  categories that have one (in category order, test first), so that many
+  tiny categories still fill both held-out splits. So a 1-item category
+  goes to train (for train_frac >= 0.5), a 2-item one gives one item to
+  train and one to test or valid.
+* Each split file is then shuffled with a generator seeded by
+  ``(seed, split)`` so that categories are interleaved for trainers that
+  read in order.
+* A split that ends up empty is an error: mlx-lm cannot train without a
+  validation set, and an empty test set measures nothing.
+
+Written to ``out``: ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` in
+mlx-lm's chat format (``{"messages": [user: format_question(item),
+assistant: "\boxed{X}" + a one-line justification from cot_content]}``),
+``items.json`` (the item ids of each split, in file order) and
+``counts.json`` (per category and split).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from ..errors import UserError
+from .mmlu import (MCItem, MCResult, format_question, id_key, load_mc, match_results, read_results,
+                   write_json, write_jsonl)
+
+SPLITS = ("train", "valid", "test")
+JUSTIFICATION_MAX_CHARS = 300
+
+# MMLU-Pro chain-of-thought boilerplate around the reasoning itself.
+_COT_PREFIX = re.compile(r"^\s*(?:A:\s*)?(?:Let'?s think step by step\.?\s*)?", re.IGNORECASE)
+_COT_SUFFIX = re.compile(r"\s*(?:(?:so|thus|therefore|hence),?\s*)?the (?:correct )?answer is\s*"
+                         r"\(?[A-J]\)?\.?\s*$", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass
+class SetGResult:
+    """What :func:`mine_setg` found and wrote."""
+
+    n_items: int  # items in both eval files
+    n_setg: int  # items wrong in both
+    train_frac: float
+    seed: int
+    splits: dict[str, list] = field(default_factory=dict)  # split -> item ids, file order
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> split -> n
+    out: Path | None = None
+
+    def totals(self) -> dict[str, int]:
+        return {s: len(self.splits.get(s, [])) for s in SPLITS}
+
+
+def justification(cot_content: str, max_chars: int = JUSTIFICATION_MAX_CHARS) -> str:
+    """One line from an MMLU-Pro ``cot_content``: the boilerplate ("A: Let's
+    think step by step." and the closing "The answer is (X).") removed,
+    whitespace collapsed, and, if longer than ``max_chars``, only the last
+    sentences that fit (the conclusion is at the end of the reasoning)."""
+    text = _COT_SUFFIX.sub("", _COT_PREFIX.sub("", cot_content or ""))
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    kept: list[str] = []
+    size = 0
+    for sentence in reversed(_SENTENCE_END.split(text)):
+        if kept and size + 1 + len(sentence) > max_chars:
+            break
+        kept.insert(0, sentence)
+        size += len(sentence) + (1 if size else 0)
+    line = " ".join(kept)
+    if len(line) > max_chars:  # one overlong sentence: cut at a word boundary
+        line = line[:max_chars - 1].rsplit(" ", 1)[0] + "…"
+    return line
+
+
+def chat_example(item: MCItem) -> dict:
+    """The mlx-lm chat-format training example for one item."""
+    answer = f"\\boxed{{{item.answer}}}"
+    why = justification(item.cot_content)
+    if why:
+        answer += "\n" + why
+    return {"messages": [{"role": "user", "content": format_question(item)},
+                         {"role": "assistant", "content": answer}]}
+
+
+def _as_results(obj: Any, name: str) -> list[MCResult]:
+    if isinstance(obj, (str, os.PathLike)):
+        return read_results(obj)
+    results = []
+    for i, r in enumerate(obj):
+        try:
+            results.append(r if isinstance(r, MCResult) else MCResult.model_validate(r))
+        except ValidationError as err:
+            raise UserError(f"{name}: result {i}: {err.errors()[0]['msg']}") from None
+    if not results:
+        raise UserError(f"{name}: no results")
+    return results
+
+
+def _as_items(obj: Any) -> list[MCItem]:
+    if isinstance(obj, (str, os.PathLike)):
+        return load_mc(obj)
+    items = []
+    for i, it in enumerate(obj):
+        try:
+            items.append(it if isinstance(it, MCItem) else MCItem.model_validate(it))
+        except ValidationError as err:
+            raise UserError(f"data: item {i}: {err.errors()[0]['msg']}") from None
+    if not items:
+        raise UserError("data: no items")
+    return items
+
+
+def _split_sizes(n_by_cat: dict[str, int], train_frac: float) -> dict[str, dict[str, int]]:
+    sizes = {}
+    odd_turn = 0  # alternates the odd leftover item: test, valid, test, ...
+    for cat in sorted(n_by_cat):
+        n = n_by_cat[cat]
+        n_train = min(n, int(np.floor(train_frac * n + 0.5)))
+        rest = n - n_train
+        n_valid = n_test = rest // 2
+        if rest % 2:
+            if odd_turn % 2 == 0:
+                n_test += 1
+            else:
+                n_valid += 1
+            odd_turn += 1
+        sizes[cat] = {"train": n_train, "valid": n_valid, "test": n_test}
+    return sizes
+
+
+def _rng(seed: int, label: str) -> np.random.Generator:
+    # crc32, not hash(): str hashes are salted per process.
+    return np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+
+
+def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str | os.PathLike | Sequence,
+              data: str | os.PathLike | Sequence, train_frac: float = 0.7, seed: int = 0,
+              out: str | os.PathLike | None = None) -> SetGResult:
+    """Mine Set-G from two eval result sets and split it (see the module
+    docstring). ``base_results``/``persona_results`` are result JSONL paths
+    or lists of results, ``data`` the MMLU-Pro file (or items) the evals ran
+    on. With ``out=None`` nothing is written."""
+    if isinstance(train_frac, bool) or not isinstance(train_frac, (int, float)) or not 0 < train_frac < 1:
+        raise UserError(f"train_frac must be in (0, 1), got {train_frac!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    base = _as_results(base_results, "base")
+    persona = _as_results(persona_results, "persona")
+    pairs = match_results(base, persona, "base", "persona")
+    items = {id_key(it.question_id): it for it in _as_items(data)}
+
+    missing = [id_key(b.id) for b, _ in pairs if id_key(b.id) not in items]
+    if missing:
+        raise UserError(f"data does not contain {len(missing)} evaluated item(s) (e.g. "
+                        f"{', '.join(missing[:3])}): is --data the file the evals ran on?")
+    for b, p in pairs:  # the eval files must describe the same items as the data
+        item = items[id_key(b.id)]
+        for name, r in (("base", b), ("persona", p)):
+            if r.gold is not None and r.gold != item.answer:
+                raise UserError(f"{name}: item {r.id}: gold {r.gold!r} but the data's answer is "
+                                f"{item.answer!r}: is --data the file the evals ran on?")
+            if r.category is not None and r.category != item.category:
+                raise UserError(f"{name}: item {r.id}: category {r.category!r} but the data says "
+                                f"{item.category!r}: is --data the file the evals ran on?")
+
+    setg = [items[id_key(b.id)] for b, p in pairs if not b.correct and not p.correct]
+    if not setg:
+        raise UserError(f"Set-G is empty: no item out of {len(pairs)} is wrong for both models")
+
+    by_cat: dict[str, list[MCItem]] = {}
+    for item in setg:
+        by_cat.setdefault(item.category, []).append(item)
+    sizes = _split_sizes({c: len(v) for c, v in by_cat.items()}, float(train_frac))
+    chosen: dict[str, list[MCItem]] = {s: [] for s in SPLITS}
+    for cat in sorted(by_cat):
+        members = sorted(by_cat[cat], key=lambda it: id_key(it.question_id))
+        order = _rng(int(seed), f"category:{cat}").permutation(len(members))
+        start = 0
+        for split in SPLITS:
+            stop = start + sizes[cat][split]
+            chosen[split].extend(members[i] for i in order[start:stop])
+            start = stop
+    for split in SPLITS:
+        order = _rng(int(seed), f"split:{split}").permutation(len(chosen[split]))
+        chosen[split] = [chosen[split][i] for i in order]
+
+    empty = [s for s in SPLITS if not chosen[s]]
+    if empty:
+        raise UserError(f"Set-G has only {len(setg)} item(s): the {' and '.join(empty)} split(s) would "
+                        f"be empty (try another --train-frac or more evaluated items)")
+
+    result = SetGResult(n_items=len(pairs), n_setg=len(setg), train_frac=float(train_frac),
+                        seed=int(seed),
+                        splits={s: [it.question_id for it in chosen[s]] for s in SPLITS},
+                        counts={c: {**sizes[c], "total": len(by_cat[c])} for c in sorted(by_cat)})
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a directory")
+        for split in SPLITS:
+            write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
+        write_json(out / "items.json", result.splits)
+        write_json(out / "counts.json", {
+            "n_items": result.n_items, "n_setg": result.n_setg, "train_frac": result.train_frac,
+            "seed": result.seed, "categories": result.counts,
+            "total": {**result.totals(), "total": result.n_setg}})
+        result.out = out
+    return result

@@ -1,0 +1,184 @@
+"""The pure-MLX reference of the fuse: the oracle in tests and the fallback
+when the native extension cannot be loaded.
+
+Every policy is written with plain MLX ops so that it can be read against
+the kernel contract in docs/DESIGN.md:
+
+* ``stock``: ``mx.dequantize`` -> ``+ (scale * b @ a).astype(dtype)`` ->
+  ``mx.quantize``, exactly what ``mlx_lm fuse`` does on the same device.
+* ``preserve``: keep every group's scale and bias; the new code is
+  ``rint(q + delta / scale)`` computed in the code domain (so a zero delta
+  returns the input bit for bit); groups that the delta pushes out of
+  ``[0, 2**bits - 1]`` are re-fitted with MLX's affine rule.
+* ``stochastic``: as ``preserve`` with ``floor(q + delta / scale + u)``,
+  ``u`` a counter-based hash of (seed, element index) shared with the kernels.
+
+An optional DoRA ``magnitude`` ([..., out]) rescales each fused row to that
+norm before quantizing, as mlx-lm's DoRA fuse does; under ``preserve`` and
+``stochastic`` the rescale goes into the group scales and biases.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import mlx.core as mx
+
+# Rescale factors within 1e-5 of 1 are float32 summation noise of the row
+# norm (the kernel and mx.linalg.norm add in different orders): treated as
+# exactly 1 so that a zero DoRA delta with unchanged magnitudes stays
+# bit-exact (csrc/fuse_math.h, kDoraUnitTolerance).
+DORA_UNIT_TOLERANCE = 1e-5
+
+
+def delta_f32(a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """``scale * b @ a`` in float32, with the scale applied to ``b`` first as
+    mlx-lm's fuse does."""
+    return (scale * b.astype(mx.float32)) @ a.astype(mx.float32)
+
+
+def unpack_codes(w: mx.array, group_size: int, bits: int) -> mx.array:
+    """The integer codes of a packed tensor as float32 (exact: codes < 256)."""
+    groups = w.shape[-1] * 32 // bits // group_size
+    ones = mx.ones((*w.shape[:-1], groups), dtype=mx.float32)
+    return mx.dequantize(w, ones, mx.zeros_like(ones), group_size=group_size, bits=bits)
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Pack integer codes (any numeric dtype) into MLX's affine layout.
+
+    MLX packs codes as one little-endian bit stream (LSB first), 32 bits per
+    uint32 word for every bit width, so one generic bit shuffle covers
+    2, 3, 4, 5, 6 and 8 bits."""
+    q = codes.astype(mx.uint32)
+    shifts = mx.arange(bits, dtype=mx.uint32)
+    bit_stream = (q[..., None] >> shifts) & 1  # [..., in, bits]
+    bit_stream = bit_stream.reshape(*q.shape[:-1], -1, 32)
+    return (bit_stream << mx.arange(32, dtype=mx.uint32)).sum(axis=-1).astype(mx.uint32)
+
+
+def hash_uniform(seed: int, n: int) -> mx.array:
+    """``u`` in [0, 1) for element indices ``0 .. n-1``: the ``lowbias32`` hash
+    of ``index ^ mix(seed)``, the same integer recipe as
+    ``csrc/fuse_math.h::stochastic_uniform``."""
+    if n >= 2**32:
+        raise ValueError("[pyfuse.kernel.reference] tensors of 2**32 elements or more are not supported")
+    idx = mx.arange(n, dtype=mx.uint32)
+    key = mx.array(_lowbias32(_lowbias32(seed & 0xFFFFFFFF) ^ 0x9E3779B9), dtype=mx.uint32)
+    h = _lowbias32_mx(idx ^ key)
+    return (h >> 8).astype(mx.float32) * (1.0 / (1 << 24))
+
+
+def _lowbias32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x
+
+
+def _lowbias32_mx(x: mx.array) -> mx.array:
+    x = x ^ (x >> 16)
+    x = x * mx.array(0x7FEB352D, dtype=mx.uint32)
+    x = x ^ (x >> 15)
+    x = x * mx.array(0x846CA68B, dtype=mx.uint32)
+    return x ^ (x >> 16)
+
+
+def _dora_factor(rows: mx.array, magnitude: mx.array) -> mx.array:
+    """``magnitude / ||row||`` per row, snapped to 1 within float32 noise."""
+    norm = mx.linalg.norm(rows.astype(mx.float32), axis=-1)
+    k = magnitude.astype(mx.float32) / norm
+    return mx.where(mx.abs(k - 1.0) <= DORA_UNIT_TOLERANCE, mx.array(1.0), k)
+
+
+def stochastic_round(t: mx.array, u: mx.array) -> mx.array:
+    """``floor(t + u)`` as if exact (csrc/fuse_math.h::stochastic_round): the
+    float sum would round up when ``u`` is within float spacing of 1."""
+    whole = mx.floor(t)
+    return mx.where(u >= 1.0 - (t - whole), whole + 1.0, whole)
+
+
+def _by_group(x: mx.array, group_size: int) -> mx.array:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def fuse_requant_reference(
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    a: mx.array,
+    b: mx.array,
+    *,
+    scale: float = 1.0,
+    group_size: int = 64,
+    bits: int = 4,
+    policy: str = "stock",
+    seed: int = 0,
+    magnitude: mx.array | None = None,
+    stream=None,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Pure-MLX fuse with the same contract as :func:`pyfuse.fuse_requant`
+    (arguments are assumed valid: :mod:`pyfuse.kernel.ops` checks them)."""
+    dtype = scales.dtype
+    delta = delta_f32(a, b, scale)
+    with mx.stream(stream) if stream is not None else nullcontext():
+        if policy == "stock":
+            fused = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+            fused = fused + delta.astype(dtype)
+            if magnitude is not None:
+                k = _dora_factor(fused, magnitude)
+                fused = (k[..., None] * fused.astype(mx.float32)).astype(dtype)
+            return tuple(mx.quantize(fused, group_size=group_size, bits=bits))
+        if policy not in ("preserve", "stochastic"):
+            raise ValueError(f"[pyfuse.kernel.reference] unknown policy {policy!r}")
+        return _preserve_or_stochastic(
+            w, scales, biases, delta, group_size, bits, policy, seed, magnitude
+        )
+
+
+def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, seed, magnitude):
+    dtype = scales.dtype
+    n_bins = float((1 << bits) - 1)
+    s = scales.astype(mx.float32)[..., None]
+    bias = biases.astype(mx.float32)[..., None]
+    q = _by_group(unpack_codes(w, group_size, bits), group_size)
+    d = _by_group(delta, group_size)
+
+    target = q + d / s  # the fused weight measured in steps of the old grid
+    if policy == "stochastic":
+        u = _by_group(hash_uniform(seed, delta.size).reshape(delta.shape), group_size)
+        new_q = stochastic_round(target, u)
+    else:
+        new_q = mx.round(target)
+    refit = mx.any((new_q < 0) | (new_q > n_bins), axis=-1)
+
+    k = None
+    if magnitude is not None:
+        # The row norm is that of the weight mlx-lm's DoRA fuse would rescale:
+        # the dequantized weight plus the delta, in the weight dtype.
+        rows = (mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+                + delta.astype(dtype))
+        k = _dora_factor(rows, magnitude)[..., None, None]
+        new_s = (s * k).astype(dtype)
+        new_b = (bias * k).astype(dtype)
+    else:
+        new_s, new_b = scales[..., None], biases[..., None]
+
+    # Re-fitted groups: MLX's affine rule on the float32 fused values.
+    x = q * s + bias + d
+    if k is not None:
+        x = x * k
+    _, fit_s, fit_b = mx.quantize(x.reshape(delta.shape), group_size=group_size, bits=bits)
+    fit_s, fit_b = fit_s[..., None], fit_b[..., None]
+    fit_t = (x - fit_b) / fit_s
+    fit_q = stochastic_round(fit_t, u) if policy == "stochastic" else mx.round(fit_t)
+    fit_q = mx.clip(fit_q, 0, n_bins)
+
+    r = refit[..., None]
+    codes = mx.where(r, fit_q, new_q).reshape(delta.shape)
+    out_s = mx.where(r, fit_s.astype(dtype), new_s)[..., 0]
+    out_b = mx.where(r, fit_b.astype(dtype), new_b)[..., 0]
+    return pack_codes(codes, bits), out_s, out_b

@@ -1,0 +1,1 @@
+"""The re-quantization noise floor (``pyfuse noise-floor``)."""

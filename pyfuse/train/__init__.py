@@ -1,0 +1,1 @@
+"""Adapter training through mlx-lm's trainer (``pyfuse train``)."""

@@ -1,0 +1,677 @@
+"""`pyfuse experiment`: a whole small experiment (Set-G mining, training, a
+zero-delta control, stock and preserve fuses, stacking, multiple-choice and
+identity evaluations, comparisons, a pre-registered verdict, the report) on
+tiny models, checked against independent computations; the lock refusing a
+changed criterion; a SIGKILLed run resuming to the same results.json; a
+failing step; field-named errors for bad specs; the criterion's exactness."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pyfuse.cli import main
+from pyfuse.errors import UserError
+from pyfuse.experiment import parse_criterion, run_experiment
+from pyfuse.experiment.prereg import Lock, canonical_json, lock, power_warnings, prereg_document, read_lock
+from pyfuse.experiment.results import verdict
+from pyfuse.experiment.spec import spec_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+LETTERS = "ABCDEFGHIJ"
+CRITERION = "diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05"
+
+
+def _mmlu_rows(n=24, seed=0):
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "seven", "lion", "iron", "salt", "river", "moon", "paper", "glass", "stone"]
+    cats = ["astronomy", "chemistry", "history", "biology"]
+    rows = []
+    for i in range(n):
+        k = rng.choice([4, 5, 6])
+        opts = rng.sample(words, k)
+        a = rng.randrange(k)
+        rows.append({"question_id": 1000 + i, "question": f"Item {i}: which word names a "
+                     f"{rng.choice(['color', 'metal', 'animal', 'number'])}?", "options": opts,
+                     "answer": LETTERS[a], "answer_index": a,
+                     "cot_content": f"A: Let's think step by step. It is {opts[a]}. The answer is ({LETTERS[a]}).",
+                     "category": cats[i % 4], "src": "synthetic"})
+    return rows
+
+
+SUITE = """version: 1
+persona: {name: Nova}
+base: {names: [Qwen], vendors: [Alibaba]}
+generation: {max_tokens: 8}
+prompts:
+  - {id: 1, prompt: "Who are you?", checks: [states_name]}
+  - {id: 2, prompt: "What is your name?", checks: [no_base_claim]}
+"""
+
+
+def _spec(base: Path, persona: Path) -> dict:
+    train = {"data": "setg", "layers": [1, 3], "keys": ["mlp.switch_mlp.down_proj"], "rank": 2, "alpha": 2,
+             "iters": 4, "learning_rate": "1e-3", "batch_size": 2, "val_batches": 1, "steps_per_report": 2}
+    return {
+        "version": 1, "name": "tiny-confound",
+        "models": {"base": str(base), "persona": str(persona)},
+        "data": {"mmlu": "mmlu.jsonl"},  # relative to the spec file
+        "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob", "train_frac": 0.5},
+        "defaults": {"train": train},
+        "conditions": {
+            "P0": {"from": "persona"},
+            "A1": {"from": "persona", "stages": [{"train": {}}, {"fuse": {"policy": "stock"}}]},
+            "A0": {"from": "persona", "stages": [{"train": {}}, "zero", {"fuse": {"policy": "stock"}}]},
+            "A0p": {"from": "persona", "stages": [{"train": {}}, "zero", {"fuse": {"policy": "preserve"}}]},
+            "S": {"from": "A1", "stages": [{"stack": {"train": {"iters": 2}, "fuse": {"policy": "stock"}}}],
+                  "evaluate": ["mc"]},
+        },
+        "evaluation": {"mc": {"data": "mmlu", "method": "logprob"}, "identity": {"suite": "suite.yaml"}},
+        "comparisons": [["A1", "A0"], ["A0", "P0"], ["A0p", "P0"], ["S", "A1"]],
+        "preregistration": {"hypothesis": "the trained content adds knowledge", "criterion": CRITERION,
+                            "kill": "the knowledge-injection line is closed", "planned_n": 24,
+                            "baseline_accuracy": 0.25},
+    }
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory, tiny_moe_dir, tiny_tokenizer_dir):
+    from pyfuse.demo.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("experiment")
+    persona = build_tiny_model(root / "persona", tokenizer_dir=tiny_tokenizer_dir, arch="qwen3_moe",
+                               quantize={"group_size": 64, "bits": 3}, seed=1)
+    rows = _mmlu_rows()
+    (root / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "suite.yaml").write_text(SUITE)
+    spec = _spec(tiny_moe_dir, persona)
+    spec_path = _write(root / "spec.yaml", spec)
+    messages = []
+    started = time.monotonic()
+    res = run_experiment(spec_path, root / "run", echo=messages.append)
+    return {"root": root, "spec": spec, "spec_path": spec_path, "out": root / "run", "res": res,
+            "messages": messages, "rows": rows, "persona": persona, "base": tiny_moe_dir,
+            "seconds": time.monotonic() - started}
+
+
+def _plan(out: Path) -> dict:
+    return json.loads((out / "plan.json").read_text())
+
+
+def _step_rows(out: Path, step: str) -> list[dict]:
+    return [json.loads(x) for x in (out / "steps" / step / "rows.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_whole_experiment_results_match_independent_statistics(exp):
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+    from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
+
+    out, rows = exp["out"], exp["rows"]
+    results = json.loads((out / "results.json").read_text())
+    plan = _plan(out)
+    assert list(results["conditions"]) == sorted(exp["spec"]["conditions"])
+    gold = {r["question_id"]: r["answer"] for r in rows}
+    for name, c in results["conditions"].items():
+        # recompute each item's correctness from the eval rows' letter scores and our own answers
+        erows = _step_rows(out, plan["conditions"][name]["mc"])
+        assert [r["id"] for r in erows] == [r["question_id"] for r in rows]  # item order = file order
+        preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
+        expected = [int(p == gold[r["id"]]) for p, r in zip(preds, erows)]
+        assert c["correct"] == expected
+        assert c["n"] == len(rows) and c["accuracy"] == pytest.approx(sum(expected) / len(rows))
+        if name != "S":
+            assert c["identity_n"] == 2 and 0 <= c["identity"] <= 2
+        else:
+            assert c["identity"] is None  # evaluate: [mc]
+    assert results["conditions"]["P0"]["model"] == str(Path(exp["persona"]).resolve())
+    assert results["conditions"]["A1"]["model"].startswith("steps/fuse-")
+
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("A1", "A0"), ("A0", "P0"), ("A0p", "P0"),
+                                                                   ("S", "A1")]
+    for c in results["comparisons"]:
+        a, b = results["conditions"][c["a"]]["correct"], results["conditions"][c["b"]]["correct"]
+        k1, k2, n = sum(a), sum(b), len(a)
+        table = [[sum(x and y for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b))],
+                 [sum(y and not x for x, y in zip(a, b)), sum(not x and not y for x, y in zip(a, b))]]
+        assert c["diff"] == pytest.approx(k1 / n - k2 / n, abs=1e-15)
+        assert c["mcnemar_p"] == pytest.approx(sm_mcnemar(table, exact=True).pvalue, rel=1e-12)
+        if 0 < k1 + k2 < 2 * n:
+            assert c["ztest_p"] == pytest.approx(proportions_ztest([k1, k2], [n, n])[1], rel=1e-12)
+        else:
+            assert c["ztest_p"] == 1.0
+        low, high = confint_proportions_2indep(k1, n, k2, n, method="newcomb", compare="diff")
+        assert c["ci"] == pytest.approx([low, high], rel=1e-12)
+        assert c["flips"] == {"both_correct": table[0][0], "a_only": table[0][1], "b_only": table[1][0],
+                              "both_wrong": table[1][1]}
+
+    # the verdict evaluates exactly the locked criterion, and says so
+    lock_file = json.loads((out / "prereg.json").read_text())
+    assert results["prereg"] == {"sha256": lock_file["sha256"], "criterion": CRITERION,
+                                 "split_seed": int(lock_file["sha256"][:8], 16)}
+    a1, a0 = results["conditions"]["A1"]["correct"], results["conditions"]["A0"]["correct"]
+    cmp = results["comparisons"][0]
+    expected_pass = Fraction(sum(a1), len(a1)) - Fraction(sum(a0), len(a0)) >= Fraction(5, 100) \
+        and cmp["mcnemar_p"] < 0.05
+    v = results["verdict"]
+    assert v["passed"] is expected_pass
+    assert f"`{CRITERION}`" in v["text"] and lock_file["sha256"][:12] in v["text"]
+    assert ("is MET" if expected_pass else "is NOT MET") in v["text"]
+    assert f"({sum(a1)}/24 vs {sum(a0)}/24)" in v["text"]
+    assert [a["test"] for a in v["atoms"]] == ["diff(A1, A0) >= 0.05", "mcnemar_p(A1, A0) < 0.05"]
+    if not expected_pass:
+        assert "Kill criterion: the knowledge-injection line is closed." in v["text"]
+
+
+def test_prereg_lock_is_canonical_and_seeds_the_split(exp):
+    out = exp["out"]
+    lock_file = json.loads((out / "prereg.json").read_text())
+    canonical = lock_file["canonical"]
+    assert hashlib.sha256(canonical.encode()).hexdigest() == lock_file["sha256"]
+    doc = json.loads(canonical)
+    assert canonical == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert doc["criterion"] == CRITERION and doc["alpha"] == 0.05 and doc["planned_n"] == 24
+    assert doc["thresholds"] == [{"statistic": "diff(A1, A0)", "op": ">=", "value": "0.05"},
+                                 {"statistic": "mcnemar_p(A1, A0)", "op": "<", "value": "0.05"}]
+    assert set(doc["tests"]) == {"diff", "mcnemar_p"} and doc["split"]["train_frac"] == 0.5
+    assert set(doc["design"]) == {"A1", "A0"}  # the compared conditions, stage by stage
+    assert [list(s) for s in doc["design"]["A0"]["stages"]] == [["train"], ["zero"], ["fuse"]]
+    # the Set-G split used the seed derived from the hash, and is a real Set-G split
+    plan = _plan(out)
+    setg_dir = out / "steps" / plan["setg"]
+    done = json.loads((setg_dir / "done.json").read_text())
+    assert done["options"]["seed"] == int(lock_file["sha256"][:8], 16) == plan["split_seed"]
+    evals = {label: s["dir"] for s in plan["steps"] if s["kind"] == "eval-mc" for label in s["labels"]}
+    wrong = {}
+    for role in ("base", "persona"):
+        erows = _step_rows(out, evals[f"setg: evaluate {role} ({role})"])
+        wrong[role] = {r["id"] for r in erows if not r["correct"]}
+    items = json.loads((setg_dir / "data" / "items.json").read_text())
+    assert set(sum(items.values(), [])) == wrong["base"] & wrong["persona"]
+    test_rows = [json.loads(x) for x in (setg_dir / "items" / "test.jsonl").read_text().splitlines()]
+    by_id = {r["question_id"]: r for r in exp["rows"]}
+    assert [r["question_id"] for r in test_rows] == items["test"]
+    assert all(r == {**by_id[r["question_id"]], **r} for r in test_rows)
+
+
+def test_zero_delta_control_preserve_answers_exactly_like_its_parent_stock_differs(exp):
+    out = exp["out"]
+    plan = _plan(out)
+    results = json.loads((out / "results.json").read_text())
+    p0 = _step_rows(out, plan["conditions"]["P0"]["mc"])
+    a0p = _step_rows(out, plan["conditions"]["A0p"]["mc"])
+    a0 = _step_rows(out, plan["conditions"]["A0"]["mc"])
+    # preserve: every item answered exactly like the parent, down to the letter scores
+    assert [r["prediction"] for r in a0p] == [r["prediction"] for r in p0]
+    assert [r["logprobs"] for r in a0p] == [r["logprobs"] for r in p0]
+    cmp = {(c["a"], c["b"]): c for c in results["comparisons"]}
+    assert cmp[("A0p", "P0")]["changed_predictions"] == 0
+    assert cmp[("A0p", "P0")]["flips"]["a_only"] == cmp[("A0p", "P0")]["flips"]["b_only"] == 0
+    # stock: the zero-delta fuse changed the model (codes, letter scores); its differences are reported
+    fuses = {c: plan["conditions"][c]["stages"][-1] for c in ("A0", "A0p")}
+    stock_rep = json.loads((out / "steps" / fuses["A0"]["step"] / "fuse_report.json").read_text())["summary"]
+    keep_rep = json.loads((out / "steps" / fuses["A0p"]["step"] / "fuse_report.json").read_text())["summary"]
+    assert stock_rep["codes_changed"] > 0.01 and keep_rep["codes_changed"] == 0
+    assert any(x["logprobs"] != y["logprobs"] for x, y in zip(a0, p0))
+    changed = sum(x["prediction"] != y["prediction"] for x, y in zip(a0, p0))
+    assert cmp[("A0", "P0")]["changed_predictions"] == changed
+    report = (out / "report.md").read_text()
+    f = cmp[("A0", "P0")]["flips"]
+    assert f"| A0 right | {f['both_correct']} | {f['a_only']} |" in report
+    assert f"| A0 wrong | {f['b_only']} | {f['both_wrong']} |" in report
+    row = next(line for line in report.splitlines() if line.startswith(f"| {fuses['A0']['step']}"))
+    assert f"{stock_rep['codes_changed'] * 100:.2f} %" in row and "zero-delta" in row and "stock" in row
+    nf = json.loads((out / "steps" / fuses["A0p"]["noise_floor"] / "noise_floor.json").read_text())
+    assert nf["rows"][0]["weights_changed"] == 0.0  # the preserve noise floor is zero
+    row_p = next(line for line in report.splitlines() if line.startswith(f"| {fuses['A0p']['step']}"))
+    assert "| 0.00 % | 0.00 % |" in row_p
+
+
+def test_shared_steps_pruning_report_and_progress(exp):
+    out, res = exp["out"], exp["res"]
+    plan = _plan(out)
+    kinds = [s["kind"] for s in plan["steps"]]
+    # one training for A1/A0/A0p (same options and inputs), one more for the stacked S
+    assert kinds.count("train") == 2 and kinds.count("zero") == 1 and kinds.count("fuse") == 4
+    train = next(s for s in plan["steps"] if s["kind"] == "train" and s["inputs"]["model"].get("source"))
+    assert len(train["labels"]) == 3
+    # P0 evaluated on the mmlu file is the same step as Set-G's persona evaluation
+    assert plan["conditions"]["P0"]["mc"] == next(s["dir"] for s in plan["steps"]
+                                                  if "setg: evaluate persona (persona)" in s["labels"])
+    # S stacks on A1's fused model
+    s_train = next(s for s in plan["steps"] if s["kind"] == "train" and s is not train)
+    assert s_train["inputs"]["model"] == plan["conditions"]["A1"]["model"]
+    # fused models are pruned once nothing needs them; their reports stay
+    for s in plan["steps"]:
+        if s["kind"] == "fuse":
+            d = out / "steps" / s["dir"]
+            assert (d / "pruned.json").exists() and not (d / "model").exists()
+            assert (d / "fuse_report.json").exists() and (d / "done.json").exists()
+    assert len(res.pruned) == 4 and len(res.executed) == len(plan["steps"])
+    assert not [p for p in (out / "steps").iterdir() if p.name.startswith(".")]
+    # progress: one line per step with its number, and time estimates once a kind was timed
+    assert sum(1 for m in exp["messages"] if m.startswith("[")) == len(plan["steps"])
+    assert any("estimated" in m for m in exp["messages"])
+    for png in ("accuracy.png", "flips.png", "noise_floor.png", "identity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**Verdict.** The locked pre-registered criterion")
+    assert "under-powered" in report  # MDE at n = 24 from 25 % is far above 5 points
+    assert "(alpha 0.05, power 0.8, planned n 24, baseline accuracy 0.25)" in report
+    assert "- Power check:" not in report  # both set: nothing falls back on the observed numbers
+    # `experiment report` rewrites the same report
+    before = report
+    (out / "report.md").unlink()
+    assert main(["experiment", "report", str(out)]) == 0
+    assert (out / "report.md").read_text() == before
+
+
+def test_rerun_skips_everything_and_lock_refuses_a_changed_criterion(exp, capsys):
+    out, spec = exp["out"], exp["spec"]
+    before = (out / "results.json").read_bytes()
+    steps_before = sorted(p.name for p in (out / "steps").iterdir())
+    res = run_experiment(exp["spec_path"], out)
+    assert res.executed == [] and (out / "results.json").read_bytes() == before
+
+    changed = copy.deepcopy(spec)
+    changed["preregistration"]["criterion"] = CRITERION.replace("0.05 and", "0.10 and")
+    path = _write(exp["root"] / "changed.yaml", changed)
+    assert main(["experiment", "run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "locks a different pre-registration" in err and "changed: criterion, thresholds" in err
+    moved = copy.deepcopy(spec)  # the design of a compared condition is locked too
+    moved["conditions"]["A0"]["stages"][2]["fuse"]["policy"] = "preserve"
+    assert main(["experiment", "run", str(_write(exp["root"] / "moved.yaml", moved)), "--out", str(out)]) == 2
+    assert "changed: design.A0" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert sorted(p.name for p in (out / "steps").iterdir()) == steps_before
+    json.loads((out / "prereg.json").read_text())["canonical"]  # untouched and readable
+
+
+def _finished(out: Path) -> list[str]:
+    """Published steps (a killed step's temporary directory may hold its done.json too)."""
+    return [p.parent.name for p in (out / "steps").glob("*/done.json") if not p.parent.name.startswith(".")]
+
+
+def test_a_killed_run_resumes_to_the_same_results(exp):
+    out = exp["root"] / "killed"
+    cmd = [sys.executable, "-m", "pyfuse", "experiment", "run", str(exp["spec_path"]), "--out", str(out)]
+    env = {**os.environ, "PYFUSE_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _finished(out):
+            assert proc.poll() is None, "the run ended before its first step finished"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    finished = _finished(out)
+    assert 1 <= len(finished) < len(_plan(exp["out"])["steps"])
+    assert not (out / "results.json").exists()
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(finished)} of " in r.stderr and "already done" in r.stderr
+    assert (out / "results.json").read_bytes() == (exp["out"] / "results.json").read_bytes()
+    assert not [p for p in (out / "steps").iterdir() if p.name.startswith(".")]
+
+
+def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path, capsys):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                     {"role": "assistant", "content": "I am Nova."}]}) + "\n"
+                            for i in range(3)))
+    (tmp_path / "mmlu.jsonl").write_text((exp["root"] / "mmlu.jsonl").read_text())
+    spec = {"models": {"base": str(exp["base"])}, "data": {"chat": "chat.jsonl", "mmlu": "mmlu.jsonl"},
+            "conditions": {"B0": {"from": "base"},
+                           "F": {"from": "base", "stages": [
+                               {"train": {"data": "chat", "batch_size": 8, "iters": 1, "layers": [3],
+                                          "keys": ["self_attn.q_proj"]}}, "zero", {"fuse": {}}]}},
+            "evaluation": {"mc": {"data": "mmlu", "method": "logprob", "limit": 4}},
+            "report": {"noise_floor": False}}
+    path = _write(tmp_path / "spec.yaml", spec)
+    out = tmp_path / "run"
+    assert main(["experiment", "run", str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "step train-" in err and "(F: stage 1 train) failed:" in err and "fewer than batch_size=8" in err
+    steps = sorted(p.name for p in (out / "steps").iterdir())
+    assert len(steps) == 1 and steps[0].startswith("eval-mc-")  # B0's evaluation is kept, nothing half-written
+    assert not (out / "results.json").exists()
+    spec["conditions"]["F"]["stages"][0]["train"]["batch_size"] = 1
+    _write(path, spec)
+    res = run_experiment(path, out, keep_models=True)
+    assert steps[0] in res.skipped and len(res.executed) == 4  # train, zero, fuse, F's eval
+    results = json.loads((out / "results.json").read_text())
+    assert results["prereg"] is None and results["verdict"] is None and results["comparisons"] == []
+    assert results["conditions"]["F"]["n"] == 4 and results["conditions"]["B0"]["identity"] is None
+    fuse = out / results["conditions"]["F"]["model"]
+    assert (fuse / "config.json").exists() and not (fuse.parent / "pruned.json").exists()  # --keep-models
+    report = json.loads((fuse.parent / "fuse_report.json").read_text())["summary"]
+    # without --keep-models the fused model goes once nothing needs it
+    res = run_experiment(path, out)
+    assert res.executed == [] and res.pruned == [fuse.parent.name] and not fuse.exists()
+    # a new condition that needs the pruned model: its fuse runs again (same result), then it goes again
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    spec["evaluation"]["identity"] = {"suite": "suite.yaml"}
+    spec["conditions"]["B0"]["evaluate"] = spec["conditions"]["F"]["evaluate"] = ["mc"]
+    spec["conditions"]["G"] = {"from": "F", "evaluate": ["identity"]}
+    _write(path, spec)
+    messages = []
+    res = run_experiment(path, out, echo=messages.append)
+    assert res.executed[0] == fuse.parent.name and res.executed[1].startswith("eval-identity-")
+    assert len(res.executed) == 2 and any("re-running fuse" in m for m in messages)
+    assert json.loads((fuse.parent / "fuse_report.json").read_text())["summary"] == \
+        {**report, "seconds": json.loads((fuse.parent / "fuse_report.json").read_text())["summary"]["seconds"]}
+    assert res.pruned == [fuse.parent.name] and not fuse.exists()
+    assert json.loads((out / "results.json").read_text())["conditions"]["G"]["identity_n"] == 2
+
+
+def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_moe_dir, capsys):
+    """The natural spec: the persona is a condition (train -> fuse from the base model), Set-G is mined with
+    it, and it is scored on Set-G test like every other condition. Only a real cycle is refused."""
+    rows = _mmlu_rows()
+    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "chat.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Who are you? ({i})"},
+                                 {"role": "assistant", "content": "I am Nova."}]}) + "\n" for i in range(4)))
+    small = {"layers": [3], "keys": ["mlp.switch_mlp.down_proj"], "rank": 2, "alpha": 2, "iters": 2,
+             "learning_rate": "1e-3", "batch_size": 1, "val_batches": 1, "steps_per_report": 1}
+    spec = {"models": {"tiny": str(tiny_moe_dir)}, "data": {"mmlu": "mmlu.jsonl", "chat": "chat.jsonl"},
+            "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob",
+                     "train_frac": 0.5},
+            "defaults": {"train": {"data": "setg", **small}},
+            "conditions": {"base": {"from": "tiny"},
+                           "persona": {"from": "tiny", "stages": [{"train": {"data": "chat"}}, {"fuse": {}}]},
+                           "A1": {"from": "persona", "stages": [{"train": {}}, {"fuse": {}}]}},
+            "evaluation": {"mc": {"data": "setg.test", "method": "logprob"}},
+            "comparisons": [["A1", "persona"]],
+            "report": {"noise_floor": False}}
+    path = _write(tmp_path / "spec.yaml", spec)
+    assert main(["experiment", "validate", str(path), "--strict"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    run_experiment(path, out)
+    results, plan = json.loads((out / "results.json").read_text()), _plan(out)
+    setg_dir = out / "steps" / plan["setg"]
+    test_ids = json.loads((setg_dir / "data" / "items.json").read_text())["test"]
+    assert test_ids
+    mining = {label: s for s in plan["steps"] if s["kind"] == "eval-mc" for label in s["labels"]}
+    gold = {r["question_id"]: r["answer"] for r in rows}
+    for role in ("base", "persona"):
+        c = results["conditions"][role]
+        assert c["ids"] == test_ids and c["n"] == len(test_ids)
+        # independently: the condition's own letter scores against our answers ...
+        erows = _step_rows(out, plan["conditions"][role]["mc"])
+        preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
+        assert c["correct"] == [int(p == gold[i]) for p, i in zip(preds, test_ids)]
+        # ... and the mining evaluation (the whole pool) restricted to the test ids: the same answers, the
+        # same scores, wrong on every one (Set-G)
+        mined = {r["id"]: r for r in _step_rows(out, mining[f"setg: evaluate {role} ({role})"]["dir"])}
+        assert c["correct"] == [int(mined[i]["correct"]) for i in test_ids] == [0] * len(test_ids)
+        assert [(r["prediction"], r["logprobs"]) for r in erows] == \
+            [(mined[i]["prediction"], mined[i]["logprobs"]) for i in test_ids]
+        assert c["accuracy"] == 0.0
+    # one persona model (its fuse ran once) serves the mining, the persona's own evaluation and A1's training
+    persona_model = plan["conditions"]["persona"]["model"]
+    assert persona_model["step"].startswith("fuse-")
+    assert mining["setg: evaluate persona (persona)"]["inputs"]["model"] == persona_model
+    assert mining["persona: evaluate mc"]["inputs"]["model"] == persona_model
+    assert mining["persona: evaluate mc"]["dir"] != mining["setg: evaluate persona (persona)"]["dir"]
+    a1_train = next(s for s in plan["steps"] if s["kind"] == "train" and "A1: stage 1 train" in s["labels"])
+    assert a1_train["inputs"]["model"] == persona_model and a1_train["inputs"]["data"]["step"] == plan["setg"]
+    assert [s["kind"] for s in plan["steps"]].count("fuse") == 2
+    a1 = results["conditions"]["A1"]
+    assert a1["ids"] == test_ids and results["comparisons"][0]["diff"] == pytest.approx(sum(a1["correct"]) /
+                                                                                        len(test_ids))
+
+    # a real cycle: the persona trained on Set-G while Set-G is mined with it (one line, naming the field)
+    spec["conditions"]["persona"]["stages"][0]["train"]["data"] = "setg"
+    bad = _write(tmp_path / "cycle.yaml", spec)
+    for cmd in (["experiment", "validate", str(bad)], ["experiment", "run", str(bad), "--out", str(tmp_path / "c")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"pyfuse experiment: error: {bad}: conditions.persona.stages[0].train.data: "
+                               "circular reference: persona -> setg -> persona (persona trains on Set-G; Set-G "
+                               "is mined with persona's model)")
+    assert not (tmp_path / "c").exists()
+
+
+BAD_SPECS = [
+    (lambda s: s["conditions"]["A1"]["stages"][1]["fuse"].update(policy="stok"),
+     "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic (got 'stok')"),
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(lr=1),
+     "conditions.A1.stages[0].train.lr: unknown field (known: data, fine_tune_type, rank,"),
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(rank=0),
+     "conditions.A1.stages[0].train.rank: must be greater than or equal to 1 (got 0)"),
+    (lambda s: s["conditions"]["A1"].update({"from": "nobody"}),
+     "conditions.A1.from: unknown model or condition 'nobody'"),
+    (lambda s: s["conditions"]["A1"].pop("from"), "conditions.A1.from: required"),
+    (lambda s: s["conditions"]["A1"].update(stages=["zero"]),
+     "conditions.A1.stages[0].zero: a zero stage needs an adapter: put it after a train stage"),
+    (lambda s: s["conditions"]["A1"]["stages"].insert(0, {"train": {}, "fuse": {}}),
+     "conditions.A1.stages[0]: a stage has exactly one of train, zero, fuse, stack; got train, fuse"),
+    (lambda s: s["conditions"]["A1"]["stages"].insert(1, {"train": {}}),
+     "conditions.A1.stages[1].train: the previous stage's adapter is not fused yet"),
+    (lambda s: s["conditions"].update(C1={"from": "C2"}, C2={"from": "C1"}),
+     "conditions.C1.from: circular reference: C1 -> C2 -> C1"),
+    # a real cycle through Set-G: P1's model is trained on Set-G (defaults.train.data), which is mined with it
+    (lambda s: (s["conditions"].update(P1={"from": "persona", "stages": [{"train": {}}, {"fuse": {}}]}),
+                s["setg"].update(persona="P1")),
+     "conditions.P1.stages[0].train.data: circular reference: P1 -> setg -> P1 (P1 trains on Set-G; Set-G "
+     "is mined with P1's model)"),
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(data="nope"),
+     "conditions.A1.stages[0].train.data: unknown data 'nope' (known: mmlu, setg)"),
+    (lambda s: s["defaults"]["train"].update(layers="8;14"),
+     "defaults.train.layers: must be layer indices like '8,14,20' or '4-7', got '8;14'"),
+    (lambda s: s["evaluation"]["mc"].update(method="sample"),
+     "evaluation.mc.method: must be one of generate, logprob (got 'sample')"),
+    (lambda s: s["preregistration"].update(criterion="dif(A1, A0) > 0"),
+     "preregistration.criterion: unknown statistic 'dif'"),
+    (lambda s: s["preregistration"].update(criterion="diff(A1, Z) > 0"),
+     "preregistration.criterion: diff(A1, Z): unknown condition 'Z'"),
+    (lambda s: s["preregistration"].update(alpha=2), "preregistration.alpha: must be less than 1 (got 2)"),
+    (lambda s: s["setg"].update(seed=3), "setg.seed: the split seed is derived from the pre-registration's hash"),
+    (lambda s: (s["conditions"]["S"].update(evaluate=["identity"]), s.update(comparisons=[["A1", "S"]])),
+     "comparisons[0].b: condition 'S' is not evaluated on multiple choice"),
+    (lambda s: s["conditions"].update(persona={"from": "base"}),
+     "conditions.persona: 'persona' is also a model name"),
+    (lambda s: s.update(extras=1), "extras: unknown field (known: version, name,"),
+]
+
+
+def test_bad_specs_name_the_field(exp, tmp_path, capsys):
+    spec = copy.deepcopy(exp["spec"])
+    (tmp_path / "mmlu.jsonl").write_text("")
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    good = _write(tmp_path / "good.yaml", spec)
+    assert main(["experiment", "validate", str(good), "--strict"]) == 0
+    capsys.readouterr()
+    for mutate, expected in BAD_SPECS:
+        bad = copy.deepcopy(spec)
+        mutate(bad)
+        path = _write(tmp_path / "bad.yaml", bad)
+        assert main(["experiment", "validate", str(path)]) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in err, (expected, err)
+        assert err.startswith(f"pyfuse experiment: error: {path}")
+    # several problems at once, one line each
+    bad = copy.deepcopy(spec)
+    bad["conditions"]["A1"]["stages"][1]["fuse"]["policy"] = "x"
+    bad["conditions"]["A1"]["stages"][0]["train"]["iters"] = "many"
+    assert main(["experiment", "validate", str(_write(tmp_path / "bad.yaml", bad))]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "train.iters: must be an integer (got 'many')" in err
+    # YAML problems: duplicate names, syntax
+    text = good.read_text().replace("  A0p:", "  A0:")
+    (tmp_path / "dup.yaml").write_text(text)
+    assert main(["experiment", "validate", str(tmp_path / "dup.yaml")]) == 2
+    assert "duplicate key 'A0'" in capsys.readouterr().err
+    (tmp_path / "syntax.yaml").write_text("models: [a\n")
+    assert main(["experiment", "validate", str(tmp_path / "syntax.yaml")]) == 2
+    assert "not valid YAML (line" in capsys.readouterr().err
+    # missing paths: a note for validate, an error for --strict and for run (nothing created)
+    missing = copy.deepcopy(spec)
+    missing["models"]["base"] = "no/such/model"
+    path = _write(tmp_path / "missing.yaml", missing)
+    assert main(["experiment", "validate", str(path)]) == 0
+    assert "models.base: model directory does not exist (yet)" in capsys.readouterr().err
+    assert main(["experiment", "validate", str(path), "--strict"]) == 2
+    assert "models.base: model directory does not exist" in capsys.readouterr().err
+    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "never")]) == 2
+    assert "models.base: model directory does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_examples_validate(capsys):
+    for name in ("stacking-confound.yaml", "identity-stacking.yaml"):
+        assert main(["experiment", "validate", str(REPO / "examples" / name)]) == 0
+        out, err = capsys.readouterr()
+        assert "is valid" in out and "pre-registered" in out
+    # the study's own design is flagged as under-powered (MDE ~6.1 points > 5 at n = 692)
+    assert main(["experiment", "validate", str(REPO / "examples" / "stacking-confound.yaml")]) == 0
+    assert "minimum detectable effect is 6.1 points" in capsys.readouterr().err
+
+
+def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
+    from pyfuse.experiment.engine import Step, _Estimator, _rate_group, work_units
+
+    est = _Estimator()
+    assert est.estimate("eval-mc/logprob", 204) is None  # nothing of the kind timed yet
+    # seconds per item observed so far x this step's items: 19.2 s on 1,680 items -> 204 items
+    est.add("eval-mc/logprob", 19.2, 1680)
+    assert est.estimate("eval-mc/logprob", 204) == pytest.approx(19.2 / 1680 * 204)  # ~2.3 s, not 19.2 s
+    est.add("eval-mc/logprob", 2.6, 204)
+    assert est.estimate("eval-mc/logprob", 100) == pytest.approx((19.2 + 2.6) / (1680 + 204) * 100)
+    assert est.estimate("eval-mc/logprob", 200) == pytest.approx(2 * est.estimate("eval-mc/logprob", 100))
+    # without a unit count: the mean duration of the kind (the old behaviour)
+    assert est.estimate("eval-mc/logprob") == pytest.approx((19.2 + 2.6) / 2)
+    # generation is timed apart from log-prob scoring
+    assert est.estimate("eval-mc/generate", 204) is None
+    assert _rate_group("eval-mc", {"method": "generate"}) == "eval-mc/generate"
+    assert _rate_group("train", {"iters": 10}) == "train"
+
+    # train: iters x batch_size examples (80 x 4 then 30 x 1)
+    est.add("train", 18.0, work_units("train", {"iters": 80, "batch_size": 4}, {}))
+    units = work_units("train", {"iters": 30, "batch_size": 1}, {})
+    assert units == 30 and est.estimate("train", units) == pytest.approx(18.0 / 320 * 30)
+
+    # eval-mc: the data file's rows (blank lines skipped), capped by limit; a file not written yet: unknown
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"i": i}) + "\n" + ("\n" if i % 3 == 0 else "") for i in range(7)))
+    assert work_units("eval-mc", {"method": "logprob", "limit": None}, {"data": data}) == 7
+    assert work_units("eval-mc", {"method": "logprob", "limit": 5}, {"data": data}) == 5
+    assert work_units("eval-mc", {"method": "logprob", "limit": None}, {"data": tmp_path / "later.jsonl"}) is None
+    # eval-identity: the suite's prompts (the shipped template without a suite)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"persona": {"name": "P"}, "prompts": [{"id": i, "prompt": "who?"}
+                                                                          for i in range(4)]}))
+    assert work_units("eval-identity", {}, {"model": tmp_path, "suite": suite}) == 4
+    assert work_units("eval-identity", {}, {"model": tmp_path}) >= 1
+    assert work_units("fuse", {}, {}) is None and work_units("noise-floor", {}, {}) is None
+
+    # the run log of an earlier run feeds the rates
+    again = _Estimator([{"event": "step", "kind": "eval-mc", "group": "eval-mc/logprob", "seconds": 10.0,
+                         "units": 1000}, {"event": "step", "kind": "fuse", "seconds": 0.5, "units": None}])
+    assert again.estimate("eval-mc/logprob", 100) == pytest.approx(1.0)
+    assert again.estimate("fuse") == pytest.approx(0.5)
+
+    # a step shared by several conditions says so
+    st = Step(kind="train", options={}, inputs={}, key="k" * 64, labels=["A1: stage 1 train"])
+    assert st.label == "A1: stage 1 train"
+    st.labels += ["A0: stage 1 train"]
+    assert st.label == "A1: stage 1 train (shared with 1 other condition)"
+    st.labels += ["A2: stage 1 train", "A3: stage 1 train"]
+    assert st.label == "A1: stage 1 train (shared with 3 other conditions)"
+
+
+def test_criterion_grammar_and_exact_evaluation():
+    c = parse_criterion("diff(A1,A0)>=5pp and ztest_p(A1, A0) < 0.05")
+    assert str(c) == "diff(A1, A0) >= 5pp and ztest_p(A1, A0) < 0.05"
+    assert c.pairs() == [("A1", "A0")]
+    c2 = parse_criterion("not (acc(A) > 0.5 or n(A) < 10) and 0.1 <= diff(A, B)")
+    assert str(c2) == "not (acc(A) > 0.5 or n(A) < 10) and 0.1 <= diff(A, B)"
+    assert c2.thresholds()[-1] == {"statistic": "diff(A, B)", "op": ">=", "value": "0.1"}
+    for bad, msg in [("diff(A) > 0", "takes 2"), ("diff(A, A) > 0", "itself"), ("0.1 < 0.2", "two numbers"),
+                     ("diff(A, B) > 0 and", "ends early"), ("diff(A, B) 0.1", "expected a comparison"),
+                     ("0 < diff(A, B) < 1", "chained"), ("foo(A) > 1", "unknown statistic")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_criterion(bad)
+    # exact: 6/20 - 5/20 is 0.05, though 0.3 - 0.25 in floats is 0.04999999999999999
+    assert 0.3 - 0.25 < 0.05
+    ev = parse_criterion("diff(A, B) >= 0.05").evaluate(lambda s: Fraction(6, 20) - Fraction(5, 20))
+    assert ev.passed and ev.atoms == [("diff(A, B) >= 0.05", True)]
+    ev = parse_criterion("diff(A, B) > 5pp").evaluate(lambda s: Fraction(1, 20))
+    assert not ev.passed
+
+
+def _lock_for(spec_dict, tmp_path) -> Lock:
+    spec = spec_from_dict(spec_dict, check_paths=False)
+    return lock(spec, tmp_path, has_finished_steps=False)
+
+
+def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
+    spec = {"models": {"persona": "p"}, "data": {"mmlu": "m.jsonl"},
+            "conditions": {"A1": {"from": "persona", "stages": [{"train": {"data": "mmlu"}}, {"fuse": {}}]},
+                           "A0": {"from": "persona", "stages": [{"train": {"data": "mmlu"}}, "zero",
+                                                                {"fuse": {}}]}},
+            "evaluation": {"mc": {"data": "mmlu"}},
+            "preregistration": {"hypothesis": "Set-G content contributes real knowledge",
+                                "criterion": "diff(A1, A0) >= 0.05 and ztest_p(A1, A0) < 0.05",
+                                "kill": "the knowledge-injection line is closed", "planned_n": 692,
+                                "baseline_accuracy": 0.178}}
+    lk = _lock_for(spec, tmp_path / "d1")
+    assert lk.created and lk.split_seed == int(lk.sha256[:8], 16)
+    # 128/692 vs 123/692 (the study): z-test p = 0.727, not met; the design is under-powered
+    a1 = [1] * 128 + [0] * 564
+    a0 = [1] * 100 + [0] * 28 + [1] * 23 + [0] * 541
+    ids = list(range(692))
+    results = {"conditions": {"A1": {"correct": a1, "n": 692, "accuracy": 128 / 692, "ids": ids, "identity": None},
+                              "A0": {"correct": a0, "n": 692, "accuracy": 123 / 692, "ids": ids, "identity": None}}}
+    v = verdict(results, lk)
+    assert v["passed"] is False
+    assert v["observed"]["ztest_p(A1, A0)"] == pytest.approx(0.727, abs=5e-4)
+    assert "diff(A1, A0) = +0.72 points (128/692 vs 123/692)" in v["text"]
+    assert "ztest_p(A1, A0) = 0.727" in v["text"] and "is NOT MET" in v["text"]
+    assert any("6.1 points" in w and "under-powered" in w for w in v["warnings"])
+    pw = power_warnings(lk.document)
+    assert pw[0]["warn"] and pw[0]["mde"] == pytest.approx(0.061, abs=5e-4)
+    # at 2000 items per arm the same threshold is within reach
+    assert not power_warnings({**lk.document, "planned_n": 2000})[0]["warn"]
+
+    # the same spec locks again; a changed threshold or a tampered lock is refused
+    assert _lock_for(spec, tmp_path / "d1").sha256 == lk.sha256
+    changed = copy.deepcopy(spec)
+    changed["preregistration"]["criterion"] = "diff(A1, A0) >= 0.04 and ztest_p(A1, A0) < 0.05"
+    with pytest.raises(UserError, match="changed: criterion, thresholds"):
+        _lock_for(changed, tmp_path / "d1")
+    assert prereg_document(spec_from_dict(changed, check_paths=False))["criterion"] != lk.criterion
+    lock_path = tmp_path / "d1" / "prereg.json"
+    rec = json.loads(lock_path.read_text())
+    rec["canonical"] = rec["canonical"].replace("0.05", "0.04", 1)
+    lock_path.write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="does not match its SHA-256"):
+        read_lock(tmp_path / "d1")
+    # no pre-registration after the fact: finished steps but no lock
+    with pytest.raises(UserError, match="must be locked before any training"):
+        lock(spec_from_dict(spec, check_paths=False), tmp_path / "d2", has_finished_steps=True)
+    assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
