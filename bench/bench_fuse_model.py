@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--workdir", required=True, type=Path, help="cache for the model, adapter and outputs")
     ap.add_argument("--small", action="store_true", help="a ~40 MB model for a quick run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (the best is reported)")
-    ap.add_argument("--requant", default="stock", help="pyfuse's policy (default stock)")
+    ap.add_argument("--policy", default="stock", help="pyfuse's policy (default stock)")
     ap.add_argument("--link-unchanged", action="store_true", help="also time pyfuse --link-unchanged")
     ap.add_argument("--keep", action="store_true", help="keep the fused outputs")
     args = ap.parse_args()
@@ -221,7 +221,7 @@ def main() -> None:
                                     "--adapter-path", str(adapter), "--save-path", str(out)],
         "pyfuse fuse": lambda out: [sys.executable, "-m", "pyfuse", "fuse", "--model", str(model),
                                     "--adapter-path", str(adapter), "--save-path", str(out),
-                                    "--requant", args.requant, "--report", str(out) + ".report.json"],
+                                    "--policy", args.policy, "--report", str(out) + ".report.json"],
     }
     if args.link_unchanged:
         tools["pyfuse fuse --link-unchanged"] = lambda out: tools["pyfuse fuse"](out) + ["--link-unchanged"]
@@ -254,7 +254,7 @@ def main() -> None:
         print(f"{name:32s} {t:9.2f} {m / 2**20:15.0f} {t / stock_t:11.3f} {m / stock_m:13.3f}")
     t, m = results["pyfuse fuse"]
     print()
-    if args.requant == "stock":
+    if args.policy == "stock":
         print(f"stock parity of the {3 * len(modules)} fused tensors: "
               + ("identical" if not bad else f"DIFFER: {bad}"))
     print(f"fidelity ({report['policy']}): retention {report['retention']:.3f}, noise "
@@ -266,7 +266,7 @@ def main() -> None:
     if not args.keep:
         for out in outputs.values():
             shutil.rmtree(out, ignore_errors=True)
-    if bad and args.requant == "stock":
+    if bad and args.policy == "stock":
         sys.exit(1)
 
 

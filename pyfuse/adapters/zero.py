@@ -17,9 +17,9 @@ learned delta is exactly zero:
   left as it was. That needs the base model (``model``): a DoRA adapter's
   ``m`` cannot be zeroed without knowing the weights it rescales.
 
-With ``pyfuse fuse --requant preserve`` a zero adapter leaves the model
+With ``pyfuse fuse --policy preserve`` a zero adapter leaves the model
 byte-identical (LoRA, and DoRA through the kernel's snapping of a rescale
-within 1e-5 of 1); with ``--requant stock`` (what ``mlx_lm fuse`` does) the
+within 1e-5 of 1); with ``--policy stock`` (what ``mlx_lm fuse`` does) the
 fused modules are re-quantized with nothing added, which is the
 re-quantization noise the zero-delta control measures.
 
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, match_module, read_adapter
+from ..fuse.mapping import match_module
+from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
 from ..errors import UserError
 from ..io.files import TMP_MARK, publish_dir
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter

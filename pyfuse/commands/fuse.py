@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ..options import DEFAULT_POLICY, POLICIES
+
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
 Fuse an mlx-lm adapter directory into an mlx-lm model directory, like
@@ -11,7 +13,7 @@ Fuse an mlx-lm adapter directory into an mlx-lm model directory, like
 tensor by tensor: memory stays near one tensor, untouched tensors are copied
 byte for byte, and the output appears at --save-path only when complete.
 
-Re-quantization policies (--requant):
+Re-quantization policies (--policy):
   stock       what mlx_lm fuse does (dequantize, add the delta, re-quantize);
               bit-identical to it for every fused tensor
   preserve    keep every group's scale and bias; a zero adapter changes nothing
@@ -34,9 +36,10 @@ def add_arguments(p) -> None:
                    help="where to write the fused model (default: fused_model)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a full-precision model (every quantized module), as mlx_lm fuse --dequantize")
-    p.add_argument("--requant", choices=("stock", "preserve", "stochastic"), default="stock",
-                   help="re-quantization policy for fused quantized tensors (default: stock)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --requant stochastic (default: 0)")
+    p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=DEFAULT_POLICY,
+                   help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
+                        "--requant is its older name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --policy stochastic (default: 0)")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -61,7 +64,7 @@ def run(args) -> int:
 
     result = fuse_model(
         args.model, args.adapter_path, args.save_path,
-        dequantize=args.dequantize, requant=args.requant, seed=args.seed, report=args.report,
+        dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
         only=args.only, link_unchanged=args.link_unchanged, force=args.force,
         **({"report_sample": None} if args.exact_report else {}),
@@ -80,6 +83,6 @@ def run(args) -> int:
     if s["dequantized_modules"]:
         extra.append(f"{s['dequantized_modules']} more dequantized")
     print(f"pyfuse fuse: wrote {result.save_path} ({s['modules_fused']} module(s) fused, "
-          f"--requant {s['policy']}" + "".join(f", {e}" for e in extra) + f", {s['seconds']:.1f} s)"
+          f"--policy {s['policy']}" + "".join(f", {e}" for e in extra) + f", {s['seconds']:.1f} s)"
           + (f"; report: {result.report_path}" if result.report_path else ""))
     return 0

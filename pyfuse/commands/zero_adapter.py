@@ -16,7 +16,7 @@ the norm of the base weight's row, so the DoRA rescale leaves every row as
 it was. That needs the base model (--model).
 
   pyfuse zero-adapter --adapter-path adapters/factual --out adapters/factual-zero
-  pyfuse fuse --model persona --adapter-path adapters/factual-zero --save-path A0 --requant stock"""
+  pyfuse fuse --model persona --adapter-path adapters/factual-zero --save-path A0 --policy stock"""
 
 
 def add_arguments(p) -> None:

@@ -69,7 +69,7 @@ def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..fuse.api import fuse_model
 
-    res = fuse_model(inputs["model"], inputs["adapter"], out / "model", requant=opts["policy"],
+    res = fuse_model(inputs["model"], inputs["adapter"], out / "model", policy=opts["policy"],
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
                      dequantize=opts["dequantize"], report=out / "fuse_report.json", link_unchanged=True)

@@ -20,7 +20,7 @@ What it does, in order:
    that the next run removes.
 4. Reports, per fused tensor, what really changed (:mod:`pyfuse.kernel.fidelity`).
 
-Policies (``requant``): ``stock`` is ``mlx_lm fuse``'s algorithm (bit-identical
+Policies (``policy``): ``stock`` is ``mlx_lm fuse``'s algorithm (bit-identical
 per fused tensor for float32 adapters, which is what ``mlx_lm lora`` writes);
 ``preserve`` keeps each group's scale and bias (a zero adapter gives a
 byte-identical model); ``stochastic`` rounds stochastically (the delta
@@ -75,11 +75,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import progress
-from ..io.adapter_dir import (Adapter, AdapterModule, configured_modules, kernel_factors, match_module,
-                       natural_key, read_adapter)
+from ..io.adapter_dir import Adapter, AdapterModule, read_adapter
+from ..io.names import natural_key
+from .mapping import configured_modules, kernel_factors, match_module
 from ..errors import UserError
 from ..io.files import TMP_MARK, pid_alive, sigterm_as_interrupt
-from ..kernel.fidelity import tensor_fidelity
+from ..kernel.fidelity import retention_and_noise, tensor_fidelity
 from ..kernel.ops import fuse_requant, native_available
 from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ..kernel.reference import delta_f32
@@ -165,9 +166,9 @@ def _plan_outputs(job: _Job, model: ModelDir) -> None:
         job.out[f"{job.path}.biases"] = (sdt, (*lead, job.in_dims // q.group_size))
 
 
-def _check_options(requant, seed, requant_bits, requant_group_size, dequantize):
-    if requant not in POLICIES:
-        raise UserError(f"--requant must be one of {', '.join(POLICIES)}, got {requant!r}")
+def _check_options(policy, seed, requant_bits, requant_group_size, dequantize):
+    if policy not in POLICIES:
+        raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise UserError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
     if requant_bits is not None and requant_bits not in SUPPORTED_BITS:
@@ -216,7 +217,7 @@ def fuse_model(
     save_path: str | os.PathLike,
     *,
     dequantize: bool = False,
-    requant: str = "stock",
+    policy: str = "stock",
     seed: int = 0,
     report: str | os.PathLike | None = None,
     requant_bits: int | None = None,
@@ -235,7 +236,7 @@ def fuse_model(
         dequantize: write the fused modules and every other quantized module
             in full precision and drop the quantization from config.json
             (what ``mlx_lm fuse --dequantize`` does).
-        requant: ``stock`` | ``preserve`` | ``stochastic`` (see the module doc).
+        policy: ``stock`` | ``preserve`` | ``stochastic`` (see the module doc).
         seed: the ``stochastic`` policy's seed.
         report: also write the fidelity report (JSON) to this file.
         requant_bits, requant_group_size: re-quantize the fused modules at this
@@ -260,7 +261,7 @@ def fuse_model(
     """
     started = time.monotonic()
     model_path, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
-    _check_options(requant, seed, requant_bits, requant_group_size, dequantize)
+    _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     only_re = None
     if only is not None:
         try:
@@ -274,13 +275,13 @@ def fuse_model(
         _check_save_path(save_path, model_path, adapter_path, force)
         if report is not None:
             _check_report_path(Path(report), save_path)
-        plan = _make_plan(mdir, adapter, requant=requant, dequantize=dequantize,
+        plan = _make_plan(mdir, adapter, policy=policy, dequantize=dequantize,
                           requant_bits=requant_bits, requant_group_size=requant_group_size,
                           only_re=only_re)
         plan.report_sample = report_sample
         with sigterm_as_interrupt():
             try:
-                records, written = _execute(mdir, plan, save_path, requant=requant, seed=seed,
+                records, written = _execute(mdir, plan, save_path, policy=policy, seed=seed,
                                             dequantize=dequantize, link_unchanged=link_unchanged,
                                             force=force)
             except OSError as err:  # disk full, a file vanishing...: nothing was left behind
@@ -290,7 +291,7 @@ def fuse_model(
     finally:
         mdir.close()
 
-    rep = _build_report(plan, records, requant=requant, seed=seed, dequantize=dequantize,
+    rep = _build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
                         requant_bits=requant_bits, requant_group_size=requant_group_size,
                         only=only, written=written, seconds=time.monotonic() - started)
     report_path = None
@@ -318,7 +319,7 @@ class _Plan:
     report_sample: int | None = REPORT_SAMPLE_ELEMENTS
 
 
-def _make_plan(mdir: ModelDir, adapter: Adapter, *, requant, dequantize, requant_bits,
+def _make_plan(mdir: ModelDir, adapter: Adapter, *, policy, dequantize, requant_bits,
                requant_group_size, only_re) -> _Plan:
     tensors = mdir.tensors
     jobs: list[_Job] = []
@@ -345,9 +346,9 @@ def _make_plan(mdir: ModelDir, adapter: Adapter, *, requant, dequantize, requant
             dtype = tensors[f"{path}.scales"].dtype
             if q_in.mode != "affine":
                 dtype = "BF16"  # mx modes dequantize to bfloat16 (as in mlx-lm)
-                if requant != "stock":
-                    raise UserError(f"{path} is quantized with mode {q_in.mode}: --requant {requant} "
-                                    "works on affine quantization only (use --requant stock or "
+                if policy != "stock":
+                    raise UserError(f"{path} is quantized with mode {q_in.mode}: --policy {policy} "
+                                    "works on affine quantization only (use --policy stock or "
                                     "--dequantize)")
         else:
             q_in = None
@@ -474,7 +475,7 @@ def _copy_file(src: Path, dst: Path, link: bool = False) -> str:
     return "copied"
 
 
-def _execute(mdir: ModelDir, plan: _Plan, save_path: Path, *, requant, seed, dequantize,
+def _execute(mdir: ModelDir, plan: _Plan, save_path: Path, *, policy, seed, dequantize,
              link_unchanged, force):
     save_path = Path(os.path.abspath(save_path))
     parent, name = save_path.parent, save_path.name
@@ -482,7 +483,7 @@ def _execute(mdir: ModelDir, plan: _Plan, save_path: Path, *, requant, seed, deq
     tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        records, written = _write_all(mdir, plan, tmp, save_path.resolve(), requant=requant, seed=seed,
+        records, written = _write_all(mdir, plan, tmp, save_path.resolve(), policy=policy, seed=seed,
                                       link_unchanged=link_unchanged)
         _fsync_path(tmp)
         if save_path.exists():  # --force (checked before): swap, then delete the old one
@@ -499,7 +500,7 @@ def _execute(mdir: ModelDir, plan: _Plan, save_path: Path, *, requant, seed, deq
     return records, written
 
 
-def _write_all(mdir: ModelDir, plan: _Plan, out: Path, final: Path, *, requant, seed, link_unchanged):
+def _write_all(mdir: ModelDir, plan: _Plan, out: Path, final: Path, *, policy, seed, link_unchanged):
     jobs_by_tensor: dict[str, _Job] = {}
     for job in plan.jobs:
         for t in job.inputs:
@@ -568,7 +569,7 @@ def _write_all(mdir: ModelDir, plan: _Plan, out: Path, final: Path, *, requant, 
                         writer.copy_from(shard, t)
                     elif t is not None:
                         if t not in pending:
-                            results, record = _run_job(mdir, job, plan, requant=requant, seed=seed)
+                            results, record = _run_job(mdir, job, plan, policy=policy, seed=seed)
                             pending.update(results)
                             if record is not None:
                                 records.append(record)
@@ -636,7 +637,7 @@ def _dora_rescale(fused: mx.array, magnitude: mx.array) -> mx.array:
     return norm_scale[..., None] * fused
 
 
-def _run_job(mdir: ModelDir, job: _Job, plan: _Plan, *, requant, seed):
+def _run_job(mdir: ModelDir, job: _Job, plan: _Plan, *, policy, seed):
     w = mdir.read(f"{job.path}.weight")
     if not job.quantized:
         return _run_float_job(job, w, plan)
@@ -652,10 +653,10 @@ def _run_job(mdir: ModelDir, job: _Job, plan: _Plan, *, requant, seed):
     # The kernel does every affine re-quantization except stock DoRA, which
     # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
     use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
-                  and not (requant == "stock" and magnitude is not None))
+                  and not (policy == "stock" and magnitude is not None))
     # The native kernel needs no float copies of the tensor: one call. MLX ops
     # (and the reference fallback) go a few experts / rows at a time.
-    whole = use_kernel and (requant == "stochastic" or _kernel_is_native())
+    whole = use_kernel and (policy == "stochastic" or _kernel_is_native())
     chunks = _row_chunks(lead, job.in_dims, stochastic=whole)
     outs = []
     for rows in chunks:
@@ -669,13 +670,13 @@ def _run_job(mdir: ModelDir, job: _Job, plan: _Plan, *, requant, seed):
             bc_ = job.b[rows]
             if use_kernel and q_out == q_in:
                 res = fuse_requant(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
-                                   bits=q_in.bits, policy=requant, seed=seed, magnitude=mc)
-            elif use_kernel and requant != "stock":
+                                   bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
+            elif use_kernel and policy != "stock":
                 # another precision with a grid-keeping policy: move the base to
                 # the new grid first (a zero-delta stock re-quantization), then fuse
                 base = _quantize(_dequantize(wc, sc, bc, q_in), q_out)
                 res = fuse_requant(*base, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
-                                   bits=q_out.bits, policy=requant, seed=seed, magnitude=mc)
+                                   bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
             else:  # stock through MLX ops (mx modes, other precision, or --dequantize)
                 fused = _dequantize(wc, sc, bc, q_in)
                 fused = fused + delta_f32(ac, bc_, plan.scale).astype(fused.dtype)
@@ -701,7 +702,7 @@ def _run_job(mdir: ModelDir, job: _Job, plan: _Plan, *, requant, seed):
                                f"planned {d} {shp}")
     record = None
     if job.fuses:
-        record = _record(job, plan, (w, s, bi), results, magnitude, requant)
+        record = _record(job, plan, (w, s, bi), results, magnitude, policy)
     return results, record
 
 
@@ -729,7 +730,7 @@ def _run_float_job(job: _Job, w: mx.array, plan: _Plan):
 # -- fidelity -------------------------------------------------------------------------------
 
 
-def _record(job: _Job, plan: _Plan, old, results, magnitude, requant) -> dict:
+def _record(job: _Job, plan: _Plan, old, results, magnitude, policy) -> dict:
     w0, s0, b0 = old
     q_in, q_out = job.q_in, job.q_out
     w1 = results[f"{job.path}.weight"]
@@ -745,7 +746,7 @@ def _record(job: _Job, plan: _Plan, old, results, magnitude, requant) -> dict:
         "bits": q_out.bits if q_out else (q_in.bits if q_in else None),
         "group_size": q_out.group_size if q_out else (q_in.group_size if q_in else None),
         "mode": q_out.mode if q_out else None,
-        "policy": requant if (job.quantized and q_out is not None) else "none",
+        "policy": policy if (job.quantized and q_out is not None) else "none",
     }
     if q_in is not None and q_out != q_in:
         rec["from_bits"], rec["from_group_size"] = q_in.bits, q_in.group_size
@@ -843,11 +844,7 @@ def _general_fidelity(job: _Job, plan: _Plan, old, new, magnitude) -> dict:
             sums["refit"] += parts[7].item()
     n = math.prod(lead) * job.in_dims
     delta_norm, change_norm = math.sqrt(sums["dd"]), math.sqrt(sums["cc"])
-    retention = noise = None
-    if sums["dd"] > 0:
-        retention = sums["cd"] / sums["dd"]
-        resid = sums["cc"] - 2 * retention * sums["cd"] + retention**2 * sums["dd"]
-        noise = math.sqrt(max(resid, 0.0)) / delta_norm
+    retention, noise = retention_and_noise(sums["dd"], sums["cd"], sums["cc"])
     groups = (math.prod(lead) * (job.in_dims // q_out.group_size)) if q_out is not None else None
     return dict(
         delta_norm=delta_norm, change_norm=change_norm, retention=retention, noise=noise,
@@ -863,11 +860,12 @@ def _general_fidelity(job: _Job, plan: _Plan, old, new, magnitude) -> dict:
 # -- the report --------------------------------------------------------------------------------
 
 
-def _build_report(plan: _Plan, records, *, requant, seed, dequantize, requant_bits,
+def _build_report(plan: _Plan, records, *, policy, seed, dequantize, requant_bits,
                   requant_group_size, only, written, seconds) -> dict:
     dd = sum(r["delta_norm"] ** 2 for r in records)
     cd = sum((r["retention"] or 0.0) * r["delta_norm"] ** 2 for r in records)
     resid = sum(((r["noise"] or 0.0) * r["delta_norm"]) ** 2 for r in records)
+    # the residual sums add over tensors (each against its own retention)
     retention = cd / dd if dd > 0 else None
     noise = math.sqrt(resid) / math.sqrt(dd) if dd > 0 else None
     with_ret = [r for r in records if r["retention"] is not None]
@@ -876,7 +874,7 @@ def _build_report(plan: _Plan, records, *, requant, seed, dequantize, requant_bi
     coded = [r for r in records if r.get("codes_changed") is not None]
     n_coded = sum(math.prod(r["shape"]) for r in coded)
     summary = {
-        "policy": requant,
+        "policy": policy,
         "seed": seed,
         "dequantize": dequantize,
         "requant_bits": requant_bits,
@@ -919,7 +917,7 @@ def _warnings(summary: dict, records) -> list[str]:
         bits_s = " and ".join(f"{b}-bit" for b in bits)
         hints = []
         if summary["policy"] != "stochastic":
-            hints.append("--requant stochastic")
+            hints.append("--policy stochastic")
         if not summary["requant_bits"] or summary["requant_bits"] < 8:
             hints.append("--requant-bits 8")
         hints.append("--dequantize")

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..options import MX_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from .adapter_dir import natural_key
+from .names import natural_key
 from .safetensors import SafetensorsFile, TensorInfo
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -108,16 +108,25 @@ def tensor_fidelity(old, new, a=None, b=None, *, scale=1.0, group_size=64, bits=
     return _figures(sums, n_rows, in_dims, group_size)
 
 
+def retention_and_noise(dd: float, cd: float, cc: float) -> tuple[float | None, float | None]:
+    """``retention = <c, d> / ||d||^2`` and ``noise = ||c - retention d|| / ||d||``
+    from the sums ``dd = ||d||^2``, ``cd = <c, d>``, ``cc = ||c||^2`` of a change
+    ``c`` against an intended delta ``d`` (over one tensor, or many: pass the
+    summed sums). Both None (undefined) for a zero delta. This is the one place
+    the formula is written."""
+    if dd <= 0:
+        return None, None
+    retention = cd / dd
+    # ||c - r d||^2 = ||c||^2 - 2 r <c,d> + r^2 ||d||^2, clipped at 0 for rounding
+    resid = cc - 2 * retention * cd + retention**2 * dd
+    return retention, math.sqrt(max(resid, 0.0)) / math.sqrt(dd)
+
+
 def _figures(sums, n_rows, in_dims, group_size) -> Fidelity:
     n = n_rows * in_dims
     delta_norm = math.sqrt(sums["dd"])
     change_norm = math.sqrt(sums["cc"])
-    retention = noise = None
-    if sums["dd"] > 0:
-        retention = sums["cd"] / sums["dd"]
-        # ||c - r d||^2 = ||c||^2 - 2 r <c,d> + r^2 ||d||^2, clipped at 0 for rounding
-        resid = sums["cc"] - 2 * retention * sums["cd"] + retention**2 * sums["dd"]
-        noise = math.sqrt(max(resid, 0.0)) / delta_norm
+    retention, noise = retention_and_noise(sums["dd"], sums["cd"], sums["cc"])
     return Fidelity(
         delta_norm=delta_norm,
         change_norm=change_norm,

@@ -74,7 +74,8 @@ import numpy as np
 
 from .. import progress
 from ..errors import UserError
-from ..kernel.fidelity import tensor_fidelity
+from ..io.names import natural_key
+from ..kernel.fidelity import retention_and_noise, tensor_fidelity
 from ..kernel.ops import fuse_requant, native_available
 from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -450,7 +451,7 @@ def _load_baseline(path: Path, setting: _Setting):
             else:
                 why = "kept in full precision by the model's quant predicate"
             skipped.append((name, why))
-    return model, sorted(skipped, key=lambda x: _natural(x[0]))
+    return model, sorted(skipped, key=lambda x: natural_key(x[0]))
 
 
 def _quantized_modules(model) -> list[_QModule]:
@@ -462,13 +463,7 @@ def _quantized_modules(model) -> list[_QModule]:
             base = (m.weight, m.scales, m.biases)
             mx.eval(*base)  # one module at a time: no burst of float intermediates
             mods.append(_QModule(name, m, m.group_size, m.bits, base))
-    return sorted(mods, key=lambda q: _natural(q.path))
-
-
-def _natural(name: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    return sorted(mods, key=lambda q: natural_key(q.path))
 
 
 # -- per-tensor figures --------------------------------------------------------------------------
@@ -567,11 +562,8 @@ class _AdapterSums:
             self.cd += fid.retention * dd
 
     def figures(self) -> dict:
-        if self.dd <= 0:
-            return {"retention": None, "noise": None}
-        r = self.cd / self.dd
-        resid = self.cc - 2 * r * self.cd + r * r * self.dd
-        return {"retention": r, "noise": math.sqrt(max(resid, 0.0)) / math.sqrt(self.dd)}
+        retention, noise = retention_and_noise(self.dd, self.cd, self.cc)
+        return {"retention": retention, "noise": noise}
 
 
 # -- the adapter ------------------------------------------------------------------------------
@@ -592,7 +584,7 @@ def _read_adapter(adapter_path):
 def _adapter_factors(adapter, qmods: dict[str, _QModule], all_modules: set[str]):
     """``{module path: (a, b)}`` in the kernel layout for the adapter modules
     that are quantized at this setting, and the adapted modules that are not."""
-    from ..io.adapter_dir import kernel_factors, match_module
+    from ..fuse.mapping import kernel_factors, match_module
 
     found, unquantized = {}, []
     for path, mod in adapter.modules.items():

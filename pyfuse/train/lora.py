@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..io.names import natural_key
 from ..io.files import TMP_MARK, open_text, publish_dir
 
 FINE_TUNE_TYPES = ("lora", "dora")
@@ -517,7 +518,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
     if selected is None:
         num_layers, cfg_keys = n_layers, rel_keys
     else:
-        num_layers, cfg_keys = n_layers - min(selected), sorted(modules, key=_natural_key)
+        num_layers, cfg_keys = n_layers - min(selected), sorted(modules, key=natural_key)
     lora_parameters = {"rank": rank, "scale": scale, "dropout": float(dropout), "keys": cfg_keys}
 
     import mlx.core as mx
@@ -534,7 +535,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"mlx-lm cannot add {fine_tune_type} layers: {err}") from None
     trainable = dict(tree_flatten(net.trainable_parameters()))
-    wrapped = sorted({k.rsplit(".", 1)[0] for k in trainable}, key=_natural_key)
+    wrapped = sorted({k.rsplit(".", 1)[0] for k in trainable}, key=natural_key)
     if set(wrapped) != set(modules):
         raise RuntimeError(f"mlx-lm wrapped {len(wrapped)} modules, expected {len(modules)}: "
                            f"{sorted(set(wrapped) ^ set(modules))[:4]}")
@@ -640,9 +641,3 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
     return TrainResult(adapter_path=final, config=config, modules=wrapped, losses=recorder.train,
                        val_losses=recorder.val, trainable_parameters=n_params,
                        seconds=time.perf_counter() - started, warnings=warnings)
-
-
-def _natural_key(name: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -263,7 +263,8 @@ def test_configured_modules_match_mlx_lm_graph(work, tiny_moe_dir, tiny_llama_di
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
-    from pyfuse.io.adapter_dir import Adapter, configured_modules
+    from pyfuse.fuse.mapping import configured_modules
+    from pyfuse.io.adapter_dir import Adapter
 
     for model_dir, num_layers, keys in ((tiny_moe_dir, 2, None), (tiny_llama_dir, 3, None),
                                         (tiny_moe_dir, 1, [DOWN, "self_attn.o_proj"]),
@@ -293,7 +294,7 @@ def test_zero_adapter_preserve_is_byte_identical(work, tiny_moe_mixed_dir):
                            b_std=0.0)
     out = work / "zero_preserve"
     assert pyfuse_cli("--model", tiny_moe_mixed_dir, "--adapter-path", adapter, "--save-path", out,
-                      "--requant", "preserve") == 0
+                      "--policy", "preserve") == 0
     src = Path(tiny_moe_mixed_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
     for p in src.iterdir():
@@ -312,7 +313,7 @@ def test_stochastic_keeps_the_delta_on_average(work, tiny_moe_dir):
     adapter = make_adapter(tiny_moe_dir, work / "small_adapter", keys=[DOWN, UP, GATE], num_layers=4,
                            b_std=1e-4)
     stock = fuse_model(tiny_moe_dir, adapter, work / "small_stock").summary
-    sto = fuse_model(tiny_moe_dir, adapter, work / "small_sto", requant="stochastic", seed=1).summary
+    sto = fuse_model(tiny_moe_dir, adapter, work / "small_sto", policy="stochastic", seed=1).summary
     assert stock["retention"] < 0.5
     assert abs(sto["retention"] - 1.0) < 0.35
     assert sto["kernel"] == stock["kernel"]
@@ -469,7 +470,7 @@ def test_low_retention_warning_on_the_terminal(work, tiny_moe_dir, capsys):
     warning = [line for line in cap.err.splitlines() if "mostly erased" in line]
     assert len(warning) == 1
     assert "by 3-bit re-quantization: retention 0." in warning[0]
-    assert "consider --requant stochastic, --requant-bits 8, --dequantize" in warning[0]
+    assert "consider --policy stochastic, --requant-bits 8, --dequantize" in warning[0]
 
 
 # -- bad input: exit 2, one line, nothing left behind ---------------------------------------------

@@ -86,14 +86,14 @@ def test_mlx_lm_runs_the_twin_exactly_like_the_base_model(lora_case, tiny_moe_di
 
 
 def test_preserve_fuse_of_the_twin_is_byte_identical(lora_case, tiny_moe_dir, tmp_path):
-    res = fuse_model(tiny_moe_dir, lora_case["twin"], tmp_path / "fused", requant="preserve")
+    res = fuse_model(tiny_moe_dir, lora_case["twin"], tmp_path / "fused", policy="preserve")
     assert res.summary["modules_fused"] == 8  # the twin really goes through the fuse
     for f in sorted(p.name for p in tiny_moe_dir.iterdir()):
         assert (tmp_path / "fused" / f).read_bytes() == (tiny_moe_dir / f).read_bytes(), f
 
 
 def test_stock_fuse_of_the_twin_is_the_requantization_round_trip(lora_case, tiny_moe_dir, tmp_path):
-    fuse_model(tiny_moe_dir, lora_case["twin"], tmp_path / "fused", requant="stock")
+    fuse_model(tiny_moe_dir, lora_case["twin"], tmp_path / "fused", policy="stock")
     base = mx.load(str(tiny_moe_dir / "model.safetensors"))
     fused = mx.load(str(tmp_path / "fused" / "model.safetensors"))
     assert base.keys() == fused.keys()
@@ -154,7 +154,7 @@ def test_dora_twin_sets_magnitudes_to_the_base_rows_norms(tiny_llama_dir, tmp_pa
         assert np.array_equal(np.asarray(twin[f"{module}.lora_a"]), np.asarray(t[f"{module}.lora_a"]))
 
     # preserve: byte-identical; mlx-lm's DoRA layers: the base model's outputs
-    fuse_model(tiny_llama_dir, tmp_path / "zero", tmp_path / "fused", requant="preserve")
+    fuse_model(tiny_llama_dir, tmp_path / "zero", tmp_path / "fused", policy="preserve")
     for f in sorted(p.name for p in tiny_llama_dir.iterdir()):
         assert (tmp_path / "fused" / f).read_bytes() == (tiny_llama_dir / f).read_bytes(), f
     from mlx_lm.utils import load
