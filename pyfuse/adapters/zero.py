@@ -60,8 +60,8 @@ class ZeroAdapterResult:
 
 def _base_row_norms(model_dir, path: str, mod) -> mx.array:
     """``||row||`` (float32) of the base weight of module ``path``, as
-    pyfuse.fuse.api / mlx-lm's DoRALinear compute it for a missing magnitude."""
-    from ..fuse.api import _dequantize
+    pyfuse.fuse.compute / mlx-lm's DoRALinear compute it for a missing magnitude."""
+    from ..fuse.compute import dequantize
 
     tensors = model_dir.tensors
     weight = tensors.get(f"{path}.weight")
@@ -74,7 +74,7 @@ def _base_row_norms(model_dir, path: str, mod) -> mx.array:
         q = model_dir.quant_params(path, match.in_dims)
         s = model_dir.read(f"{path}.scales")
         b = model_dir.read(f"{path}.biases") if f"{path}.biases" in tensors else None
-        w = _dequantize(w, s, b, q)
+        w = dequantize(w, s, b, q)
     norms = mx.linalg.norm(w.astype(mx.float32), axis=-1)
     mx.eval(norms)
     return norms
@@ -106,7 +106,7 @@ def zero_adapter(adapter_path: str | os.PathLike, out: str | os.PathLike, *,
             raise UserError(f"{src}: {mod.path} has a DoRA magnitude but no lora_a/lora_b")
     model_dir = None
     if adapter.is_dora:
-        from ..fuse.api import ModelDir
+        from ..io.model_dir import ModelDir
 
         model_dir = ModelDir(model)
     result = ZeroAdapterResult(out=final, fine_tune_type=adapter.fine_tune_type)

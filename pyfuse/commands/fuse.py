@@ -60,7 +60,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from ..fuse.api import format_table, fuse_model
+    from ..fuse import format_table, fuse_model
 
     result = fuse_model(
         args.model, args.adapter_path, args.save_path,

@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 
 import pyfuse
-
-import pyfuse.fuse.api as fuse_mod
+import pyfuse.fuse.compute as compute
 from pyfuse.cli import main as pyfuse_main
 from pyfuse.errors import UserError
-from pyfuse.fuse.api import TMP_MARK, fuse_model
+from pyfuse.fuse import fuse_model
+from pyfuse.io.files import TMP_MARK
+from pyfuse.io.model_dir import ModelDir
 
 DOWN = "mlp.switch_mlp.down_proj"
 UP = "mlp.switch_mlp.up_proj"
@@ -164,8 +165,8 @@ def test_stock_matches_mlx_lm_fuse_on_moe(tiny_moe_dir, moe_mlx, moe_pyfuse):
 
 def test_stock_matches_when_processed_in_chunks(work, tiny_moe_dir, moe_adapter, moe_mlx, monkeypatch):
     """The fuse runs a few experts / rows at a time: results must not depend on it."""
-    monkeypatch.setattr(fuse_mod, "CHUNK_ELEMENTS", 64 * 64 * 3)  # 3 experts or 192 rows a chunk
-    monkeypatch.setattr(fuse_mod, "_kernel_is_native", lambda: False)  # chunk the kernel calls too
+    monkeypatch.setattr(compute, "CHUNK_ELEMENTS", 64 * 64 * 3)  # 3 experts or 192 rows a chunk
+    monkeypatch.setattr(compute, "_kernel_is_native", lambda: False)  # chunk the kernel calls too
     out = fuse_model(tiny_moe_dir, moe_adapter, work / "moe_chunked").save_path
     assert differing(tensors(moe_mlx), tensors(out)) == []
 
@@ -278,7 +279,7 @@ def test_configured_modules_match_mlx_lm_graph(work, tiny_moe_dir, tiny_llama_di
         linear_to_lora_layers(model, num_layers, params)
         expected = sorted(n for n, m in model.named_modules()
                           if isinstance(m, (LoRALinear, LoRASwitchLinear, LoRAEmbedding)))
-        md = fuse_mod.ModelDir(model_dir)
+        md = ModelDir(model_dir)
         adapter = Adapter(path=Path("."), config={}, fine_tune_type="lora", scale=1.0, rank=2,
                           num_layers=num_layers, keys=keys)
         layers = md.config.get("num_hidden_layers") or md.config["text_config"]["num_hidden_layers"]
@@ -644,7 +645,7 @@ def test_existing_save_path_needs_force(work, tiny_moe_dir, moe_adapter, moe_mlx
 
 def test_error_midway_leaves_nothing(work, tiny_moe_dir, moe_adapter, monkeypatch):
     calls = []
-    real = fuse_mod._run_job
+    real = compute.run_job
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -652,7 +653,7 @@ def test_error_midway_leaves_nothing(work, tiny_moe_dir, moe_adapter, monkeypatc
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fuse_mod, "_run_job", failing)
+    monkeypatch.setattr(compute, "run_job", failing)
     out = work / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         fuse_model(tiny_moe_dir, moe_adapter, out)
@@ -662,14 +663,14 @@ def test_error_midway_leaves_nothing(work, tiny_moe_dir, moe_adapter, monkeypatc
 
 _SLOW_RUN = """
 import sys, time, pathlib
-import pyfuse.fuse.api as F
-real = F._run_job
+import pyfuse.fuse.compute as F
+real = F.run_job
 def slow(*a, **k):
     r = real(*a, **k)
     pathlib.Path(sys.argv[1]).write_text("started")
     time.sleep(60)
     return r
-F._run_job = slow
+F.run_job = slow
 from pyfuse.cli import main
 sys.exit(main(["fuse", "--model", sys.argv[2], "--adapter-path", sys.argv[3], "--save-path", sys.argv[4]]))
 """
@@ -720,7 +721,7 @@ def test_sampled_report_estimates_the_exact_one(work, tiny_moe_dir, moe_adapter,
         for e, n in zip(exact["tensors"], native["tensors"]):
             assert n["retention"] == pytest.approx(e["retention"], rel=1e-6)
         # Sampling is the pure-MLX path's way to stay fast.
-        monkeypatch.setattr("pyfuse.fuse.api.native_available", lambda: False)
+        monkeypatch.setattr("pyfuse.fuse.report.native_available", lambda: False)
     sampled = fuse_model(tiny_moe_dir, moe_adapter, work / "sampled_rep", report_sample=4096).report
     assert differing(tensors(work / "exact_rep"), tensors(work / "sampled_rep")) == []
     for e, s in zip(exact["tensors"], sampled["tensors"]):

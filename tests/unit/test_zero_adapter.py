@@ -16,7 +16,7 @@ import pytest
 
 from pyfuse.cli import main
 from pyfuse.errors import UserError
-from pyfuse.fuse.api import fuse_model
+from pyfuse.fuse import fuse_model
 from pyfuse.io.safetensors import SafetensorsFile
 from pyfuse.adapters.zero import is_zero_adapter, zero_adapter
 

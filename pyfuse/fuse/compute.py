@@ -1,0 +1,179 @@
+"""One module's fuse: the new tensors of one :class:`~pyfuse.fuse.plan.Job`.
+
+* affine, same precision, LoRA (the common case): :func:`pyfuse.fuse_requant`
+  with the chosen policy (one call on the whole tensor with the native
+  kernel; a few experts / rows at a time on the reference path);
+* stock DoRA, the mx modes (mxfp4, nvfp4, mxfp8: stock and --dequantize
+  only), ``--requant-bits`` under stock and ``--dequantize``: mlx-lm's own
+  MLX ops (dequantize, add, [DoRA rescale], quantize), chunked;
+* ``--requant-bits`` under preserve / stochastic: the base is first moved to
+  the new grid (a zero-delta stock re-quantization), then fused with the
+  policy on that grid;
+* float (unquantized) weights: ``W + delta`` in the weight dtype.
+
+A DoRA module without a stored magnitude starts from ``m = ||W||`` per row
+(float32), as mlx-lm's DoRALinear does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..io.model_dir import ModelDir, QParams
+from ..io.safetensors import dtype_of
+from ..kernel.ops import fuse_requant, native_available
+from ..kernel.reference import delta_f32
+from .plan import Job, Plan
+
+# Work on this many weight elements at a time (rows or experts) so that the
+# float32 intermediates of a 128 x 2048 x 512 expert tensor stay ~16 MB each.
+CHUNK_ELEMENTS = 1 << 22
+_MX_DTYPE = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+
+
+@dataclass
+class Fused:
+    """A job's new tensors and what the report compares them with."""
+
+    tensors: dict[str, mx.array]  # output name -> array, as planned (job.out)
+    old: tuple  # the base (weight, scales, biases) as stored; None where absent
+    magnitude: mx.array | None  # the DoRA magnitude applied (given or default)
+    policy: str  # the policy applied ("stock" for float weights)
+
+
+def row_chunks(lead: tuple, in_dims: int, stochastic: bool, elements: int | None = None):
+    """Slices along the first axis (experts, or rows of a 2-D weight) holding
+    about ``elements`` (CHUNK_ELEMENTS) weights. ``stochastic`` is never split:
+    its hash is indexed by the element's position in the whole tensor."""
+    n = lead[0]
+    per_item = math.prod(lead[1:]) * in_dims if len(lead) > 1 else in_dims
+    step = n if stochastic else max(1, (elements or CHUNK_ELEMENTS) // max(per_item, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _kernel_is_native() -> bool:
+    return native_available()
+
+
+def dequantize(w, s, bi, q: QParams):
+    if q.mode == "affine":
+        return mx.dequantize(w, s, bi, group_size=q.group_size, bits=q.bits)
+    return mx.dequantize(w, s, None, group_size=q.group_size, bits=q.bits, mode=q.mode)
+
+
+def quantize(x, q: QParams):
+    if q.mode == "affine":
+        return tuple(mx.quantize(x, group_size=q.group_size, bits=q.bits))
+    wq, sq = mx.quantize(x, group_size=q.group_size, bits=q.bits, mode=q.mode)
+    return wq, sq
+
+
+def dora_rescale(fused: mx.array, magnitude: mx.array) -> mx.array:
+    """mlx-lm's DoRA fuse: ``(m / ||fused row||) * fused`` (float32 for a
+    float32 magnitude), cast back to the weight dtype by the caller."""
+    norm_scale = magnitude / mx.linalg.norm(fused, axis=-1)
+    return norm_scale[..., None] * fused
+
+
+def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
+    """The kernel's ``(a, b)`` for these rows (experts) of the job's weight."""
+    return (job.a[rows] if job.kind == "switch" else job.a), job.b[rows]
+
+
+def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> Fused:
+    """Read the job's base tensors and compute its outputs."""
+    w = mdir.read(f"{job.path}.weight")
+    if not job.quantized:
+        return _run_float_job(job, w, plan)
+    s = mdir.read(f"{job.path}.scales")
+    bi = mdir.read(f"{job.path}.biases") if f"{job.path}.biases" in mdir.tensors else None
+    q_in, q_out = job.q_in, job.q_out
+    magnitude = job.magnitude
+    if job.fuses and plan.is_dora and magnitude is None and job.kind == "linear":
+        # mlx-lm's DoRALinear starts from m = ||W|| (float32) when m is absent
+        magnitude = mx.linalg.norm(dequantize(w, s, bi, q_in).astype(mx.float32), axis=-1)
+    # The kernel does every affine re-quantization except stock DoRA, which
+    # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
+    use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
+                  and not (policy == "stock" and magnitude is not None))
+    # The native kernel needs no float copies of the tensor: one call. MLX ops
+    # (and the reference fallback) go a few experts / rows at a time.
+    whole = use_kernel and (policy == "stochastic" or _kernel_is_native())
+    outs = []
+    for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=whole):
+        mc = magnitude[rows] if magnitude is not None else None
+        base = (w[rows], s[rows], bi[rows] if bi is not None else None)
+        res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed)
+        mx.eval(*res)
+        outs.append(res)
+    parts = [_join([o[i] for o in outs]) for i in range(len(outs[0]))]
+    mx.eval(*parts)
+    del outs
+    names = [f"{job.path}.weight"]
+    if q_out is not None:
+        names.append(f"{job.path}.scales")
+        if q_out.mode == "affine":
+            names.append(f"{job.path}.biases")
+    results = dict(zip(names, parts))
+    _check_planned(job, results)
+    return Fused(results, (w, s, bi), magnitude, policy)
+
+
+def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_kernel: bool,
+                    policy: str, seed: int) -> tuple:
+    """The outputs of some rows (experts) of a quantized base ``(w, s, b)``."""
+    wc, sc, bc = base
+    q_in, q_out = job.q_in, job.q_out
+    if not job.fuses:  # --dequantize of an untouched module
+        return (dequantize(wc, sc, bc, q_in),)
+    ac, bc_ = job_factors(job, rows)
+    if use_kernel and q_out == q_in:
+        return fuse_requant(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
+                            bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
+    if use_kernel and policy != "stock":
+        # another precision with a grid-keeping policy: move the base to
+        # the new grid first (a zero-delta stock re-quantization), then fuse
+        moved = quantize(dequantize(wc, sc, bc, q_in), q_out)
+        return fuse_requant(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
+                            bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
+    # stock through MLX ops (mx modes, other precision, or --dequantize)
+    fused = dequantize(wc, sc, bc, q_in)
+    fused = fused + delta_f32(ac, bc_, plan.scale).astype(fused.dtype)
+    if mc is not None:
+        fused = dora_rescale(fused, mc).astype(_MX_DTYPE[job.dtype])
+    return (fused,) if q_out is None else quantize(fused, q_out)
+
+
+def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:
+    """A float (unquantized) base weight: ``W + delta`` in its dtype, exactly
+    as mlx-lm's fuse (policies do not apply: there is nothing to round)."""
+    magnitude = job.magnitude
+    if plan.is_dora and magnitude is None:
+        magnitude = (mx.linalg.norm(w.astype(mx.float32), axis=-1) if job.kind == "linear"
+                     else mx.linalg.norm(w, axis=-1))
+    outs = []
+    for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=False):
+        ac, bc = job_factors(job, rows)
+        fused = w[rows] + delta_f32(ac, bc, plan.scale).astype(w.dtype)
+        if magnitude is not None:
+            fused = dora_rescale(fused, magnitude[rows]).astype(w.dtype)
+        mx.eval(fused)
+        outs.append(fused)
+    new = _join(outs)
+    mx.eval(new)
+    return Fused({f"{job.path}.weight": new}, (w, None, None), magnitude, "stock")
+
+
+def _join(parts: list[mx.array]) -> mx.array:
+    return mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _check_planned(job: Job, results: dict[str, mx.array]) -> None:
+    for n, arr in results.items():
+        d, shp = job.out[n]
+        if dtype_of(arr) != d or tuple(arr.shape) != tuple(shp):
+            raise RuntimeError(f"internal error: {n} computed as {dtype_of(arr)} {arr.shape}, "
+                               f"planned {d} {shp}")
