@@ -17,9 +17,10 @@ header validated (offsets inside the file, sizes matching dtype x shape, the
 index agreeing with the shards), so truncated or corrupt files are refused
 before anything is computed; no weight data is read.
 
-Where the quantization is read from, as mlx-lm's loader does: config.json's
-``quantization``; else an mlx-style ``quantization_config`` (with ``bits``),
-at the top level or under ``text_config``. A Hugging Face
+Where the quantization is read from: config.json's ``quantization`` (what
+mlx-lm's loader reads); else an mlx-style ``quantization_config`` (with
+``bits``; ``mlx_lm convert`` writes both), at the top level or under
+``text_config`` (where mlx-lm's loader also looks for one). A Hugging Face
 ``quantization_config`` (``quant_method`` without ``bits``: AWQ, GPTQ, ...)
 is refused. Entries of the block whose value is an object are per-module
 overrides (mixed precision: ``"model.layers.0.mlp.down_proj": {"bits": 6,
@@ -31,7 +32,15 @@ shapes, read as config.json states them (its per-module entry, else the
 default) when that reading fits the shapes, otherwise inferred from the
 shapes alone (with the model's dimensions from config.json to break ties).
 ``mlx_lm.utils.load_model`` gives each module the same values
-(tests/unit/test_model_dir.py).
+(tests/unit/test_model_dir.py). A module whose precision differs from the
+default must therefore be named in config.json, as ``mlx_lm convert``
+always does: without a model graph, a 6-bit g32 module of 64 inputs stored
+without its entry in a 3-bit g64 model looks like a 3-bit g64 module of 128
+inputs (mlx-lm's loader, which knows each module's input size, is not
+fooled).
+
+mlx-lm also loads Hugging Face ``quant_method`` configs (mxfp4, mxfp8,
+AWQ, GPTQ, ...) by converting them as it loads; this reader refuses them.
 """
 
 from __future__ import annotations
