@@ -174,17 +174,15 @@ def compare(a: Path, b: Path, modules: list[str]) -> list[str]:
     """Names of the fused tensors whose bytes differ between two outputs."""
     from pyfuse.io.model_dir import ModelDir
 
-    ma, mb = ModelDir(a), ModelDir(b)
     bad = []
-    for m in modules:
-        for leaf in ("weight", "scales", "biases"):
-            t = f"{m}.{leaf}"
-            ia, ib = ma.tensors[t], mb.tensors[t]
-            if (ia.dtype, ia.shape) != (ib.dtype, ib.shape) or \
-                    ma.shards[ma.where[t]].read_bytes(t) != mb.shards[mb.where[t]].read_bytes(t):
-                bad.append(t)
-    ma.close()
-    mb.close()
+    with ModelDir(a) as ma, ModelDir(b) as mb:
+        for m in modules:
+            for leaf in ("weight", "scales", "biases"):
+                t = f"{m}.{leaf}"
+                ia, ib = ma.tensors[t], mb.tensors[t]
+                if (ia.dtype, ia.shape) != (ib.dtype, ib.shape) or \
+                        ma.shards[ma.where[t]].read_bytes(t) != mb.shards[mb.where[t]].read_bytes(t):
+                    bad.append(t)
     return bad
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..fuse.mapping import match_module
+from ..fuse.writer import fsync_path
 from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
 from ..errors import UserError
 from ..io.files import TMP_MARK, publish_dir
@@ -61,21 +62,16 @@ class ZeroAdapterResult:
 def _base_row_norms(model_dir, path: str, mod) -> mx.array:
     """``||row||`` (float32) of the base weight of module ``path``, as
     pyfuse.fuse.compute / mlx-lm's DoRALinear compute it for a missing magnitude."""
-    from ..fuse.compute import dequantize
+    from ..fuse.compute import row_norms
 
-    tensors = model_dir.tensors
-    weight = tensors.get(f"{path}.weight")
+    weight = model_dir.tensors.get(f"{path}.weight")
     if weight is None:
         raise UserError(f"the adapter has a DoRA magnitude for {path}, which the model "
                         f"{model_dir.path} does not have")
     match = match_module(mod, weight)
-    w = model_dir.read(f"{path}.weight")
-    if f"{path}.scales" in tensors:
-        q = model_dir.quant_params(path, match.in_dims)
-        s = model_dir.read(f"{path}.scales")
-        b = model_dir.read(f"{path}.biases") if f"{path}.biases" in tensors else None
-        w = dequantize(w, s, b, q)
-    norms = mx.linalg.norm(w.astype(mx.float32), axis=-1)
+    w, s, b = model_dir.read_module(path)
+    q = model_dir.quant_params(path, match.in_dims) if s is not None else None
+    norms = row_norms(w, s, b, q)
     mx.eval(norms)
     return norms
 
@@ -142,11 +138,7 @@ def zero_adapter(adapter_path: str | os.PathLike, out: str | os.PathLike, *,
         }
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         for p in tmp.iterdir():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(p)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)

@@ -78,6 +78,12 @@ def dora_rescale(fused: mx.array, magnitude: mx.array) -> mx.array:
     return norm_scale[..., None] * fused
 
 
+def row_norms(w, s=None, bi=None, q: QParams | None = None) -> mx.array:
+    """``||row||`` in float32 of a weight (dequantized with ``q``): the
+    magnitude mlx-lm's DoRALinear starts from when ``m`` is absent."""
+    return mx.linalg.norm((w if q is None else dequantize(w, s, bi, q)).astype(mx.float32), axis=-1)
+
+
 def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
     """The kernel's ``(a, b)`` for these rows (experts) of the job's weight."""
     return (job.a[rows] if job.kind == "switch" else job.a), job.b[rows]
@@ -85,16 +91,13 @@ def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
 
 def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> Fused:
     """Read the job's base tensors and compute its outputs."""
-    w = mdir.read(f"{job.path}.weight")
+    w, s, bi = mdir.read_module(job.path)
     if not job.quantized:
         return _run_float_job(job, w, plan)
-    s = mdir.read(f"{job.path}.scales")
-    bi = mdir.read(f"{job.path}.biases") if f"{job.path}.biases" in mdir.tensors else None
     q_in, q_out = job.q_in, job.q_out
     magnitude = job.magnitude
     if job.fuses and plan.is_dora and magnitude is None and job.kind == "linear":
-        # mlx-lm's DoRALinear starts from m = ||W|| (float32) when m is absent
-        magnitude = mx.linalg.norm(dequantize(w, s, bi, q_in).astype(mx.float32), axis=-1)
+        magnitude = row_norms(w, s, bi, q_in)
     # The kernel does every affine re-quantization except stock DoRA, which
     # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
     use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
@@ -152,8 +155,7 @@ def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:
     as mlx-lm's fuse (policies do not apply: there is nothing to round)."""
     magnitude = job.magnitude
     if plan.is_dora and magnitude is None:
-        magnitude = (mx.linalg.norm(w.astype(mx.float32), axis=-1) if job.kind == "linear"
-                     else mx.linalg.norm(w, axis=-1))
+        magnitude = row_norms(w) if job.kind == "linear" else mx.linalg.norm(w, axis=-1)
     outs = []
     for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=False):
         ac, bc = job_factors(job, rows)

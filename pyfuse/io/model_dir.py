@@ -11,6 +11,7 @@ noise floor, evaluation, experiments) asks :class:`ModelDir`::
         model.quant_params(path)       # one module's QParams
         model.num_hidden_layers        # int or None
         model.tensors, model.read(name)  # the weights (headers parsed, data read on demand)
+        model.read_module(path)        # (weight, scales or None, biases or None)
 
 Opening is cheap: ``config.json`` is parsed and every shard's safetensors
 header validated (offsets inside the file, sizes matching dtype x shape, the
@@ -143,6 +144,14 @@ class ModelDir:
     def read(self, name: str) -> mx.array:
         """One tensor (evaluated), read from its shard."""
         return self.shards[self.where[name]].read(name)
+
+    def read_module(self, path: str) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """``(weight, scales, biases)`` of module ``path`` as stored (None
+        where absent: scales and biases of a float weight, biases of mx modes)."""
+        def maybe(name):
+            return self.read(name) if name in self.tensors else None
+
+        return self.read(f"{path}.weight"), maybe(f"{path}.scales"), maybe(f"{path}.biases")
 
     def close(self):
         for shard in self.shards.values():
