@@ -27,7 +27,7 @@ from pyfuse.errors import UserError
 from pyfuse.experiment import parse_criterion, run_experiment
 from pyfuse.experiment.prereg import Lock, canonical_json, lock, power_warnings, prereg_document, read_lock
 from pyfuse.experiment.results import verdict
-from pyfuse.experiment.spec import spec_from_dict
+from pyfuse.experiment.load import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 LETTERS = "ABCDEFGHIJ"
@@ -553,9 +553,10 @@ def test_examples_validate(capsys):
 
 
 def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
-    from pyfuse.experiment.engine import Step, _Estimator, _rate_group, work_units
+    from pyfuse.experiment.estimate import Estimator, rate_group, work_units
+    from pyfuse.experiment.plan import Step
 
-    est = _Estimator()
+    est = Estimator()
     assert est.estimate("eval-mc/logprob", 204) is None  # nothing of the kind timed yet
     # seconds per item observed so far x this step's items: 19.2 s on 1,680 items -> 204 items
     est.add("eval-mc/logprob", 19.2, 1680)
@@ -567,8 +568,8 @@ def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
     assert est.estimate("eval-mc/logprob") == pytest.approx((19.2 + 2.6) / 2)
     # generation is timed apart from log-prob scoring
     assert est.estimate("eval-mc/generate", 204) is None
-    assert _rate_group("eval-mc", {"method": "generate"}) == "eval-mc/generate"
-    assert _rate_group("train", {"iters": 10}) == "train"
+    assert rate_group("eval-mc", {"method": "generate"}) == "eval-mc/generate"
+    assert rate_group("train", {"iters": 10}) == "train"
 
     # train: iters x batch_size examples (80 x 4 then 30 x 1)
     est.add("train", 18.0, work_units("train", {"iters": 80, "batch_size": 4}, {}))
@@ -590,7 +591,7 @@ def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
     assert work_units("fuse", {}, {}) is None and work_units("noise-floor", {}, {}) is None
 
     # the run log of an earlier run feeds the rates
-    again = _Estimator([{"event": "step", "kind": "eval-mc", "group": "eval-mc/logprob", "seconds": 10.0,
+    again = Estimator([{"event": "step", "kind": "eval-mc", "group": "eval-mc/logprob", "seconds": 10.0,
                          "units": 1000}, {"event": "step", "kind": "fuse", "seconds": 0.5, "units": None}])
     assert again.estimate("eval-mc/logprob", 100) == pytest.approx(1.0)
     assert again.estimate("fuse") == pytest.approx(0.5)
