@@ -12,6 +12,7 @@
           pruned.json        its fused model was removed (no pending step needed it)
           ...                its outputs (see :mod:`.steps`)
         .tmp-<kind>-<key12>-<pid>-<random>/   a step being run (removed at the next start)
+        .<kind>-<key12>.pyfuse-tmp-old-<pid>/   a pruned step being replaced (likewise)
       results.json           (:mod:`.results`)
       report.md, *.png       (:mod:`.report`)
 """

@@ -32,17 +32,11 @@ from ..io.files import read_jsonl, write_json, write_jsonl
 from .layout import ADAPTER, FUSE_REPORT, MODEL, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
 
 
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
 def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..train.lora import train_adapter
 
     kwargs = {k: v for k, v in opts.items() if k != "data"}
-    with _stdout_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
         res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / ADAPTER, verbose=False,
                             **kwargs)
     return {"modules": len(res.modules), "trainable_parameters": res.trainable_parameters,
@@ -116,7 +110,7 @@ def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..noise_floor.measure import measure_noise_floor
 
-    with _stdout_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
         res = measure_noise_floor(str(inputs["model"]), group_sizes=[opts["group_size"]], bits=[opts["bits"]],
                                   policies=[opts["policy"]], rounds=1, outputs=opts["outputs"], out=out,
                                   seed=opts["seed"])
