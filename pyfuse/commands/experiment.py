@@ -57,13 +57,11 @@ def run(args) -> int:
 
 
 def _validate(args) -> int:
+    from ..experiment.load import load_checked_spec
     from ..experiment.prereg import power_warnings, prereg_document
-    from ..experiment.spec import SpecError, check_suite, load_spec, missing_paths
+    from ..experiment.validate import missing_paths
 
-    spec = load_spec(args.spec, check_paths=args.strict)
-    problems = check_suite(spec)
-    if problems:
-        raise SpecError(args.spec, problems)
+    spec = load_checked_spec(args.spec, check_paths=args.strict)
     missing = missing_paths(spec)
     stages = sum(len(c.stages) for c in spec.conditions.values())
     print(f"pyfuse experiment validate: {args.spec} is valid ({len(spec.conditions)} conditions, {stages} stages, "
@@ -85,7 +83,8 @@ def _validate(args) -> int:
 
 
 def _run(args) -> int:
-    from ..experiment.engine import run_experiment
+    from ..experiment.layout import REPORT_FILE, RESULTS_FILE
+    from ..experiment.runner import run_experiment
 
     console = _console()
     def echo(msg: str) -> None:
@@ -96,7 +95,7 @@ def _run(args) -> int:
     v = res.results.get("verdict")
     print(f"pyfuse experiment: {len(res.executed)} step(s) run, {len(res.skipped)} skipped"
           + (f", {len(res.pruned)} fused model(s) pruned" if res.pruned else "")
-          + f" in {res.seconds:.1f} s; wrote {res.out / 'results.json'} and {res.out / 'report.md'}")
+          + f" in {res.seconds:.1f} s; wrote {res.out / RESULTS_FILE} and {res.out / REPORT_FILE}")
     if v is not None:
         print(f"pyfuse experiment: verdict: {v['text']}")
     return 0

@@ -218,6 +218,11 @@ def _number(text: str, unit: str | None) -> Num:
 def parse(text: str) -> Criterion:
     if not isinstance(text, str) or not text.strip():
         raise CriterionError("the criterion is empty")
+    return _Parser(text).criterion()
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """``(kind, value)``: num (``"0.05\\0pp"``: number, NUL, unit), op, ``(``, ``)``, ``,``, kw, name."""
     tokens: list[tuple[str, str]] = []
     pos = 0
     while pos < len(text):
@@ -237,96 +242,107 @@ def parse(text: str) -> Criterion:
             name = m.group("name")
             tokens.append(("kw" if name in ("and", "or", "not") else "name", name))
         pos = m.end()
-    i = 0
+    return tokens
 
-    def peek(kind=None, val=None):
-        if i >= len(tokens):
+
+class _Parser:
+    """Recursive descent over :func:`_tokens`, one method per rule of the grammar."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokens(text)
+        self.i = 0
+
+    def criterion(self) -> Criterion:
+        root = self.p_or()
+        if self.i != len(self.tokens):
+            raise CriterionError(f"unexpected {self.tokens[self.i][1].replace(chr(0), '')!r} after {root}")
+        return Criterion(root=root, source=self.text)
+
+    def peek(self, kind=None, val=None):
+        if self.i >= len(self.tokens):
             return None
-        t = tokens[i]
+        t = self.tokens[self.i]
         if kind is not None and t[0] != kind:
             return None
         if val is not None and t[1] != val:
             return None
         return t
 
-    def take(kind, val=None, what=None):
-        nonlocal i
-        t = peek(kind, val)
+    def _found(self) -> str:
+        return self.tokens[self.i][1].replace("\0", "") if self.i < len(self.tokens) else "the end"
+
+    def take(self, kind, val=None, what=None):
+        t = self.peek(kind, val)
         if t is None:
-            got = tokens[i][1].replace("\0", "") if i < len(tokens) else "the end"
-            raise CriterionError(f"expected {what or val or kind} but found {got!r} in {text!r}")
-        i += 1
+            raise CriterionError(f"expected {what or val or kind} but found {self._found()!r} in {self.text!r}")
+        self.i += 1
         return t
 
-    def p_or():
-        args = [p_and()]
-        while peek("kw", "or"):
-            take("kw", "or")
-            args.append(p_and())
-        return args[0] if len(args) == 1 else Or(tuple(args))
+    def _joined(self, word: str, operand, node):
+        """``operand (word operand)*``: one operand as is, several as ``node``."""
+        args = [operand()]
+        while self.peek("kw", word):
+            self.take("kw", word)
+            args.append(operand())
+        return args[0] if len(args) == 1 else node(tuple(args))
 
-    def p_and():
-        args = [p_not()]
-        while peek("kw", "and"):
-            take("kw", "and")
-            args.append(p_not())
-        return args[0] if len(args) == 1 else And(tuple(args))
+    def p_or(self):
+        return self._joined("or", self.p_and, Or)
 
-    def p_not():
-        if peek("kw", "not"):
-            take("kw", "not")
-            return Not(p_not())
-        if peek("("):
-            take("(")
-            inner = p_or()
-            take(")", what="')'")
+    def p_and(self):
+        return self._joined("and", self.p_not, And)
+
+    def p_not(self):
+        if self.peek("kw", "not"):
+            self.take("kw", "not")
+            return Not(self.p_not())
+        if self.peek("("):
+            self.take("(")
+            inner = self.p_or()
+            self.take(")", what="')'")
             return inner
-        return p_cmp()
+        return self.p_cmp()
 
-    def p_term():
-        nonlocal i
-        t = peek()
+    def p_term(self):
+        t = self.peek()
         if t is None:
-            raise CriterionError(f"{text!r} ends early: expected a statistic or a number")
+            raise CriterionError(f"{self.text!r} ends early: expected a statistic or a number")
         if t[0] == "num":
-            i += 1
+            self.i += 1
             num, unit = t[1].split("\0")
             return _number(num, unit or None)
         if t[0] == "name":
-            func = t[1]
-            if func not in STATS:
-                raise CriterionError(f"unknown statistic {func!r} (one of {', '.join(STATS)})")
-            i += 1
-            take("(", what=f"'(' after {func}")
-            args = [take("name", what="a condition name")[1]]
-            while peek(","):
-                take(",")
-                args.append(take("name", what="a condition name")[1])
-            take(")", what="')'")
-            if len(args) != STATS[func]:
-                raise CriterionError(f"{func} takes {STATS[func]} condition name"
-                                     f"{'s' if STATS[func] > 1 else ''}, got {len(args)}")
-            if len(args) == 2 and args[0] == args[1]:
-                raise CriterionError(f"{func}({args[0]}, {args[1]}) compares a condition with itself")
-            return Stat(func, tuple(args))
-        raise CriterionError(f"expected a statistic or a number but found {t[1]!r} in {text!r}")
+            return self.p_stat(t[1])
+        raise CriterionError(f"expected a statistic or a number but found {t[1]!r} in {self.text!r}")
 
-    def p_cmp():
-        left = p_term()
-        op = peek("op")
+    def p_stat(self, func: str) -> Stat:
+        if func not in STATS:
+            raise CriterionError(f"unknown statistic {func!r} (one of {', '.join(STATS)})")
+        self.i += 1
+        self.take("(", what=f"'(' after {func}")
+        args = [self.take("name", what="a condition name")[1]]
+        while self.peek(","):
+            self.take(",")
+            args.append(self.take("name", what="a condition name")[1])
+        self.take(")", what="')'")
+        if len(args) != STATS[func]:
+            raise CriterionError(f"{func} takes {STATS[func]} condition name"
+                                 f"{'s' if STATS[func] > 1 else ''}, got {len(args)}")
+        if len(args) == 2 and args[0] == args[1]:
+            raise CriterionError(f"{func}({args[0]}, {args[1]}) compares a condition with itself")
+        return Stat(func, tuple(args))
+
+    def p_cmp(self):
+        left = self.p_term()
+        op = self.peek("op")
         if op is None:
-            got = tokens[i][1].replace("\0", "") if i < len(tokens) else "the end"
             raise CriterionError(f"expected a comparison (>=, >, <=, <, ==, !=) after {left} but found "
-                                 f"{got!r}")
-        take("op")
-        right = p_term()
+                                 f"{self._found()!r}")
+        self.take("op")
+        right = self.p_term()
         if isinstance(left, Num) and isinstance(right, Num):
             raise CriterionError(f"{left} {op[1]} {right} compares two numbers")
-        if peek("op"):
+        if self.peek("op"):
             raise CriterionError(f"chained comparison after {left} {op[1]} {right}: use 'and'")
         return Cmp(left, op[1], right)
-
-    root = p_or()
-    if i != len(tokens):
-        raise CriterionError(f"unexpected {tokens[i][1].replace(chr(0), '')!r} after {root}")
-    return Criterion(root=root, source=text)

@@ -30,9 +30,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.files import atomic_write_text
 from .criterion import TEST_DESCRIPTIONS, parse
+from .layout import LOCK_FILE
 from .spec import Spec, condition_stages
 
-LOCK_FILE = "prereg.json"
 FORMAT = "pyfuse-prereg/1"
 SEED_RULE = "int(sha256[:8], 16)"
 

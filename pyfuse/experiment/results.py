@@ -27,9 +27,10 @@ from pathlib import Path
 from ..errors import UserError
 from ..stats import diff_confint, mcnemar, two_proportion_ztest
 from .criterion import Stat, parse
-from .engine import STEPS_DIR, Plan
+from .layout import RESULTS_FILE, step_dir
+from .plan import Plan
 from .prereg import Lock, power_warnings
-from .steps import read_mc_rows, read_summary
+from .steps import read_rows, read_summary
 
 
 def _ztest_p(k1, n1, k2, n2) -> float:
@@ -147,7 +148,6 @@ def verdict(results: dict, lock: Lock) -> dict:
 
 
 def assemble_results(plan: Plan, out: Path, lock: Lock | None) -> dict:
-    steps_dir = Path(out) / STEPS_DIR
     conditions = {}
     predictions = {}
     for name, cp in plan.conditions.items():
@@ -155,13 +155,13 @@ def assemble_results(plan: Plan, out: Path, lock: Lock | None) -> dict:
                  "identity_n": None, "model": cp.model.display(),
                  "adapter": cp.adapter.display() if cp.adapter is not None else None}
         if cp.mc is not None:
-            rows = read_mc_rows(steps_dir / cp.mc.dirname)
+            rows = read_rows(step_dir(out, cp.mc.dirname))
             correct = [1 if r["correct"] else 0 for r in rows]
             entry.update(accuracy=sum(correct) / len(correct) if correct else 0.0, n=len(correct),
                          correct=correct, ids=[r["id"] for r in rows])
             predictions[name] = [r.get("prediction") for r in rows]
         if cp.identity is not None:
-            s = read_summary(steps_dir / cp.identity.dirname)
+            s = read_summary(step_dir(out, cp.identity.dirname))
             entry.update(identity=s["score"], identity_n=s["n"])
         conditions[name] = entry
     alpha = lock.document["alpha"] if lock is not None else 0.05
@@ -190,9 +190,9 @@ def _check_finite(obj, where="results"):
 
 
 def load_results(out: Path) -> dict:
-    path = Path(out) / "results.json"
+    path = Path(out) / RESULTS_FILE
     if not path.is_file():
-        raise UserError(f"{out}: no results.json (run `pyfuse experiment run SPEC --out {out}` to finish "
+        raise UserError(f"{out}: no {RESULTS_FILE} (run `pyfuse experiment run SPEC --out {out}` to finish "
                         "the experiment)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))

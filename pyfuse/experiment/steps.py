@@ -1,7 +1,8 @@
 """What each step kind does: a thin call into pyfuse's own API, writing its
-outputs into the step's (temporary) directory. The engine
-(:mod:`pyfuse.experiment.engine`) decides when a step runs, publishes the
-directory atomically and writes its ``done.json``.
+outputs into the step's (temporary) directory. The runner
+(:mod:`pyfuse.experiment.runner`) decides when a step runs, publishes the
+directory atomically and writes its ``done.json``; the names of the outputs
+are in :mod:`pyfuse.experiment.layout`.
 
 =============  ==========================================  ===============================
 kind           inputs                                      outputs (in the step directory)
@@ -27,31 +28,16 @@ import json
 import sys
 from pathlib import Path
 
-from ..io.files import write_json, write_jsonl
-
-OUTPUTS = {
-    "train": "adapter",
-    "zero": "adapter",
-    "fuse": "model",
-    "eval-mc": "rows.jsonl",
-    "eval-identity": "rows.jsonl",
-    "setg": "data",
-    "noise-floor": "noise_floor.json",
-}
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
+from ..io.files import read_jsonl, write_json, write_jsonl
+from .layout import ADAPTER, FUSE_REPORT, MODEL, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
 
 
 def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..train.lora import train_adapter
 
     kwargs = {k: v for k, v in opts.items() if k != "data"}
-    with _stdout_to_stderr():
-        res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / "adapter", verbose=False,
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
+        res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / ADAPTER, verbose=False,
                             **kwargs)
     return {"modules": len(res.modules), "trainable_parameters": res.trainable_parameters,
             "first_loss": res.first_loss, "final_loss": res.final_loss, "seconds": res.seconds,
@@ -61,7 +47,7 @@ def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..adapters.zero import zero_adapter
 
-    res = zero_adapter(inputs["adapter"], out / "adapter", model=inputs.get("model"))
+    res = zero_adapter(inputs["adapter"], out / ADAPTER, model=inputs.get("model"))
     return {"modules": len(res.modules), "magnitudes": len(res.magnitudes),
             "fine_tune_type": res.fine_tune_type}
 
@@ -69,10 +55,10 @@ def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..fuse.api import fuse_model
 
-    res = fuse_model(inputs["model"], inputs["adapter"], out / "model", policy=opts["policy"],
+    res = fuse_model(inputs["model"], inputs["adapter"], out / MODEL, policy=opts["policy"],
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
-                     dequantize=opts["dequantize"], report=out / "fuse_report.json", link_unchanged=True)
+                     dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True)
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
             "codes_changed", "groups_refit", "kernel", "warnings")
@@ -85,11 +71,11 @@ def run_eval_mc(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     res = evaluate_mc(str(inputs["model"]), str(inputs["data"]), method=opts["method"],
                       batch_size=opts["batch_size"] or 8, limit=opts["limit"],
                       max_tokens=opts["max_tokens"] or 1024,
-                      system_prompt=opts["system_prompt"], out=out / "rows.jsonl",
+                      system_prompt=opts["system_prompt"], out=out / ROWS,
                       adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None)
     summary = {"accuracy": res.accuracy, "n": res.n, "correct": res.correct, "method": res.method,
                "per_category": res.per_category}
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     return {"accuracy": res.accuracy, "n": res.n, "correct": res.correct, "seconds": res.seconds}
 
 
@@ -100,10 +86,10 @@ def run_eval_identity(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
                             persona_name=opts["persona_name"], aliases=opts["aliases"],
                             base_names=opts["base_names"], vendors=opts["vendors"],
                             system_prompt=opts["system_prompt"], max_tokens=opts["max_tokens"],
-                            batch_size=opts["batch_size"], out=out / "rows.jsonl",
+                            batch_size=opts["batch_size"], out=out / ROWS,
                             adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None)
     summary = {"score": res.score, "n": res.n, "persona": res.persona, "per_category": res.per_category}
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     return {"score": res.score, "n": res.n, "seconds": res.seconds}
 
 
@@ -112,10 +98,10 @@ def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..data.setg import SPLITS, mine_setg
 
     res = mine_setg(inputs["base_rows"], inputs["persona_rows"], inputs["data"],
-                    train_frac=opts["train_frac"], seed=opts["seed"], out=out / "data")
+                    train_frac=opts["train_frac"], seed=opts["seed"], out=out / SETG_DATA)
     items = {id_key(it.question_id): it for it in load_mc(inputs["data"])}
     for split in SPLITS:
-        write_jsonl(out / "items" / f"{split}.jsonl",
+        write_jsonl(out / SETG_ITEMS / f"{split}.jsonl",
                     [items[id_key(i)].model_dump(mode="json") for i in res.splits[split]])
     return {"n_items": res.n_items, "n_setg": res.n_setg, "seed": res.seed, "train_frac": res.train_frac,
             "splits": {s: len(res.splits[s]) for s in SPLITS}}
@@ -124,7 +110,7 @@ def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..noise_floor.measure import measure_noise_floor
 
-    with _stdout_to_stderr():
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
         res = measure_noise_floor(str(inputs["model"]), group_sizes=[opts["group_size"]], bits=[opts["bits"]],
                                   policies=[opts["policy"]], rounds=1, outputs=opts["outputs"], out=out,
                                   seed=opts["seed"])
@@ -142,10 +128,11 @@ RUNNERS = {
 }
 
 
-def read_mc_rows(step_dir: Path) -> list[dict]:
-    with open(step_dir / "rows.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_rows(step_dir: Path) -> list[dict]:
+    """The rows an eval step wrote (one per item or prompt)."""
+    return read_jsonl(step_dir / ROWS)
 
 
 def read_summary(step_dir: Path) -> dict:
-    return json.loads((step_dir / "summary.json").read_text(encoding="utf-8"))
+    """The summary an eval step wrote."""
+    return json.loads((step_dir / SUMMARY).read_text(encoding="utf-8"))

@@ -1,0 +1,410 @@
+"""The plan: a validated spec turned into a DAG of content-addressed steps.
+
+A step is ``(kind, options, inputs)``; its key is the SHA-256 of the
+canonical JSON of ``{"engine", "kind", "options", "inputs"}`` where an input
+is either the key of the step that produces it (and which of its outputs)
+or, for a file or directory the user supplied, a fingerprint of its
+contents (SHA-256 of every file up to 64 MB, size and modification time of
+larger ones, such as model shards). So two conditions that share a prefix
+of stages share those steps (a persona model fused once serves every
+condition built on it), and any change of an option or an input gives new
+keys downstream only. :mod:`.runner` runs the steps; :mod:`.steps` says
+what each kind does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .criterion import parse
+from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
+from .prereg import canonical_json
+from .spec import Spec, condition_stages, evaluated_suites
+
+ENGINE_VERSION = 1  # part of every step key: bump it when a step's outputs change meaning
+HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by content
+
+
+# ---------------------------------------------------------------------------
+# Fingerprints of user-supplied paths
+# ---------------------------------------------------------------------------
+
+
+def _file_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    if st.st_size <= HASH_LIMIT:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return {"size": st.st_size, "sha256": h.hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(path: Path) -> dict:
+    """Content fingerprint of a file or directory (hidden entries skipped);
+    independent of where it lives."""
+    path = Path(path)
+    if path.is_file():
+        return {"type": "file", **_file_fingerprint(path)}
+    if path.is_dir():
+        entries = []
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+                continue
+            entries.append([rel.as_posix(), _file_fingerprint(p)])
+        return {"type": "dir", "sha256": hashlib.sha256(canonical_json(entries).encode()).hexdigest(),
+                "files": len(entries)}
+    raise UserError(f"{path} does not exist")
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Artifact:
+    """A step's output (``step`` + ``sub``) or a user-supplied path (``source``)."""
+
+    step: "Step | None" = None
+    sub: str | None = None
+    source: Path | None = None
+    fp: dict | None = None
+
+    def ref(self) -> dict:
+        if self.step is not None:
+            return {"step": self.step.key, "out": self.sub}
+        return {"source": self.fp}
+
+    def path(self, root: Path) -> Path:
+        if self.step is not None:
+            return step_dir(root, self.step.dirname) / self.sub
+        return self.source
+
+    def describe(self) -> dict:
+        if self.step is not None:
+            return {"step": self.step.dirname, "out": self.sub}
+        return {"source": str(self.source)}
+
+    def display(self) -> str:
+        """The path as results.json shows it: relative to DIR for step outputs."""
+        if self.step is not None:
+            return f"{STEPS_DIR}/{self.step.dirname}/{self.sub}"
+        return str(self.source)
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str
+    options: dict
+    inputs: dict[str, Artifact]
+    key: str
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.kind}-{self.key[:12]}"
+
+    def out(self, sub: str) -> Artifact:
+        return Artifact(step=self, sub=sub)
+
+    @property
+    def label(self) -> str:
+        """The first label; a step that several conditions share (it runs
+        once) says with how many others."""
+        others = len(self.labels) - 1
+        if not others:
+            return self.labels[0]
+        return self.labels[0] + f" (shared with {others} other condition{'s' if others != 1 else ''})"
+
+
+@dataclass
+class FuseRecord:
+    fuse: Step
+    noise_floor: Step | None
+    setting: str  # e.g. "3-bit g64, stock"
+
+
+@dataclass
+class ConditionPlan:
+    name: str
+    model: Artifact
+    adapter: Artifact | None
+    quant: dict | None  # the current model's default quantization {bits, group_size}
+    stages: list[dict] = field(default_factory=list)
+    fuses: list[FuseRecord] = field(default_factory=list)
+    mc: Step | None = None
+    identity: Step | None = None
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    split_seed: int | None
+    steps: dict[str, Step] = field(default_factory=dict)  # key -> step, in topological order
+    conditions: dict[str, ConditionPlan] = field(default_factory=dict)
+    setg: Step | None = None
+    setg_evals: dict[str, Step] = field(default_factory=dict)
+    comparisons: list[tuple[str, str]] = field(default_factory=list)
+
+    def ordered(self) -> list[Step]:
+        return list(self.steps.values())
+
+    def consumers(self) -> dict[str, list[Step]]:
+        out: dict[str, list[Step]] = {k: [] for k in self.steps}
+        for s in self.steps.values():
+            for art in s.inputs.values():
+                if art.step is not None:
+                    out[art.step.key].append(s)
+        return out
+
+    def to_json(self) -> dict:
+        conds = {}
+        for name, c in self.conditions.items():
+            conds[name] = {
+                "from": self.spec.conditions[name].from_,
+                "description": self.spec.conditions[name].description,
+                "stages": c.stages,
+                "model": c.model.describe(),
+                "adapter": c.adapter.describe() if c.adapter is not None else None,
+                "quantization": c.quant,
+                "fuses": [{"fuse": f.fuse.dirname, "noise_floor": f.noise_floor.dirname if f.noise_floor else None,
+                           "setting": f.setting, "options": f.fuse.options} for f in c.fuses],
+                "mc": c.mc.dirname if c.mc else None,
+                "identity": c.identity.dirname if c.identity else None,
+            }
+        return {
+            "engine": ENGINE_VERSION,
+            "name": self.spec.name,
+            "spec": str(self.spec._path) if self.spec._path else None,
+            "split_seed": self.split_seed,
+            "steps": [{"dir": s.dirname, "key": s.key, "kind": s.kind, "options": s.options,
+                       "inputs": {k: a.describe() for k, a in s.inputs.items()}, "labels": s.labels}
+                      for s in self.ordered()],
+            "conditions": conds,
+            "condition_order": list(self.conditions),
+            "setg": self.setg.dirname if self.setg else None,
+            "comparisons": [list(p) for p in self.comparisons],
+        }
+
+
+def model_quant(path: Path) -> dict | None:
+    """The model's default affine quantization ``{bits, group_size}`` as the
+    fuse reads it (:class:`pyfuse.io.model_dir.ModelDir`): config.json's
+    default, not a per-module override (a fuse with no ``requant_bits`` keeps
+    each module's own). None for a model that is not affine-quantized, and
+    for one the reader refuses: the step that uses it reports why."""
+    from ..io.model_dir import ModelDir  # imports mlx: not needed to validate a spec
+
+    try:
+        model = ModelDir(path)
+    except UserError:
+        return None
+    try:
+        q = model.quant.default
+    finally:
+        model.close()
+    if "bits" not in q or "group_size" not in q or q.get("mode", "affine") != "affine":
+        return None
+    return {"bits": int(q["bits"]), "group_size": int(q["group_size"])}
+
+
+class _Planner:
+    def __init__(self, spec: Spec, split_seed: int | None):
+        self.spec = spec
+        self.plan = Plan(spec=spec, split_seed=split_seed)
+        self._sources: dict[Path, Artifact] = {}
+        self._models: dict[str, ConditionPlan] = {}  # conditions whose model is planned
+        self._busy: set[str] = set()  # being planned (a guard: the spec check refuses cycles)
+
+    def source(self, path: Path) -> Artifact:
+        path = Path(path).resolve()
+        if path not in self._sources:
+            self._sources[path] = Artifact(source=path, fp=fingerprint(path))
+        return self._sources[path]
+
+    def step(self, kind: str, options: dict, inputs: dict[str, Artifact], label: str) -> Step:
+        body = {"engine": ENGINE_VERSION, "kind": kind, "options": options,
+                "inputs": {k: a.ref() for k, a in sorted(inputs.items())}}
+        key = hashlib.sha256(canonical_json(body).encode()).hexdigest()
+        existing = self.plan.steps.get(key)
+        if existing is not None:
+            if label not in existing.labels:
+                existing.labels.append(label)
+            return existing
+        st = Step(kind=kind, options=options, inputs=dict(inputs), key=key, labels=[label])
+        self.plan.steps[key] = st
+        return st
+
+    # -- models and data -----------------------------------------------------
+
+    def model_of(self, ref: str) -> tuple[Artifact, dict | None, Artifact | None]:
+        if ref in self.spec.models:
+            path = self.spec.resolve(self.spec.models[ref])
+            return self.source(path), model_quant(path), None
+        c = self.condition_model(ref)
+        return c.model, c.quant, c.adapter
+
+    def train_data(self, ref: str) -> Artifact:
+        if ref in ("setg", "setg.train"):
+            return self.setg().out(SETG_DATA)
+        return self.source(self.spec.resolve(self.spec.data[ref]))
+
+    def mc_data(self, ref: str) -> Artifact:
+        if ref.startswith("setg.") and ref not in self.spec.data:
+            return self.setg().out(f"{SETG_ITEMS}/{ref.split('.', 1)[1]}.jsonl")
+        return self.source(self.spec.resolve(self.spec.data[ref]))
+
+    def eval_mc(self, model: Artifact, adapter: Artifact | None, data: Artifact, opts: dict, label: str) -> Step:
+        inputs = {"model": model, "data": data}
+        if adapter is not None:
+            inputs["adapter"] = adapter
+        opts = dict(opts)
+        if opts["method"] == "logprob":
+            opts["batch_size"] = None  # scores do not depend on it
+            opts["max_tokens"] = None
+        return self.step("eval-mc", opts, inputs, label)
+
+    def _enter(self, what: str) -> None:
+        if what in self._busy:
+            raise RuntimeError(f"internal error: circular reference through {what} (the spec check "
+                               "should have refused it)")
+        self._busy.add(what)
+
+    def setg(self) -> Step:
+        """Mine Set-G with the *models* of ``setg.base`` / ``setg.persona``
+        (a condition's evaluations are planned separately, so the setg
+        persona can itself be evaluated on ``setg.test``)."""
+        if self.plan.setg is not None:
+            return self.plan.setg
+        self._enter("setg")
+        sg = self.spec.setg
+        data = self.source(self.spec.resolve(self.spec.data[sg.data]))
+        opts = {"method": sg.method, "batch_size": sg.batch_size, "max_tokens": sg.max_tokens,
+                "limit": sg.limit, "system_prompt": None}
+        rows = {}
+        for role in ("base", "persona"):
+            ref = getattr(sg, role)
+            model, _, adapter = self.model_of(ref)
+            st = self.eval_mc(model, adapter, data, opts, f"setg: evaluate {role} ({ref})")
+            self.plan.setg_evals[role] = st
+            rows[role] = st.out(ROWS)
+        seed = self.plan.split_seed if self.plan.split_seed is not None else (sg.seed or 0)
+        self.plan.setg = self.step("setg", {"train_frac": sg.train_frac, "seed": seed},
+                                   {"base_rows": rows["base"], "persona_rows": rows["persona"], "data": data},
+                                   "setg: mine and split")
+        self._busy.discard("setg")
+        return self.plan.setg
+
+    # -- conditions ----------------------------------------------------------
+
+    def condition_model(self, name: str) -> ConditionPlan:
+        """The steps of the condition's model: its ``from`` and its stages
+        (not its evaluations: see :meth:`condition`)."""
+        if name in self._models:
+            return self._models[name]
+        self._enter(f"condition {name!r}")
+        model, quant, adapter = self.model_of(self.spec.conditions[name].from_)
+        cp = ConditionPlan(name=name, model=model, adapter=adapter, quant=quant)
+        stage = {"train": self._train, "zero": self._zero, "fuse": self._fuse}
+        for n_stage, (_, kind, opts) in enumerate(condition_stages(self.spec, name), 1):
+            stage[kind](cp, opts, n_stage)
+        self._busy.discard(f"condition {name!r}")
+        self._models[name] = cp
+        return cp
+
+    def _train(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
+        data = self.train_data(opts["data"])
+        st = self.step("train", opts, {"model": cp.model, "data": data}, f"{cp.name}: stage {n_stage} train")
+        cp.adapter = st.out(ADAPTER)
+        cp.stages.append({"kind": "train", "step": st.dirname, "options": opts})
+
+    def _zero(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
+        inputs = {"adapter": cp.adapter}
+        # a DoRA adapter's zero-delta twin needs the model its magnitudes refer to
+        trained_dora = cp.stages and cp.stages[-1]["kind"] == "train" and \
+            cp.stages[-1]["options"].get("fine_tune_type") == "dora"
+        if trained_dora:
+            inputs["model"] = cp.model
+        st = self.step("zero", {"dora": bool(trained_dora)}, inputs, f"{cp.name}: stage {n_stage} zero")
+        cp.adapter = st.out(ADAPTER)
+        cp.stages.append({"kind": "zero", "step": st.dirname, "options": {}})
+
+    def _fuse(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
+        """The fuse, and the noise floor of its setting on the model it fuses into."""
+        base_model, base_quant = cp.model, cp.quant
+        st = self.step("fuse", opts, {"model": cp.model, "adapter": cp.adapter}, f"{cp.name}: stage {n_stage} fuse")
+        noise = None
+        setting = opts["policy"]
+        if base_quant is not None and not opts["dequantize"]:
+            bits = opts["requant_bits"] or base_quant["bits"]
+            gs = opts["requant_group_size"] or base_quant["group_size"]
+            setting = f"{bits}-bit g{gs}, {opts['policy']}"
+            if self.spec.report.noise_floor:
+                noise = self.step("noise-floor", {
+                    "group_size": gs, "bits": bits, "policy": opts["policy"],
+                    "seed": opts["seed"], "outputs": self.spec.report.noise_floor_outputs,
+                }, {"model": base_model}, f"{cp.name}: noise floor of stage {n_stage} ({setting})")
+        elif opts["dequantize"]:
+            setting = "dequantized"
+        cp.fuses.append(FuseRecord(fuse=st, noise_floor=noise, setting=setting))
+        cp.model = st.out(MODEL)
+        cp.adapter = None
+        if opts["dequantize"]:
+            cp.quant = None
+        cp.stages.append({"kind": "fuse", "step": st.dirname, "options": opts, "setting": setting,
+                          "noise_floor": noise.dirname if noise else None})
+
+    def condition(self, name: str) -> ConditionPlan:
+        """The condition's model, then its evaluations (after its parent
+        condition's, so the steps keep the spec's natural order)."""
+        if name in self.plan.conditions:
+            return self.plan.conditions[name]
+        spec = self.spec
+        self._enter(f"the evaluations of {name!r}")
+        parent = spec.conditions[name].from_
+        if parent in spec.conditions:
+            self.condition(parent)
+        cp = self.condition_model(name)
+        suites = evaluated_suites(spec, name)
+        if "mc" in suites:
+            mc = spec.evaluation.mc
+            cp.mc = self.eval_mc(cp.model, cp.adapter, self.mc_data(mc.data),
+                                 {"method": mc.method, "batch_size": mc.batch_size, "max_tokens": mc.max_tokens,
+                                  "limit": mc.limit, "system_prompt": mc.system_prompt},
+                                 f"{name}: evaluate mc")
+        if "identity" in suites:
+            ident = spec.evaluation.identity
+            inputs = {"model": cp.model}
+            if cp.adapter is not None:
+                inputs["adapter"] = cp.adapter
+            if ident.suite is not None:
+                inputs["suite"] = self.source(spec.resolve(ident.suite))
+            cp.identity = self.step("eval-identity", ident.model_dump(exclude={"suite"}), inputs,
+                                    f"{name}: evaluate identity")
+        self._busy.discard(f"the evaluations of {name!r}")
+        self.plan.conditions[name] = cp
+        return cp
+
+
+def build_plan(spec: Spec, split_seed: int | None) -> Plan:
+    """Every step of the spec, deduplicated by key, in an order where each
+    step comes after the steps it needs."""
+    planner = _Planner(spec, split_seed)
+    for name in spec.conditions:
+        planner.condition(name)
+    plan = planner.plan
+    # keep spec order for the conditions
+    plan.conditions = {n: plan.conditions[n] for n in spec.conditions}
+    pairs = [(c.a, c.b) for c in spec.comparisons]
+    if spec.preregistration is not None:
+        for pair in parse(spec.preregistration.criterion).pairs():
+            if pair not in pairs:
+                pairs.append(pair)
+    plan.comparisons = pairs
+    return plan

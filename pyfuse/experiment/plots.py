@@ -1,0 +1,110 @@
+"""The report's figures (:mod:`.report` decides what they show). Each is
+written atomically as PNG, without timestamps, so the same results give
+the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io.files import save_figure
+
+ACCURACY_PNG = "accuracy.png"
+FLIPS_PNG = "flips.png"
+NOISE_FLOOR_PNG = "noise_floor.png"
+IDENTITY_PNG = "identity.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        return save_figure(fig, path)
+    finally:
+        _pyplot().close(fig)
+
+
+def accuracy_plot(out: Path, names: list[str], accs: list[float], lows: list[float], highs: list[float]) -> str:
+    """Accuracy per condition with error bars ``lows``/``highs`` below/above it."""
+    fig, ax = _pyplot().subplots(figsize=(max(4, 1.1 * len(names) + 2), 3.6))
+    x = range(len(names))
+    ax.bar(x, accs, color="#4c78a8", alpha=0.8)
+    ax.errorbar(x, accs, yerr=[lows, highs], fmt="none", ecolor="black", capsize=5)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=20, ha="right")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, min(1.0, max(a + h for a, h in zip(accs, highs)) * 1.2 + 0.02))
+    ax.set_title("accuracy per condition (Wilson 95 % CI)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, out / ACCURACY_PNG)
+    return ACCURACY_PNG
+
+
+def flips_plot(out: Path, comps: list[dict]) -> str:
+    """For each comparison its 2 x 2 table of items right/wrong under A and B."""
+    k = len(comps)
+    cols = min(k, 3)
+    rows_n = -(-k // cols)
+    fig, axes = _pyplot().subplots(rows_n, cols, figsize=(3.4 * cols, 3.0 * rows_n), squeeze=False)
+    for i, c in enumerate(comps):
+        ax = axes[i // cols][i % cols]
+        f = c["flips"]
+        m = [[f["both_correct"], f["a_only"]], [f["b_only"], f["both_wrong"]]]
+        ax.imshow([[0, 1], [1, 0]], cmap="Blues", vmin=-1, vmax=3)
+        for r in range(2):
+            for q in range(2):
+                ax.text(q, r, str(m[r][q]), ha="center", va="center", fontsize=13,
+                        fontweight="bold" if r != q else "normal")
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels([f"{c['b']} right", f"{c['b']} wrong"])
+        ax.set_yticks([0, 1])
+        ax.set_yticklabels([f"{c['a']} right", f"{c['a']} wrong"])
+        ax.set_title(f"{c['a']} vs {c['b']}: McNemar p = {c['mcnemar_p']:.3g}", fontsize=9)
+    for j in range(k, rows_n * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    _save(fig, out / FLIPS_PNG)
+    return FLIPS_PNG
+
+
+def fuse_settings_plot(out: Path, rows: list[dict]) -> str:
+    """Per fuse: the noise floor of its setting (weights and codes changed)
+    and the codes the fuse itself changed."""
+    fig, ax = _pyplot().subplots(figsize=(max(4.5, 1.4 * len(rows) + 2), 3.6))
+    width = 0.27
+    xs = list(range(len(rows)))
+    series = [("noise floor: weights changed", "nf_weights", "#9ecae1"),
+              ("noise floor: codes changed", "nf_codes", "#4292c6"),
+              ("fuse: codes changed (fused modules)", "codes_changed", "#e6550d")]
+    for j, (label, key, color) in enumerate(series):
+        ax.bar([x + (j - 1) * width for x in xs], [(r[key] or 0) * 100 for r in rows], width,
+               label=label, color=color)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{'/'.join(r['conditions'])}\n{r['setting']}" for r in rows], fontsize=8)
+    ax.set_ylabel("% of weights")
+    ax.set_title("what the fuse settings change", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, out / NOISE_FLOOR_PNG)
+    return NOISE_FLOOR_PNG
+
+
+def identity_plot(out: Path, ident: list[tuple[str, dict]]) -> str:
+    """Identity-suite score per condition, out of the suite's prompts."""
+    fig, ax = _pyplot().subplots(figsize=(max(4, 1.1 * len(ident) + 2), 3.4))
+    ax.bar(range(len(ident)), [c["identity"] for _, c in ident], color="#54a24b")
+    top = max(c["identity_n"] for _, c in ident)
+    ax.axhline(top, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(range(len(ident)))
+    ax.set_xticklabels([n for n, _ in ident], rotation=20, ha="right")
+    ax.set_ylim(0, top * 1.1 + 0.5)
+    ax.set_ylabel(f"prompts passed (of {top})")
+    ax.set_title("identity-suite score per condition", fontsize=10)
+    _save(fig, out / IDENTITY_PNG)
+    return IDENTITY_PNG

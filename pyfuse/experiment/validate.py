@@ -1,0 +1,307 @@
+"""Cross-checks of a spec that the schema (:mod:`.spec`) cannot make:
+names, references between sections, the order of stages, circular
+references (through conditions and Set-G), the criterion's names, missing
+paths and the identity suite. Each returns ``[(field path, message), ...]``;
+:func:`pyfuse.experiment.load.spec_from_dict` raises them as one
+:class:`~pyfuse.experiment.spec.SpecError`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from .criterion import parse
+from .spec import (NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec, condition_stages, ends_with_adapter,
+                   evaluated_suites)
+
+Problems = list[tuple[str, str]]
+
+
+def check_references(spec: Spec) -> Problems:
+    """Every cross-check but the paths (see :func:`missing_paths`), in the
+    order the problems are reported; the cycle check only when the rest
+    passes (a cycle through an unknown name is that name's problem)."""
+    problems = (_names(spec) + _conditions(spec) + _setg(spec) + _evaluation(spec) + _comparisons(spec)
+                + _criterion(spec))
+    if not problems:
+        cycle = find_cycle(spec)
+        if cycle:
+            problems.append(cycle)
+    return problems
+
+
+def _names(spec: Spec) -> Problems:
+    problems = []
+    for section in ("models", "data", "conditions"):
+        for name in getattr(spec, section):
+            if not NAME_RE.match(name):
+                problems.append((f"{section}.{name}", "a name is letters, digits, '_' and '-' "
+                                 "(starting with a letter or digit)"))
+            elif name.lower() in RESERVED_NAMES:
+                problems.append((f"{section}.{name}", f"{name!r} is a reserved word"))
+    for name in spec.conditions:
+        if name in spec.models:
+            problems.append((f"conditions.{name}", f"{name!r} is also a model name; a condition needs "
+                             "its own name"))
+    return problems
+
+
+def _data_ref_problem(spec: Spec, ref: str, *, training: bool) -> str | None:
+    if ref in spec.data:
+        return None
+    if ref.startswith("setg") and ref in ({"setg", "setg.train"} if training else
+                                          {f"setg.{s}" for s in SETG_SPLITS}):
+        return None if spec.setg is not None else f"{ref!r} needs a setg section"
+    known = sorted(spec.data) + (["setg"] if training else [f"setg.{s}" for s in SETG_SPLITS])
+    return f"unknown data {ref!r} (known: {', '.join(known)})"
+
+
+def _conditions(spec: Spec) -> Problems:
+    """``from`` references, the order of stages and the suites each condition names."""
+    problems = []
+    for name, cond in spec.conditions.items():
+        src = cond.from_
+        if src not in spec.models and src not in spec.conditions:
+            problems.append((f"conditions.{name}.from", f"unknown model or condition {src!r} (models: "
+                             f"{', '.join(spec.models)}; conditions: {', '.join(spec.conditions)})"))
+        elif src in spec.conditions and ends_with_adapter(spec, src):
+            problems.append((f"conditions.{name}.from", f"condition {src!r} ends with an unfused adapter; "
+                             "a condition can only start from a model (add a fuse stage to it)"))
+        problems += _stage_order(spec, name)
+        for i, suite in enumerate(cond.evaluate or []):
+            if getattr(spec.evaluation, suite) is None:
+                problems.append((f"conditions.{name}.evaluate[{i}]", f"no evaluation.{suite} is defined"))
+    return problems
+
+
+def _stage_order(spec: Spec, name: str) -> Problems:
+    """A train stage needs data and no unfused adapter before it; zero and
+    fuse need an adapter."""
+    problems = []
+    pending = False
+    for where, kind, opts in condition_stages(spec, name):
+        if kind == "train":
+            if pending:
+                problems.append((where, "the previous stage's adapter is not fused yet; add a fuse "
+                                 "stage before training another adapter"))
+            if opts["data"] is None:
+                problems.append((f"{where}.data", "required (here or in defaults.train)"))
+            else:
+                p = _data_ref_problem(spec, opts["data"], training=True)
+                if p:
+                    problems.append((f"{where}.data", p))
+            pending = True
+        elif kind in ("zero", "fuse"):
+            if not pending:
+                problems.append((where, f"a {kind} stage needs an adapter: put it after a train stage"))
+            if kind == "fuse":
+                pending = False
+    return problems
+
+
+def _setg(spec: Spec) -> Problems:
+    problems = []
+    if spec.setg is None:
+        return problems
+    if spec.setg.data not in spec.data:
+        problems.append(("setg.data", f"unknown data {spec.setg.data!r} (known: {', '.join(spec.data) or 'none'})"))
+    for role in ("base", "persona"):
+        ref = getattr(spec.setg, role)
+        if ref not in spec.models and ref not in spec.conditions:
+            problems.append((f"setg.{role}", f"unknown model or condition {ref!r}"))
+    if spec.preregistration is not None and spec.setg.seed is not None:
+        problems.append(("setg.seed", "the split seed is derived from the pre-registration's hash; "
+                         "remove setg.seed"))
+    return problems
+
+
+def _evaluation(spec: Spec) -> Problems:
+    problems = []
+    if spec.evaluation.mc is not None:
+        p = _data_ref_problem(spec, spec.evaluation.mc.data, training=False)
+        if p:
+            problems.append(("evaluation.mc.data", p))
+    if spec.evaluation.identity is not None:
+        ident = spec.evaluation.identity
+        if ident.suite is None and ident.persona_name is None:
+            problems.append(("evaluation.identity", "give a suite (a YAML file) or persona_name (for the "
+                             "built-in template)"))
+    return problems
+
+
+def _evaluated_on(spec: Spec, suite: str) -> set[str]:
+    return {n for n in spec.conditions if suite in evaluated_suites(spec, n)}
+
+
+def _comparisons(spec: Spec) -> Problems:
+    problems = []
+    mc_conditions = _evaluated_on(spec, "mc")
+    for i, cmp in enumerate(spec.comparisons):
+        for side in ("a", "b"):
+            ref = getattr(cmp, side)
+            if ref not in spec.conditions:
+                problems.append((f"comparisons[{i}].{side}", f"unknown condition {ref!r}"))
+            elif ref not in mc_conditions:
+                problems.append((f"comparisons[{i}].{side}", f"condition {ref!r} is not evaluated on "
+                                 "multiple choice (evaluation.mc)"))
+        if cmp.a == cmp.b:
+            problems.append((f"comparisons[{i}]", "compares a condition with itself"))
+    return problems
+
+
+def _criterion(spec: Spec) -> Problems:
+    """The criterion's condition names: known, and evaluated on what its statistics need."""
+    problems = []
+    if spec.preregistration is None:
+        return problems
+    crit = parse(spec.preregistration.criterion)
+    mc_conditions, ident_conditions = _evaluated_on(spec, "mc"), _evaluated_on(spec, "identity")
+    for stat in crit.stats():
+        for ref in stat.args:
+            if ref not in spec.conditions:
+                problems.append(("preregistration.criterion", f"{stat}: unknown condition {ref!r}"))
+            elif stat.func == "identity" and ref not in ident_conditions:
+                problems.append(("preregistration.criterion", f"{stat}: condition {ref!r} has no "
+                                 "identity evaluation"))
+            elif stat.func != "identity" and ref not in mc_conditions:
+                problems.append(("preregistration.criterion", f"{stat}: condition {ref!r} is not "
+                                 "evaluated on multiple choice (evaluation.mc)"))
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Circular references
+# ---------------------------------------------------------------------------
+
+
+def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
+    """The entity graph: ``node -> {node it needs: the field that says so}``.
+
+    Nodes: ``model:NAME`` (a condition's model: its ``from``, then its
+    stages), ``eval:NAME`` (the condition's evaluations, of that model) and
+    ``setg`` (both Set-G models evaluated on ``setg.data``, then mined and
+    split). A condition's model and its evaluations are separate nodes: Set-G
+    is mined with the *models* of ``setg.base`` and ``setg.persona``, so those
+    conditions can be evaluated on ``setg.*`` like any other (their models
+    come first, their evaluations after the split); a condition whose model
+    needs Set-G (a stage that trains on it) while Set-G needs that model is a
+    real cycle."""
+    deps: dict[str, dict[str, str]] = {}
+    for name, cond in spec.conditions.items():
+        d: dict[str, str] = {}
+        if cond.from_ in spec.conditions:
+            d[f"model:{cond.from_}"] = f"conditions.{name}.from"
+        for where, kind, opts in condition_stages(spec, name):
+            if kind == "train" and opts["data"] in ("setg", "setg.train"):
+                d.setdefault("setg", f"{where}.data")
+        deps[f"model:{name}"] = d
+        e = {f"model:{name}": f"conditions.{name}"}
+        if spec.evaluation.mc is not None and spec.evaluation.mc.data.startswith("setg.") \
+                and spec.evaluation.mc.data not in spec.data and "mc" in evaluated_suites(spec, name):
+            e["setg"] = "evaluation.mc.data"
+        deps[f"eval:{name}"] = e
+    if spec.setg is not None:
+        d = {}
+        for role in ("base", "persona"):
+            ref = getattr(spec.setg, role)
+            if ref in spec.conditions:
+                d.setdefault(f"model:{ref}", f"setg.{role}")
+        deps["setg"] = d
+    return deps
+
+
+def _node_label(node: str) -> str:
+    kind, _, name = node.partition(":")
+    return {"model": name, "eval": f"{name} (evaluation)"}.get(kind, node)
+
+
+def _edge_reason(src: str, dst: str) -> str:
+    s, d = _node_label(src), _node_label(dst)
+    if dst == "setg":
+        return f"{s} {'trains' if src.startswith('model:') else 'is evaluated'} on Set-G"
+    if src == "setg":
+        return f"Set-G is mined with {d}'s model"
+    return f"{s} starts from {d}"
+
+
+def find_cycle(spec: Spec) -> tuple[str, str] | None:
+    """The first circular reference of :func:`dependencies`, as ``(field,
+    message)``: the field is that of the cycle's first edge (e.g.
+    ``conditions.C1.from``; through Set-G, the field that needs Set-G, e.g.
+    ``conditions.P.stages[0].train.data``)."""
+    deps = dependencies(spec)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(deps.get(node, ())):
+            if state.get(nxt) == 1:
+                ring = stack[stack.index(nxt):]
+                if "setg" in ring:  # start at what needs Set-G: the field that closes the loop
+                    i = (ring.index("setg") - 1) % len(ring)
+                    ring = ring[i:] + ring[:i]
+                cyc = ring + [ring[0]]
+                edges = list(zip(cyc, cyc[1:]))
+                text = "circular reference: " + " -> ".join(_node_label(n) for n in cyc)
+                if "setg" in cyc:
+                    text += " (" + "; ".join(_edge_reason(a, b) for a, b in edges) + ")"
+                return deps[edges[0][0]][edges[0][1]], text
+            if state.get(nxt) is None:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(deps):
+        if state.get(node) is None:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Paths and the identity suite
+# ---------------------------------------------------------------------------
+
+
+def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
+    """``(field path, what, resolved path)`` of every path that does not exist."""
+    out = []
+    for name, p in spec.models.items():
+        r = spec.resolve(p)
+        if not r.is_dir():
+            out.append((f"models.{name}", "model directory" if not r.exists() else "model directory (not a "
+                        "directory)", r))
+    for name, p in spec.data.items():
+        r = spec.resolve(p)
+        if not r.exists():
+            out.append((f"data.{name}", "data path", r))
+    ident = spec.evaluation.identity
+    if ident is not None and ident.suite is not None:
+        r = spec.resolve(ident.suite)
+        if not r.is_file():
+            out.append(("evaluation.identity.suite", "identity suite", r))
+    return out
+
+
+def check_suite(spec: Spec) -> list[tuple[str, str]]:
+    """Load the identity suite (when it exists) with the spec's overrides."""
+    ident = spec.evaluation.identity
+    if ident is None:
+        return []
+    path = spec.resolve(ident.suite) if ident.suite is not None else None
+    if path is not None and not path.is_file():
+        return []
+    from ..evals.identity import load_suite
+
+    try:
+        load_suite(path, persona_name=ident.persona_name, aliases=ident.aliases, base_names=ident.base_names,
+                   vendors=ident.vendors, system_prompt=ident.system_prompt, max_tokens=ident.max_tokens)
+    except UserError as err:
+        return [("evaluation.identity.suite", str(err))]
+    return []
