@@ -202,16 +202,13 @@ def model_quant(path: Path) -> dict | None:
     from ..io.model_dir import ModelDir  # imports mlx: not needed to validate a spec
 
     try:
-        model = ModelDir(path)
+        with ModelDir(path) as model:
+            q = model.quantization
     except UserError:
         return None
-    try:
-        q = model.quant.default
-    finally:
-        model.close()
-    if "bits" not in q or "group_size" not in q or q.get("mode", "affine") != "affine":
+    if q is None or q.mode != "affine":
         return None
-    return {"bits": int(q["bits"]), "group_size": int(q["group_size"])}
+    return {"bits": q.bits, "group_size": q.group_size}
 
 
 class _Planner:
