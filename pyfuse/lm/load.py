@@ -30,8 +30,8 @@ from ..errors import UserError
 
 NARROW_DTYPES = (mx.bfloat16, mx.float16)
 
-__all__ = ["LoadedModel", "compute_dtype_note", "load_for_inference", "load_model", "to_compute_dtype",
-           "use_compute_dtype", "widens"]
+__all__ = ["LoadedModel", "compute_dtype_note", "load_for_inference", "load_model", "load_tokenizer",
+           "to_compute_dtype", "use_compute_dtype", "widens"]
 
 
 @dataclass
@@ -116,3 +116,17 @@ def load_for_inference(model, adapter_path: str | os.PathLike | None = None) -> 
     if isinstance(model, (str, os.PathLike)):
         use_compute_dtype(loaded.model)
     return loaded
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of an mlx-lm model directory, as :func:`load_model`
+    loads it (for callers that build the model graph themselves)."""
+    from mlx_lm.utils import load_config
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    path = Path(path)
+    try:
+        eos = load_config(path).get("eos_token_id")
+        return mlx_load_tokenizer(path, eos_token_ids=eos)
+    except Exception as err:  # transformers raises many types for a missing/corrupt tokenizer
+        raise UserError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {_first_line(err)})") from None
