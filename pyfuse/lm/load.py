@@ -1,12 +1,14 @@
 """Loading an mlx-lm model, and the one compute-dtype policy for inference.
 
 The policy (:func:`use_compute_dtype`): on MLX's CPU backend, bfloat16 and
-float16 parameters are widened to float32 before the model runs. Measured
-here (x86_64, MLX 0.32 CPU, a 4-bit g64 model of hidden size 512, 4 layers,
-bfloat16): a 256-token forward pass took 68.5 s in bfloat16 and 8.3 s
-widened (qwen3_moe; llama: 82.5 s and 9.3 s), greedy generation of 4 x 32
-tokens 82 s and 10 s; ``bench/bench_eval.py --dtype bfloat16`` repeats the
-comparison. Widening is exact for the stored values (every bfloat16 / float16
+float16 parameters are widened to float32 before the model runs, because
+MLX's CPU kernels are several times slower in the narrow types. Measured
+here (x86_64, 2 cores, MLX 0.32 CPU; 4-bit g64, bfloat16, 4 layers, hidden
+512): a 256-token forward pass took 68.5 s as stored and 8.3 s widened
+(qwen3_moe; llama 82.5 s and 9.3 s), greedy generation of 4 x 32 tokens 82 s
+and 10 s; ``python bench/bench_eval.py --dtype bfloat16 --hidden-size 256
+--items 4 --max-tokens 4`` scores MMLU-style items 6.4x as fast widened.
+Widening is exact for the stored values (every bfloat16 / float16
 number is a float32 number); only the arithmetic is wider. On the GPU the
 model runs in its own dtype. Every inference path (``pyfuse eval mc``,
 ``pyfuse eval identity``, the noise floor's output level) applies the same
