@@ -32,8 +32,8 @@ from ..errors import UserError
 
 NARROW_DTYPES = (mx.bfloat16, mx.float16)
 
-__all__ = ["LoadedModel", "compute_dtype_note", "load_for_inference", "load_model", "load_tokenizer",
-           "to_compute_dtype", "use_compute_dtype", "widens"]
+__all__ = ["LoadedModel", "compute_dtype_note", "load_for_inference", "load_graph", "load_model",
+           "load_tokenizer", "to_compute_dtype", "use_compute_dtype", "widens"]
 
 
 @dataclass
@@ -132,3 +132,15 @@ def load_tokenizer(path: str | os.PathLike):
         return mlx_load_tokenizer(path, eos_token_ids=eos)
     except Exception as err:  # transformers raises many types for a missing/corrupt tokenizer
         raise UserError(f"{path}: cannot load the tokenizer ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def load_graph(path: str | os.PathLike):
+    """``(model, config)``: the model graph of an mlx-lm model directory,
+    lazily, without tokenizer or compute-dtype policy (for callers that
+    re-quantize it, such as the noise floor's baselines)."""
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    try:
+        return mlx_load_model(Path(path), lazy=True)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise UserError(f"{path}: mlx-lm cannot load this model ({err})") from None

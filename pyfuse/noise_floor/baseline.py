@@ -102,13 +102,11 @@ def _quiet():
 
 def load_baseline(model_dir: ModelDir, setting: Setting) -> Baseline:
     """The baseline of ``setting`` (see the module doc)."""
-    from mlx_lm.utils import dequantize_model, load_model, quantize_model
+    from mlx_lm.utils import dequantize_model, quantize_model
 
-    path = model_dir.path
-    try:
-        model, config = load_model(path, lazy=True)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise UserError(f"{path}: mlx-lm cannot load this model ({err})") from None
+    from ..lm.load import load_graph
+
+    model, config = load_graph(model_dir.path)
     if setting.source == "model":
         _check_stored_quantization(model, model_dir)
     else:
