@@ -140,21 +140,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         check_positive("max_tokens", max_tokens)
     if method == "logprob" and not answer_prefix:
         raise UserError("answer_prefix must not be empty for method 'logprob'")
-    if isinstance(data, (str, os.PathLike)):
-        source = str(data)
-        # without a category filter only the first `limit` rows are read
-        items = load_mc(data, limit=limit if categories is None else None)
-    else:
-        source = None
-        items = list(data)
-        if not items:
-            raise UserError("no items to evaluate")
-        if not all(isinstance(it, MCItem) for it in items):
-            raise UserError("data must be a path or a list of pyfuse.data.mmlu.MCItem")
-    items = _select(items, categories, limit, source or "data")
-    if not items:
-        raise UserError("no items to evaluate")
-
+    items, source = _items(data, categories, limit)
     lm = load_for_inference(model, adapter_path)
     started = time.perf_counter()
     rows: list[dict] = []
@@ -177,6 +163,35 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
 
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
+    out_path = None
+    if out is not None:
+        out_path = write_jsonl(out, rows)
+    return MCEvalResult(accuracy=correct / n, n=n, correct=correct, rows=rows, method=method,
+                        batch_size=batch_size, max_tokens=max_tokens if method == "generate" else None,
+                        model=lm.name, data=source, seconds=seconds,
+                        per_category=_per_category(rows), out=out_path)
+
+
+def _items(data, categories, limit) -> tuple[list[MCItem], str | None]:
+    """The items to evaluate (after ``categories``, then ``limit``) and the file they came from."""
+    if isinstance(data, (str, os.PathLike)):
+        source = str(data)
+        # without a category filter only the first `limit` rows are read
+        items = load_mc(data, limit=limit if categories is None else None)
+    else:
+        source = None
+        items = list(data)
+        if not items:
+            raise UserError("no items to evaluate")
+        if not all(isinstance(it, MCItem) for it in items):
+            raise UserError("data must be a path or a list of pyfuse.data.mmlu.MCItem")
+    items = _select(items, categories, limit, source or "data")
+    if not items:
+        raise UserError("no items to evaluate")
+    return items, source
+
+
+def _per_category(rows: list[dict]) -> dict[str, dict]:
     per_cat: dict[str, dict] = {}
     for r in rows:
         c = per_cat.setdefault(r["category"], {"n": 0, "correct": 0})
@@ -184,13 +199,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         c["correct"] += int(r["correct"])
     for c in per_cat.values():
         c["accuracy"] = c["correct"] / c["n"]
-    out_path = None
-    if out is not None:
-        out_path = write_jsonl(out, rows)
-    return MCEvalResult(accuracy=correct / n, n=n, correct=correct, rows=rows, method=method,
-                        batch_size=batch_size, max_tokens=max_tokens if method == "generate" else None,
-                        model=lm.name, data=source, seconds=seconds,
-                        per_category=dict(sorted(per_cat.items())), out=out_path)
+    return dict(sorted(per_cat.items()))
 
 
 def _row(item: MCItem, prediction, rule, method, batch, *, output=None, n_tokens=None, truncated=None,

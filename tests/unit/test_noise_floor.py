@@ -494,6 +494,24 @@ def test_mixed_precision_model_is_measured_module_by_module(tiny_moe_mixed_dir):
             one.check(t)
 
 
+def test_model_read_unlike_mlx_lm_is_refused(tiny_moe_mixed_dir, monkeypatch):
+    """Should config.json and the stored shapes (ModelDir, the fuse's reader)
+    ever say other bits than mlx-lm loads, the noise floor refuses the model
+    rather than measure it at a setting the fuse would not use."""
+    from pyfuse.io.model_dir import ModelDir, QParams
+
+    read = ModelDir.quant_params
+
+    def misread(self, path, in_dims=None):
+        q = read(self, path, in_dims)
+        return QParams(3, q.group_size, q.mode) if path.endswith("down_proj") else q
+
+    monkeypatch.setattr(ModelDir, "quant_params", misread)
+    with pytest.raises(UserError, match=r"down_proj is 3-bit g64 \(affine\) by config.json and its stored "
+                                        r"shapes, but mlx-lm loads it as 6-bit g64"):
+        measure_noise_floor(tiny_moe_mixed_dir, group_sizes=[64], bits=[3], outputs=False)
+
+
 @pytest.fixture(scope="module")
 def bf16_moe(tiny_models_root, tiny_tokenizer_dir):
     """4-bit g64 qwen3_moe in bfloat16 (scales too): the compute-dtype policy matters."""
