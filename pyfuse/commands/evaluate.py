@@ -8,7 +8,9 @@ import sys
 
 HELP = "evaluate a model: multiple choice (MMLU-Pro, generate or logprob) or identity consistency"
 DESCRIPTION = """\
-Evaluate an mlx-lm model (greedy, temperature 0, thinking disabled).
+Evaluate an mlx-lm model (greedy, temperature 0, thinking disabled; on MLX's
+CPU backend bfloat16/float16 parameters run widened to float32, as in
+`pyfuse noise-floor`: exact for the stored weights and several times faster).
 
   pyfuse eval mc --model M --data mmlu_pro.parquet [--method generate|logprob]
                  [--batch-size 8] [--limit N] --out results.jsonl
@@ -17,7 +19,8 @@ Evaluate an mlx-lm model (greedy, temperature 0, thinking disabled).
       consecutive items (the same batches for every model), answer extracted
       from the text (\\boxed{X} first). logprob: one forward pass per item,
       the option letter with the highest log P(\\boxed{X} | prompt) - the
-      answer the model gives if it answers at once; much faster, no decoding.
+      answer the model gives if it answers at once; much faster, no decoding
+      (the same scorer gives `pyfuse noise-floor --mc` its answers).
       One JSON line per item (id, category, gold, prediction, rule, correct,
       output, ...) for `pyfuse stats mcnemar` and `pyfuse setg`.
 

@@ -24,16 +24,18 @@ K adapters does), compared with the baseline:
   KL mean / p99     KL(baseline || fused) of next-token distributions on a
                     prompt set (built-in, or --prompts JSONL), teacher-forced
   top-1 flip        share of positions whose most likely token changes
-  MC flip           (--mc, MMLU-Pro rows) share of answer letters that flip
+  MC flip           (--mc, MMLU-Pro rows) share of items whose answer flips:
+                    the answer `pyfuse eval mc --method logprob` gives
 
 The baseline: a full-precision model is quantized at each setting (mlx-lm's
 quantize_model); a quantized model is measured as stored at its own setting
-(source "model") and, from its dequantized weights, at the others (source
-"requantized"). Figures describe the model after all --rounds fuses; the
+(source "model", each module at its own bits and group size) and, from its
+dequantized weights, at the others (source "requantized"). Figures describe the model after all --rounds fuses; the
 JSON's "drift" lists every round.
 
-Writes --out/noise_floor.json, noise_floor.md, noise_floor_tensors.jsonl and
-PNG plots.
+Writes --out/noise_floor.json, noise_floor.md, noise_floor_tensors.jsonl,
+noise_floor_mc.jsonl (with --mc: every item's answer and option
+log-probabilities, baseline and fused) and PNG plots.
 
   pyfuse noise-floor --model mlx_model --bits 3,4 --group-sizes 64 --out nf
 """
@@ -55,7 +57,8 @@ def add_arguments(p) -> None:
                    help='prompts for the output level: {"text": ...} or {"messages": [...]} rows '
                         "(default: a built-in dozen)")
     p.add_argument("--mc", default=None, metavar="FILE",
-                   help="MMLU-Pro rows (JSONL or Parquet): report the share of answers that flip")
+                   help="MMLU-Pro rows (JSONL or Parquet): report the share of answers (as `pyfuse eval mc "
+                        "--method logprob` scores them) that flip")
     p.add_argument("--mc-limit", type=int, default=None, metavar="N", help="use the first N --mc items")
     p.add_argument("--no-outputs", dest="outputs", action="store_false",
                    help="weights only: no tokenizer, no forward passes")

@@ -5,8 +5,9 @@ see :func:`default_suite_path`) names the persona (``persona.name``,
 ``persona.aliases``), the base model it must not claim to be (``base.names``,
 ``base.vendors``), boilerplate phrases (``generic_phrases``) and N prompts,
 each with rule-based checks. The model answers every prompt greedily
-(temperature 0, thinking disabled, :func:`pyfuse.evals.mc.generate_batched`);
-a prompt passes when all its checks pass, and the score is the number of
+(temperature 0, thinking disabled: the chat template of :mod:`pyfuse.lm.chat`,
+the fixed batches of :func:`pyfuse.lm.generate.generate_batched`); a prompt
+passes when all its checks pass, and the score is the number of
 passing prompts out of N. The base model is the control: a suite on which
 the base model scores high cannot tell a persona from its absence.
 
@@ -55,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from ..errors import UserError
 from ..io.files import write_jsonl
+from ..lm.generate import check_positive
 
 NAMED_CHECKS = ("states_name", "no_base_claim", "no_base_mention", "no_generic_ai")
 REGEX_CHECKS = ("contains", "not_contains")
@@ -398,8 +400,7 @@ def evaluate_identity(model, suite=None, *, persona_name: str | None = None,
     ``model`` (then the suite cannot tell the persona from its absence)."""
     s = load_suite(suite, persona_name=persona_name, aliases=aliases, base_names=base_names,
                    vendors=vendors, system_prompt=system_prompt, max_tokens=max_tokens)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_positive("batch_size", batch_size)
     result = _run_suite(model, s, batch_size, adapter_path)
     if control is not None:
         result.control = _run_suite(control, s, batch_size, None)
@@ -416,9 +417,11 @@ def evaluate_identity(model, suite=None, *, persona_name: str | None = None,
 
 
 def _run_suite(model, s: IdentitySuite, batch_size: int, adapter_path) -> IdentityResult:
-    from .mc import chat_prompt, generate_batched, load_model
+    from ..lm.chat import chat_prompt
+    from ..lm.generate import generate_batched
+    from ..lm.load import load_for_inference
 
-    lm = load_model(model, adapter_path)
+    lm = load_for_inference(model, adapter_path)
     started = time.perf_counter()
     prompts = [chat_prompt(lm.tokenizer, messages=s.messages_for(p), system_prompt=s.generation.system_prompt)
                for p in s.prompts]

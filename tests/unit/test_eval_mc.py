@@ -12,7 +12,9 @@ import pytest
 
 from pyfuse.cli import main
 from pyfuse.errors import UserError
-from pyfuse.evals.mc import chat_text, evaluate_mc, load_model
+from pyfuse.evals.mc import evaluate_mc
+from pyfuse.lm.chat import chat_text
+from pyfuse.lm.load import load_model
 from pyfuse.data.mmlu import LETTERS, format_question, load_mc, read_results
 
 ROW_KEYS = {"id", "category", "gold", "prediction", "rule", "correct", "output", "method", "batch",

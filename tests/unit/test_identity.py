@@ -159,7 +159,7 @@ def test_cli_on_a_tiny_model(tiny_moe_dir, tmp_path, capsys):
     from mlx_lm import load
     from mlx_lm.generate import stream_generate
 
-    from pyfuse.evals.mc import chat_prompt
+    from pyfuse.lm.chat import chat_prompt
 
     out = tmp_path / "identity.jsonl"
     code = main(["eval", "identity", "--model", str(tiny_moe_dir), "--persona-name", "Nova",

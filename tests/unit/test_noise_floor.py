@@ -5,7 +5,10 @@ the baseline is quantized with ``mx.quantize`` (or read from the stored
 model), the stock zero-delta fuse is ``mx.quantize(mx.dequantize(...))``,
 codes are unpacked with numpy bit operations, sums are float64 numpy, and
 the output level re-runs both models prompt by prompt (no batching) from a
-graph quantized here with ``nn.quantize``. The models have realistic
+graph quantized here with ``nn.quantize``; the MC answers are those of
+``pyfuse eval mc --method logprob`` on the model directory (and on a fused
+copy written here); a mixed-precision model is measured module by module at
+the settings mlx-lm loads. The models have realistic
 (Normal(0, 0.02)) weights, where MLX's round trip is not idempotent.
 """
 
@@ -429,6 +432,129 @@ def test_output_files(output_run):
     for name in ("noise_floor_weights.png", "noise_floor_kl.png", "noise_floor_retention.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list(out.glob(".*"))  # no temporary files left
+
+
+# -- one reader of the model's quantization, one multiple-choice scorer -----------------------------------
+
+
+def own_quant(config: dict, module: str) -> tuple[int, int]:
+    """(group size, bits) of a module per config.json: its own entry, else the default."""
+    q = config["quantization"]
+    entry = q.get(module, q)
+    return entry["group_size"], entry["bits"]
+
+
+def stock_fused_dir(model_dir: Path, out: Path) -> Path:
+    """A copy of a quantized model with every quantized tensor through the
+    stock zero-delta fuse (MLX's own round trip) at the module's own setting
+    per config.json."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    config = json.loads((model_dir / "config.json").read_text())
+    stored = fp_weights(model_dir)
+    for m in [k[: -len(".scales")] for k in stored if k.endswith(".scales")]:
+        base = (stored[f"{m}.weight"], stored[f"{m}.scales"], stored[f"{m}.biases"])
+        fused = stock_round_trip(base, *own_quant(config, m))
+        stored.update({f"{m}.weight": fused[0], f"{m}.scales": fused[1], f"{m}.biases": fused[2]})
+    (out / "model.safetensors").unlink()
+    mx.save_safetensors(str(out / "model.safetensors"), stored, metadata={"format": "mlx"})
+    return out
+
+
+def test_mixed_precision_model_is_measured_module_by_module(tiny_moe_mixed_dir):
+    """Every down_proj at 6-bit g64 inside a 3-bit g64 model: the "model" row
+    measures each module at the bits and group size mlx-lm loads it with
+    (and config.json states), against MLX's round trip at that setting."""
+    from mlx_lm import load
+
+    config = json.loads((tiny_moe_mixed_dir / "config.json").read_text())
+    res = measure_noise_floor(tiny_moe_mixed_dir, group_sizes=[64], bits=[3], policies=["stock"], outputs=False)
+    assert [(r["source"], r["group_size"], r["bits"]) for r in res.rows] == [("model", 64, 3)]
+    loaded, _ = load(str(tiny_moe_mixed_dir))
+    mlx_lm_quant = {name: (m.group_size, m.bits) for name, m in loaded.named_modules() if hasattr(m, "scales")}
+    measured = {t["module"]: (t["group_size"], t["bits"]) for t in res.tensors}
+    assert measured == mlx_lm_quant
+    assert {m: own_quant(config, m) for m in measured} == measured
+    downs = [m for m in measured if m.endswith("down_proj")]
+    assert len(downs) == 4 and all(measured[m] == (64, 6) for m in downs)
+    row = res.row(64, 3, "stock")
+    assert row["other_settings"] == {"6-bit g64": 4, "8-bit g64": 4}  # down_proj, router gates
+    stored = fp_weights(tiny_moe_mixed_dir)
+    agg = Agg()
+    for m in measured:
+        base = (stored[f"{m}.weight"], stored[f"{m}.scales"], stored[f"{m}.biases"])
+        agg.add(base, stock_round_trip(base, *own_quant(config, m)), *own_quant(config, m))
+    agg.check(row)
+    for t in res.tensors:  # per tensor too: the 6-bit experts at 6 bits
+        if t["module"] in downs:
+            base = tuple(stored[f"{t['module']}.{leaf}"] for leaf in ("weight", "scales", "biases"))
+            one = Agg()
+            one.add(base, stock_round_trip(base, 64, 6), 64, 6)
+            one.check(t)
+
+
+def test_model_read_unlike_mlx_lm_is_refused(tiny_moe_mixed_dir, monkeypatch):
+    """Should config.json and the stored shapes (ModelDir, the fuse's reader)
+    ever say other bits than mlx-lm loads, the noise floor refuses the model
+    rather than measure it at a setting the fuse would not use."""
+    from pyfuse.io.model_dir import ModelDir, QParams
+
+    read = ModelDir.quant_params
+
+    def misread(self, path, in_dims=None):
+        q = read(self, path, in_dims)
+        return QParams(3, q.group_size, q.mode) if path.endswith("down_proj") else q
+
+    monkeypatch.setattr(ModelDir, "quant_params", misread)
+    with pytest.raises(UserError, match=r"down_proj is 3-bit g64 \(affine\) by config.json and its stored "
+                                        r"shapes, but mlx-lm loads it as 6-bit g64"):
+        measure_noise_floor(tiny_moe_mixed_dir, group_sizes=[64], bits=[3], outputs=False)
+
+
+@pytest.fixture(scope="module")
+def bf16_moe(tiny_models_root, tiny_tokenizer_dir):
+    """4-bit g64 qwen3_moe in bfloat16 (scales too): the compute-dtype policy matters."""
+    from pyfuse.demo.tiny_model import build_tiny_model
+
+    return build_tiny_model(tiny_models_root / "nf_moe_bf16", tokenizer_dir=tiny_tokenizer_dir,
+                            arch="qwen3_moe", quantize={"group_size": 64, "bits": 4}, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("model", ["tiny_moe_mixed_dir", "bf16_moe"])
+def test_mc_answers_are_those_of_eval_mc(model, request, tmp_path):
+    """The noise floor's per-item MC answers and log-probabilities are what
+    `pyfuse eval mc --method logprob` gives on the same model directory and
+    items: for the baseline (the model as stored) and, on the float32 model,
+    for the stock-fused model (written out with MLX's round trip); mc_flip is
+    the share of items whose eval-mc answer differs between the two."""
+    from pyfuse.evals.mc import evaluate_mc
+
+    model_dir = request.getfixturevalue(model)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    bits = json.loads((model_dir / "config.json").read_text())["quantization"]["bits"]
+    res = measure_noise_floor(model_dir, group_sizes=[64], bits=[bits], policies=["stock"], mc=mc,
+                              prompts=[PROMPTS[0]], out=tmp_path / "out")
+    written = [json.loads(line) for line in (tmp_path / "out" / "noise_floor_mc.jsonl").read_text().splitlines()]
+    assert written == res.mc_items
+
+    def answers(policy):
+        return [(r["id"], r["prediction"], r["logprobs"]) for r in res.mc_items if r["policy"] == policy]
+
+    def eval_answers(path):
+        rows = evaluate_mc(path, mc, method="logprob").rows
+        return [(r["id"], r["prediction"], r["logprobs"]) for r in rows]
+
+    base = eval_answers(model_dir)
+    assert answers(None) == base
+    assert len(base) == len(MC_ROWS)
+    if model == "tiny_moe_mixed_dir":
+        fused = eval_answers(stock_fused_dir(model_dir, tmp_path / "fused"))
+        assert answers("stock") == fused
+        assert [a[2] for a in fused] != [a[2] for a in base]  # the fuse moved the scores
+        flips = np.mean([f[1] != b[1] for f, b in zip(fused, base)])
+        assert res.row(64, bits, "stock")["mc_flip"] == flips
 
 
 # -- errors and CLI ------------------------------------------------------------------------------------
