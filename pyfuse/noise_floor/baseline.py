@@ -16,6 +16,8 @@ model at each.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import contextlib
 import io
 import math
@@ -46,12 +48,11 @@ class Setting:
 def model_quantization(model_dir: ModelDir) -> dict | None:
     """The model's default quantization (``bits``, ``group_size``, ...; no
     per-module entries), or None for a full-precision model."""
-    if not model_dir.quant.present:
+    declared = model_dir.declared_quantization
+    if declared is None:
         return None
-    q = model_dir.quant.default
-    if "bits" not in q or "group_size" not in q:
-        raise UserError(f"{model_dir.path / 'config.json'}: quantization must name bits and group_size")
-    return q
+    model_dir.quantization  # refuses a default without bits and group size
+    return {k: v for k, v in declared.items() if not isinstance(v, Mapping)}
 
 
 def settings_for(quant: dict | None, group_sizes: Iterable[int], bits: Iterable[int]) -> list[Setting]:
