@@ -1,6 +1,5 @@
 """pyfuse.demo.tiny_model: tokenizer, chat template, the tiny mlx-lm models the
-other tests use (layout, realism, reproducibility, sharding); and the demo
-package stays out of the library (only `pyfuse demo` imports it)."""
+other tests use (layout, realism, reproducibility, sharding)."""
 
 from __future__ import annotations
 
@@ -343,41 +342,3 @@ def test_pretrain_hook_then_quantize(tmp_path, tiny_tokenizer_dir):
                            pretrain=partial(pretrain_tiny_model, iters=6, lr=1e-2, batch_size=2,
                                             seq_len=32))
     assert file_digests(fp) == file_digests(fp2)
-
-
-# --------------------------------------------------------------------------- the demo package
-
-
-def _demo_imports(path: Path, root: Path) -> list[int]:
-    """Lines of ``path`` (a module of the package at ``root``) that import
-    pyfuse.demo or something in it, relative imports resolved."""
-    import ast
-
-    package = ".".join(("pyfuse", *path.relative_to(root).parent.parts))
-    lines = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
-            names = [target] + [f"{target}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        if any(n == "pyfuse.demo" or n.startswith("pyfuse.demo.") for n in names):
-            lines.append(node.lineno)
-    return lines
-
-
-def test_no_library_module_imports_the_demo():
-    """pyfuse.demo (tiny models, synthetic data, the demo) is imported only by
-    itself and by the `pyfuse demo` command, never by the library."""
-    import pyfuse
-
-    root = Path(pyfuse.__file__).parent
-    command = root / "commands" / "demo.py"
-    assert _demo_imports(command, root)  # the one allowed importer is seen
-    offenders = [f"{path.relative_to(root)}:{line}" for path in sorted(root.rglob("*.py"))
-                 if (root / "demo") not in path.parents and path != command
-                 for line in _demo_imports(path, root)]
-    assert offenders == []
