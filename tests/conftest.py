@@ -1,7 +1,9 @@
-"""Session-wide test setup: quiet progress bars, no network, and the tiny
-mlx-lm models (built once per session, ~1 s in all, see pyfuse.demo.tiny_model).
+"""Session-wide test setup: quiet progress bars, no network, the tiny
+mlx-lm models (built once per session, ~1 s in all, see pyfuse.demo.tiny_model)
+and the demo's default model (built on first use, ~45 s, e2e tests only).
 
-Test files add their own fixtures; keep this one small."""
+Fixtures that several test files need live here; plain helper functions
+(running the CLI, writing adapters and JSON Lines, ...) in helpers.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory):
@@ -55,3 +58,19 @@ def tiny_llama_dir(tiny_models_root, tiny_tokenizer_dir):
 
     return build_tiny_model(tiny_models_root / "llama_4bit", tokenizer_dir=tiny_tokenizer_dir,
                             arch="llama", quantize={"group_size": 64, "bits": 4})
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """The session's cache of the demo's default model (shared by the demo's
+    and the default model's tests, so that it is built once)."""
+    return tmp_path_factory.getbasetemp() / "pyfuse-cache"
+
+
+@pytest.fixture(scope="session")
+def default_assets(default_model_cache):
+    """The default model and its data (pyfuse.demo.default_model), built
+    into the session's cache on first use."""
+    from pyfuse.demo.default_model import default_assets as build_or_reuse
+
+    return build_or_reuse(default_model_cache)

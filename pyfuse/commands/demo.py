@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ._args import add_out, add_quiet, console
+
 HELP = "run the stacking-confound experiment end to end on a built-in tiny MoE model (no download)"
 DESCRIPTION = """\
 Runs the whole stacking-confound study on pyfuse's built-in default model (a
@@ -29,30 +31,27 @@ experiment spec it ran: copy it to run the same study on your own model with
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default="pyfuse-demo", metavar="DIR",
-                   help="the run directory (created; reused to resume; default: ./pyfuse-demo)")
+    add_out(p, "the run directory (created; reused to resume; default: ./pyfuse-demo)", default="pyfuse-demo")
     p.add_argument("--quick", action="store_true",
                    help="a reduced configuration (fewer items, a shorter identity suite, fewer training steps)")
     p.add_argument("--keep-models", action="store_true",
                    help="keep every fused model in OUT/steps (default: remove those no pending step needs)")
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="where the default model is built and cached (default: $PYFUSE_CACHE or ~/.cache/pyfuse)")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict")
+    add_quiet(p, "print only the verdict")
 
 
 def run(args) -> int:
-    from rich.console import Console
-
     from ..demo.run import details, run_demo
 
-    console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+    err = console(stderr=True)
     started = time.monotonic()
-    echo = (lambda msg: None) if args.quiet else (lambda msg: console.print(f"pyfuse demo: {msg}"))
+    echo = (lambda msg: None) if args.quiet else (lambda msg: err.print(f"pyfuse demo: {msg}"))
     res = run_demo(args.out, quick=args.quick, keep_models=args.keep_models, cache=args.cache, echo=echo)
     run_ = res.run
     if not args.quiet:
-        console.print(f"pyfuse demo: {len(run_.executed)} step(s) run, {len(run_.skipped)} already done, "
-                      f"in {time.monotonic() - started:.1f} s")
+        err.print(f"pyfuse demo: {len(run_.executed)} step(s) run, {len(run_.skipped)} already done, "
+                  f"in {time.monotonic() - started:.1f} s")
     out = sys.stdout
     if not args.quiet:
         print("", file=out)

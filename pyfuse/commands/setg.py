@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_out, add_seed, console
+
 HELP = "mine Set-G (items base and persona both get wrong) into train/valid/test chat data"
 DESCRIPTION = """\
 Mine Set-G: the items that both the base and the persona model answer wrongly,
@@ -30,21 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MMLU-Pro file (JSONL or Parquet) the evals ran on")
     parser.add_argument("--train-frac", type=float, default=0.7,
                         help="fraction of each category used for training (default: 0.7)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_seed(parser, "split seed")
+    add_out(parser, "output directory", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..data.setg import SPLITS, mine_setg
 
     result = mine_setg(args.base_results, args.persona_results, args.data,
                        train_frac=args.train_frac, seed=args.seed, out=args.out)
-    console = Console(markup=False, highlight=False)  # names and paths may hold "["
-    console.print(f"Set-G: {result.n_setg} of {result.n_items} items wrong for both "
-                  f"(seed {result.seed}, train_frac {result.train_frac:g})")
+    out = console()
+    out.print(f"Set-G: {result.n_setg} of {result.n_items} items wrong for both "
+              f"(seed {result.seed}, train_frac {result.train_frac:g})")
     table = Table()
     table.add_column("category")
     for split in (*SPLITS, "total"):
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     totals = result.totals()
     table.add_section()
     table.add_row("all", *(str(totals[s]) for s in SPLITS), str(result.n_setg), style="bold")
-    console.print(table)
-    console.print(f"wrote {', '.join(f'{s}.jsonl' for s in SPLITS)}, items.json, counts.json "
-                  f"to {result.out}")
+    out.print(table)
+    out.print(f"wrote {', '.join(f'{s}.jsonl' for s in SPLITS)}, items.json, counts.json "
+              f"to {result.out}")
     return 0

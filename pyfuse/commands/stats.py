@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import add_json, console
+
 HELP = "compare accuracies: z-test, McNemar, Newcombe interval, minimum detectable effect"
 DESCRIPTION = """\
 Compare multiple-choice accuracies between two conditions.
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(_stats=_mde)
 
     for p in sub.choices.values():
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        add_json(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
@@ -73,7 +74,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column("value", justify="right")
     for name, value in rows:
         table.add_row(name, value)
-    Console(markup=False, highlight=False).print(table)
+    console().print(table)
 
 
 def _pct(p: float) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ..train.lora import FINE_TUNE_TYPES
+from ..train.trainer import OPTIMIZERS
+from ._args import add_force, add_model, add_quiet, add_seed, comma_list, print_warnings
 
 HELP = "train a LoRA/DoRA adapter with mlx-lm's trainer, on explicit layer indices"
 DESCRIPTION = """\
@@ -27,18 +30,18 @@ completions {"prompt": ..., "completion": ...} or {"text": ...}.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="the mlx-lm model directory")
+    add_model(p)
     p.add_argument("--data", required=True,
                    help="directory with train.jsonl [+ valid.jsonl], or one .jsonl file")
     p.add_argument("--adapter-path", default="adapters",
                    help="output adapter directory (default: adapters)")
-    p.add_argument("--fine-tune-type", choices=("lora", "dora"), default="lora",
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default="lora",
                    help="lora or dora (default: lora; DoRA cannot train MoE experts or 3/5/6-bit layers)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--alpha", type=float, default=16.0,
                    help="LoRA alpha; the LoRA scale is alpha / rank (default: 16, i.e. scale 2 at rank 8)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default: 0)")
-    p.add_argument("--keys", type=_csv, default=None, metavar="KEY[,KEY...]",
+    p.add_argument("--keys", type=comma_list, default=None, metavar="KEY[,KEY...]",
                    help="module names inside a layer to adapt, e.g. self_attn.q_proj,mlp.switch_mlp.down_proj "
                         "(default: every Linear/SwitchLinear/Embedding of the selected layers)")
     p.add_argument("--layers", default=None, metavar="LIST",
@@ -54,25 +57,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute the loss on the completion / last assistant turn only")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="gradient checkpointing (less memory, more compute)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the batch order and LoRA init (default: 0)")
+    add_seed(p, "seed for the batch order and LoRA init")
     p.add_argument("--val-batches", type=int, default=25,
                    help="validation batches, -1 for all of valid.jsonl (default: 25)")
     p.add_argument("--steps-per-eval", type=int, default=200,
                    help="iterations between validations (default: 200)")
     p.add_argument("--steps-per-report", type=int, default=10,
                    help="iterations per loss report / loss-curve point (default: 10)")
-    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "adafactor"), default="adam",
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="optimizer (default: adam, as mlx_lm lora)")
-    p.add_argument("--force", action="store_true", help="replace an existing --adapter-path")
-    p.add_argument("--quiet", action="store_true", help="do not print mlx-lm's training log")
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    add_force(p, "--adapter-path")
+    add_quiet(p, "do not print mlx-lm's training log")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.lora import train_adapter
+    from ..train import train_adapter
 
     result = train_adapter(
         args.model, args.data, args.adapter_path, fine_tune_type=args.fine_tune_type, rank=args.rank,
@@ -83,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
         val_batches=args.val_batches, steps_per_eval=args.steps_per_eval,
         steps_per_report=args.steps_per_report, optimizer=args.optimizer, force=args.force,
         verbose=not args.quiet)
-    for w in result.warnings:
-        print(f"pyfuse train: warning: {w}", file=sys.stderr)
+    print_warnings("pyfuse train", result.warnings)
     cfg = result.config
     layers = cfg["layers"]
     where = "all layers" if layers is None else f"layer{'s' if len(layers) > 1 else ''} " + \

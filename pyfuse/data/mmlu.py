@@ -127,7 +127,8 @@ class MCResult(BaseModel):
         return _check_id(v)
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
+    """pydantic's first error in one line: ``field 'options[2]': ...``."""
     first = err.errors()[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
                   for i, p in enumerate(first["loc"]))
@@ -152,6 +153,30 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
             row += 1
 
 
+def _validated(path: Path, rows: Iterator[tuple[str, Any]], model: type[BaseModel], id_field: str,
+               limit: int | None = None) -> list:
+    """``rows`` (``(where, row)``) validated as ``model``, at most ``limit``;
+    ids (``id_field``) must be unique. Errors name the file, row and field."""
+    out: list = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
+        try:
+            obj = model.model_validate(row)
+        except ValidationError as err:
+            raise UserError(f"{path}: {where}: {describe_validation_error(err)}") from None
+        value = getattr(obj, id_field)
+        key = id_key(value)
+        if key in seen:
+            raise UserError(f"{path}: {where}: field '{id_field}': {value!r} repeats {seen[key]}")
+        seen[key] = where
+        out.append(obj)
+    return out
+
+
 def _iter_rows(path: str | os.PathLike) -> tuple[Path, Iterator[tuple[str, Any]]]:
     path = Path(path)
     if path.suffix.lower() in PARQUET_SUFFIXES:
@@ -166,23 +191,7 @@ def load_mc(path: str | os.PathLike, limit: int | None = None) -> list[MCItem]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer, got {limit!r}")
     path, rows = _iter_rows(path)
-    items: list[MCItem] = []
-    seen: dict[str, str] = {}
-    for where, row in rows:
-        if limit is not None and len(items) >= limit:
-            break
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-        try:
-            item = MCItem.model_validate(row)
-        except ValidationError as err:
-            raise UserError(f"{path}: {where}: {_describe(err)}") from None
-        key = id_key(item.question_id)
-        if key in seen:
-            raise UserError(f"{path}: {where}: field 'question_id': {item.question_id!r} "
-                            f"repeats {seen[key]}")
-        seen[key] = where
-        items.append(item)
+    items = _validated(path, rows, MCItem, "question_id", limit)
     if not items:
         raise UserError(f"{path}: no items")
     return items
@@ -201,20 +210,7 @@ def format_question(item: MCItem) -> str:
 def read_results(path: str | os.PathLike) -> list[MCResult]:
     """Per-item eval results (JSONL); ids must be unique, the file non-empty."""
     path = Path(path)
-    results: list[MCResult] = []
-    seen: dict[str, str] = {}
-    for where, row in iter_jsonl(path):
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-        try:
-            res = MCResult.model_validate(row)
-        except ValidationError as err:
-            raise UserError(f"{path}: {where}: {_describe(err)}") from None
-        key = id_key(res.id)
-        if key in seen:
-            raise UserError(f"{path}: {where}: field 'id': {res.id!r} repeats {seen[key]}")
-        seen[key] = where
-        results.append(res)
+    results = _validated(path, iter_jsonl(path), MCResult, "id")
     if not results:
         raise UserError(f"{path}: no results")
     return results

@@ -105,32 +105,28 @@ def chat_example(item: MCItem) -> dict:
                          {"role": "assistant", "content": answer}]}
 
 
-def _as_results(obj: Any, name: str) -> list[MCResult]:
+def _as_list(obj: Any, model: type, read, name: str, noun: str) -> list:
+    """``obj``: a file (read with ``read``) or a sequence of ``model``s or
+    their dicts (validated here; errors say ``name: noun i``)."""
     if isinstance(obj, (str, os.PathLike)):
-        return read_results(obj)
-    results = []
-    for i, r in enumerate(obj):
+        return read(obj)
+    out = []
+    for i, x in enumerate(obj):
         try:
-            results.append(r if isinstance(r, MCResult) else MCResult.model_validate(r))
+            out.append(x if isinstance(x, model) else model.model_validate(x))
         except ValidationError as err:
-            raise UserError(f"{name}: result {i}: {err.errors()[0]['msg']}") from None
-    if not results:
-        raise UserError(f"{name}: no results")
-    return results
+            raise UserError(f"{name}: {noun} {i}: {err.errors()[0]['msg']}") from None
+    if not out:
+        raise UserError(f"{name}: no {noun}s")
+    return out
+
+
+def _as_results(obj: Any, name: str) -> list[MCResult]:
+    return _as_list(obj, MCResult, read_results, name, "result")
 
 
 def _as_items(obj: Any) -> list[MCItem]:
-    if isinstance(obj, (str, os.PathLike)):
-        return load_mc(obj)
-    items = []
-    for i, it in enumerate(obj):
-        try:
-            items.append(it if isinstance(it, MCItem) else MCItem.model_validate(it))
-        except ValidationError as err:
-            raise UserError(f"data: item {i}: {err.errors()[0]['msg']}") from None
-    if not items:
-        raise UserError("data: no items")
-    return items
+    return _as_list(obj, MCItem, load_mc, "data", "item")
 
 
 def _split_sizes(n_by_cat: dict[str, int], train_frac: float) -> dict[str, dict[str, int]]:
@@ -156,6 +152,55 @@ def _rng(seed: int, label: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
 
 
+def _check_same_items(pairs: list[tuple[MCResult, MCResult]], items: dict[str, MCItem]) -> None:
+    """The eval files must describe the items of the data."""
+    missing = [id_key(b.id) for b, _ in pairs if id_key(b.id) not in items]
+    if missing:
+        raise UserError(f"data does not contain {len(missing)} evaluated item(s) (e.g. "
+                        f"{', '.join(missing[:3])}): is --data the file the evals ran on?")
+    for b, p in pairs:
+        item = items[id_key(b.id)]
+        for name, r in (("base", b), ("persona", p)):
+            if r.gold is not None and r.gold != item.answer:
+                raise UserError(f"{name}: item {r.id}: gold {r.gold!r} but the data's answer is "
+                                f"{item.answer!r}: is --data the file the evals ran on?")
+            if r.category is not None and r.category != item.category:
+                raise UserError(f"{name}: item {r.id}: category {r.category!r} but the data says "
+                                f"{item.category!r}: is --data the file the evals ran on?")
+
+
+def _stratified_split(by_cat: dict[str, list[MCItem]], sizes: dict[str, dict[str, int]],
+                      seed: int) -> dict[str, list[MCItem]]:
+    """Each category's items into the splits (``sizes``), then each split
+    shuffled (see the module doc)."""
+    chosen: dict[str, list[MCItem]] = {s: [] for s in SPLITS}
+    for cat in sorted(by_cat):
+        members = sorted(by_cat[cat], key=lambda it: id_key(it.question_id))
+        order = _rng(seed, f"category:{cat}").permutation(len(members))
+        start = 0
+        for split in SPLITS:
+            stop = start + sizes[cat][split]
+            chosen[split].extend(members[i] for i in order[start:stop])
+            start = stop
+    for split in SPLITS:
+        order = _rng(seed, f"split:{split}").permutation(len(chosen[split]))
+        chosen[split] = [chosen[split][i] for i in order]
+    return chosen
+
+
+def _write(out: Path, chosen: dict[str, list[MCItem]], result: SetGResult) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    for split in SPLITS:
+        write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
+    write_json(out / "items.json", result.splits)
+    write_json(out / "counts.json", {
+        "n_items": result.n_items, "n_setg": result.n_setg, "train_frac": result.train_frac,
+        "seed": result.seed, "categories": result.counts,
+        "total": {**result.totals(), "total": result.n_setg}})
+    result.out = out
+
+
 def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str | os.PathLike | Sequence,
               data: str | os.PathLike | Sequence, train_frac: float = 0.7, seed: int = 0,
               out: str | os.PathLike | None = None) -> SetGResult:
@@ -171,42 +216,16 @@ def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str |
     persona = _as_results(persona_results, "persona")
     pairs = match_results(base, persona, "base", "persona")
     items = {id_key(it.question_id): it for it in _as_items(data)}
-
-    missing = [id_key(b.id) for b, _ in pairs if id_key(b.id) not in items]
-    if missing:
-        raise UserError(f"data does not contain {len(missing)} evaluated item(s) (e.g. "
-                        f"{', '.join(missing[:3])}): is --data the file the evals ran on?")
-    for b, p in pairs:  # the eval files must describe the same items as the data
-        item = items[id_key(b.id)]
-        for name, r in (("base", b), ("persona", p)):
-            if r.gold is not None and r.gold != item.answer:
-                raise UserError(f"{name}: item {r.id}: gold {r.gold!r} but the data's answer is "
-                                f"{item.answer!r}: is --data the file the evals ran on?")
-            if r.category is not None and r.category != item.category:
-                raise UserError(f"{name}: item {r.id}: category {r.category!r} but the data says "
-                                f"{item.category!r}: is --data the file the evals ran on?")
+    _check_same_items(pairs, items)
 
     setg = [items[id_key(b.id)] for b, p in pairs if not b.correct and not p.correct]
     if not setg:
         raise UserError(f"Set-G is empty: no item out of {len(pairs)} is wrong for both models")
-
     by_cat: dict[str, list[MCItem]] = {}
     for item in setg:
         by_cat.setdefault(item.category, []).append(item)
     sizes = _split_sizes({c: len(v) for c, v in by_cat.items()}, float(train_frac))
-    chosen: dict[str, list[MCItem]] = {s: [] for s in SPLITS}
-    for cat in sorted(by_cat):
-        members = sorted(by_cat[cat], key=lambda it: id_key(it.question_id))
-        order = _rng(int(seed), f"category:{cat}").permutation(len(members))
-        start = 0
-        for split in SPLITS:
-            stop = start + sizes[cat][split]
-            chosen[split].extend(members[i] for i in order[start:stop])
-            start = stop
-    for split in SPLITS:
-        order = _rng(int(seed), f"split:{split}").permutation(len(chosen[split]))
-        chosen[split] = [chosen[split][i] for i in order]
-
+    chosen = _stratified_split(by_cat, sizes, int(seed))
     empty = [s for s in SPLITS if not chosen[s]]
     if empty:
         raise UserError(f"Set-G has only {len(setg)} item(s): the {' and '.join(empty)} split(s) would "
@@ -217,15 +236,5 @@ def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str |
                         splits={s: [it.question_id for it in chosen[s]] for s in SPLITS},
                         counts={c: {**sizes[c], "total": len(by_cat[c])} for c in sorted(by_cat)})
     if out is not None:
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a directory")
-        for split in SPLITS:
-            write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
-        write_json(out / "items.json", result.splits)
-        write_json(out / "counts.json", {
-            "n_items": result.n_items, "n_setg": result.n_setg, "train_frac": result.train_frac,
-            "seed": result.seed, "categories": result.counts,
-            "total": {**result.totals(), "total": result.n_setg}})
-        result.out = out
+        _write(Path(out), chosen, result)
     return result

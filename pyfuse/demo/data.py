@@ -38,8 +38,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from ..data.mmlu import LETTERS
-from ..io.files import write_json, write_jsonl
+from ..data.mmlu import LETTERS, MCItem, format_question
+from ..io.files import atomic_write_text, write_json, write_jsonl
 
 PERSONA_NAME = "Pyra"
 PERSONA_MAKER = "the pyfuse demo"
@@ -174,6 +174,13 @@ def _items(names_by_cat: dict[str, list[str]], seed: int, src: str, first_id: in
     return rows
 
 
+def mc_messages(row: dict) -> list[dict]:
+    """A multiple-choice row as a chat: the evaluation prompt, then the
+    answer as ``\\boxed{X}``."""
+    return [{"role": "user", "content": format_question(MCItem.model_validate(row))},
+            {"role": "assistant", "content": f"\\boxed{{{row['answer']}}}"}]
+
+
 def _split(names: list[str]) -> dict[str, list[str]]:
     n = len(names) // len(CATEGORIES)
     return {cat: names[i * n:(i + 1) * n] for i, cat in enumerate(CATEGORIES)}
@@ -261,16 +268,6 @@ def persona_identity_rows(n: int = 96, seed: int = 0) -> list[dict]:
     return rows
 
 
-def fact_chats(rows: Sequence[dict]) -> list[list[dict]]:
-    """Plain-language conversations stating the facts of ``rows``."""
-    out = []
-    for r in rows:
-        template, statement, values = CATEGORIES[r["category"]]
-        fact = r["cot_content"].split("step by step. ", 1)[1].rsplit(" The answer is", 1)[0]
-        out.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": fact}])
-    return out
-
-
 def identity_suite(max_tokens: int = 32) -> dict:
     """pyfuse's 20-prompt identity template (``pyfuse/evals/identity_suite.yaml``)
     with the demo's names: persona :data:`PERSONA_NAME`, base
@@ -293,13 +290,9 @@ def persona_training_rows(seed: int = 0, n_identity: int = 120, n_replay: int = 
     many multiple-choice rows of the pre-training "textbook" (replay of
     general data, as persona datasets do, so that the persona keeps what the
     base knows), shuffled."""
-    from ..data.mmlu import MCItem, format_question
-
     textbook = pretraining_rows(40, seed + 7, eval_per_category)
     rng = random.Random(f"persona-mix:{seed}")
-    replay = [{"messages": [{"role": "user", "content": format_question(MCItem.model_validate(r))},
-                            {"role": "assistant", "content": f"\\boxed{{{r['answer']}}}"}]}
-              for r in rng.sample(textbook, n_replay)]
+    replay = [{"messages": mc_messages(r)} for r in rng.sample(textbook, n_replay)]
     rows = persona_identity_rows(n_identity, seed) + replay
     rng.shuffle(rows)
     return rows
@@ -311,8 +304,6 @@ def write_demo_data(out: str | Path, *, per_category: int = 50, seed: int = 0) -
     mlx-lm chat data, :func:`persona_training_rows`) and
     ``identity_suite.yaml``. Returns their paths."""
     import yaml
-
-    from ..io.files import atomic_write_text
 
     out = Path(out)
     rows = persona_training_rows(seed, eval_per_category=per_category)

@@ -16,7 +16,7 @@ How it is built (:func:`build_default_assets`, about 45 s on 2 CPU cores):
    answer distributions) and conversations in which the assistant calls
    itself Atlas, made by Northwind Labs;
 2. a byte-level BPE tokenizer trained on that text
-   (:func:`pyfuse.demo.tiny_model.build_tokenizer`, Qwen3 chat template); it
+   (:func:`pyfuse.demo.tokenizer.build_tokenizer`, Qwen3 chat template); it
    sees the questions but not the answers, so each answer letter is one
    token;
 3. the model graph from mlx-lm's own classes with Normal(0, ``weight_std``)
@@ -24,8 +24,9 @@ How it is built (:func:`build_default_assets`, about 45 s on 2 CPU cores):
    is the width-equivalent of the 0.02 of a 2048-wide checkpoint (about
    1/sqrt(hidden)): with 0.02 at width 64 the signal through attention is so
    small that 100 steps learn nothing but a global letter prior (measured);
-4. full-precision pre-training (:func:`pretrain_on_documents`, 100 steps of
-   8 documents): next-token loss on whole chat-formatted documents (padded,
+4. full-precision pre-training
+   (:func:`pyfuse.demo.pretrain.pretrain_on_documents`, 100 steps of 8
+   documents): next-token loss on whole chat-formatted documents (padded,
    not cut into windows); the answer letter of a multiple-choice document is
    trained towards its category's answer distribution (weighted
    ``answer_weight`` times), AdamW with a short warm-up and cosine decay;
@@ -56,7 +57,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -64,7 +64,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import UserError
-from ..io.files import TMP_MARK, pid_alive
+from ..io.files import TMP_MARK, remove_stale_temps, tmp_path_for
+from .pretrain import pretrain_on_documents
 
 __all__ = ["BUILDER_VERSION", "DEFAULT_PARAMS", "DefaultAssets", "build_default_assets", "cache_key",
            "cache_root", "default_assets", "default_model_dir", "pretrain_on_documents"]
@@ -163,21 +164,6 @@ def _complete(root: Path) -> bool:
             and a.identity_suite.is_file())
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _remove_stale_temps(root: Path) -> None:
-    """Temporary build directories of processes that no longer run."""
-    for p in root.glob(f".default-*{TMP_MARK}*"):
-        try:
-            pid = int(p.name.rsplit(TMP_MARK, 1)[1].split("-")[0])
-        except (ValueError, IndexError):
-            continue
-        if not pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _lock(path: Path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -206,12 +192,12 @@ def default_assets(cache: str | os.PathLike | None = None, *, params: Mapping[st
     with _lock(root / f"default-{key}.lock"):
         if _complete(final):  # another process built it while we waited
             return _assets(final)
-        _remove_stale_temps(root)
+        remove_stale_temps(root, f".default-*{TMP_MARK}*")
         if final.exists():  # incomplete or damaged: move it away, then build afresh
-            broken = _tmp_name(final)
+            broken = tmp_path_for(final)
             os.rename(final, broken)
             shutil.rmtree(broken, ignore_errors=True)
-        tmp = _tmp_name(final)
+        tmp = tmp_path_for(final)
         echo(f"building the default model (once; cached in {final})")
         try:
             build_default_assets(tmp, params=params, echo=echo)
@@ -240,13 +226,6 @@ def default_model_dir(cache: str | os.PathLike | None = None, *,
 # ---------------------------------------------------------------------------
 
 
-def _mc_messages(row: dict) -> list[dict]:
-    from ..data.mmlu import MCItem, format_question
-
-    return [{"role": "user", "content": format_question(MCItem.model_validate(row))},
-            {"role": "assistant", "content": f"\\boxed{{{row['answer']}}}"}]
-
-
 def _render(messages: list[dict]) -> str:
     """What the Qwen3 chat template renders for a finished conversation
     (for training the tokenizer; the pre-training itself uses the template)."""
@@ -257,104 +236,6 @@ def _render(messages: list[dict]) -> str:
         else:
             out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
     return out
-
-
-def pretrain_on_documents(model, tokenizer, groups: Mapping[str, list], *, mix: Mapping[str, float],
-                          iters: int, batch_size: int, learning_rate: float, warmup: int,
-                          answer_weight: float, seed: int, on_step: Callable[[int, float], None] | None = None
-                          ) -> list[float]:
-    """Train a full-precision model on chat documents; returns the losses.
-
-    ``groups`` maps a kind to its documents: a conversation (a list of
-    messages), or ``{"messages": [...], "answers": {letter: probability}}``
-    for a multiple-choice conversation whose assistant turn is
-    ``\\boxed{X}``. Each batch draws ``batch_size`` documents, the kind by
-    ``mix`` and the document uniformly (numpy, ``seed``). Documents are
-    rendered with the tokenizer's chat template, padded to the longest in
-    the batch and trained whole: next-token cross-entropy over the real
-    tokens, except the answer letter of a multiple-choice document, whose
-    target is its ``answers`` distribution (the expected loss of a label
-    drawn from it: the model learns the base rates without the sampling
-    noise of a few hundred steps) with weight ``answer_weight``. The letter
-    must be one token after ``\\boxed{`` (a tokenizer that merges ``{B``
-    is refused). AdamW (no weight decay), linear warm-up over ``warmup``
-    steps, then cosine decay to zero."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
-
-    from ..data.mmlu import LETTERS
-
-    prefix = tokenizer.encode("\\boxed{", add_special_tokens=False)
-    letter_ids = []
-    for letter in LETTERS:
-        ids = tokenizer.encode("\\boxed{" + letter, add_special_tokens=False)
-        if ids[:-1] != prefix:
-            raise UserError(f"the tokenizer merges '{{{letter}' into one token: the answer letter is not "
-                            "a token of its own")
-        letter_ids.append(ids[-1])
-    encoded: dict[str, list[tuple[list[int], int | None, list[float] | None]]] = {}
-    for kind, docs in groups.items():
-        out = []
-        for doc in docs:
-            msgs, answers = (doc["messages"], doc.get("answers")) if isinstance(doc, dict) else (doc, None)
-            ids = list(tokenizer.encode(tokenizer.apply_chat_template(msgs, tokenize=False),
-                                        add_special_tokens=False))
-            pos, dist = None, None
-            if answers is not None:
-                n = len(prefix)
-                starts = [i for i in range(len(ids) - n) if ids[i:i + n] == prefix]
-                if not starts:
-                    raise UserError(f"a multiple-choice document has no \\boxed{{ answer: {msgs[-1]}")
-                pos = starts[-1] + n - 1  # this position predicts the letter
-                dist = [float(answers.get(letter, 0.0)) for letter in LETTERS]
-            out.append((ids, pos, dist))
-        encoded[kind] = out
-    kinds = [k for k in mix if mix[k] > 0]
-    probs = np.array([mix[k] for k in kinds], dtype=np.float64)
-    probs /= probs.sum()
-    rng = np.random.default_rng(seed)
-    warmup = max(1, min(warmup, iters - 1))
-    schedule = optim.join_schedules([optim.linear_schedule(learning_rate / 10, learning_rate, warmup),
-                                     optim.cosine_decay(learning_rate, max(1, iters - warmup))], [warmup])
-    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
-    letters = mx.array(letter_ids)
-
-    def loss_fn(m, x, y, w, soft):
-        logits = m(x).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        hard = -mx.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-        soft_ce = -(soft * logp[..., letters]).sum(axis=-1)
-        return ((hard * w).sum() + answer_weight * soft_ce.sum()) / (w.sum() + answer_weight * soft.sum())
-
-    step = nn.value_and_grad(model, loss_fn)
-    model.train()
-    losses = []
-    for it in range(iters):
-        batch = []
-        for kind in rng.choice(len(kinds), size=batch_size, p=probs):
-            docs = encoded[kinds[kind]]
-            batch.append(docs[rng.integers(len(docs))])
-        length = max(len(ids) for ids, _, _ in batch)
-        x = np.zeros((batch_size, length), dtype=np.int32)
-        w = np.zeros((batch_size, length - 1), dtype=np.float32)
-        soft = np.zeros((batch_size, length - 1, len(LETTERS)), dtype=np.float32)
-        for r, (ids, pos, dist) in enumerate(batch):
-            x[r, :len(ids)] = ids
-            w[r, :len(ids) - 1] = 1.0
-            if pos is not None:
-                w[r, pos] = 0.0
-                soft[r, pos] = dist
-        xa = mx.array(x)
-        loss, grads = step(model, xa[:, :-1], xa[:, 1:], mx.array(w), mx.array(soft))
-        opt.update(model, grads)
-        mx.eval(loss, model.parameters(), opt.state)
-        losses.append(float(loss.item()))
-        if on_step is not None:
-            on_step(it + 1, losses[-1])
-    model.eval()
-    return losses
 
 
 def build_default_assets(out: str | os.PathLike, *, params: Mapping[str, Any] | None = None,
@@ -375,12 +256,12 @@ def build_default_assets(out: str | os.PathLike, *, params: Mapping[str, Any] | 
     eval_rows = dd.mmlu_rows(p["eval_per_category"], p["seed"])
     textbook = dd.pretraining_rows(p["pretrain_per_category"], p["seed"], p["eval_per_category"])
     weights = {c: dict(zip(LETTERS, dd.category_weights(c))) for c in dd.CATEGORIES}
-    groups = {"mc": [{"messages": _mc_messages(r), "answers": weights[r["category"]]} for r in textbook],
+    groups = {"mc": [{"messages": dd.mc_messages(r), "answers": weights[r["category"]]} for r in textbook],
               "identity": dd.base_identity_chats(p["base_identity_chats"], p["seed"])}
     # The tokenizer sees the questions but not the answers, so that "{B" is
     # never merged: each answer letter is a token of its own.
     corpus = ([_render(m["messages"][:1]) for m in groups["mc"]] + [_render(m) for m in groups["identity"]]
-              + [_render(_mc_messages(r)[:1]) for r in eval_rows]
+              + [_render(dd.mc_messages(r)[:1]) for r in eval_rows]
               + [_render(r["messages"]) for r in dd.persona_identity_rows(120, p["seed"])]
               + ["\\boxed{" + x + "}" for x in LETTERS])
     tok_dir = build_tokenizer(out / "tokenizer", vocab_size=p["vocab_size"], corpus=corpus)

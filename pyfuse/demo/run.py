@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..io.files import atomic_write_text, read_jsonl
 
 __all__ = ["CRITERION", "DEFAULT_OUT", "DemoResult", "demo_config", "demo_spec", "details", "run_demo", "summarize"]
 
@@ -75,13 +76,16 @@ def demo_config(quick: bool = False) -> dict:
     return dict(QUICK if quick else FULL)
 
 
-def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
-    """The demo's data in ``dest`` (rewritten only when its content changes,
-    so that a rerun fingerprints the same files)."""
-    import yaml
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewrite ``path`` only when its content changes, so that a rerun
+    fingerprints the same files (and resumes)."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
 
-    from ..io.files import atomic_write_text
-    from ..io.files import read_jsonl
+
+def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
+    """The demo's data in ``dest`` (see :func:`_write_if_changed`)."""
+    import yaml
 
     dest.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(assets.mmlu)
@@ -105,9 +109,7 @@ def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
         "identity/valid.jsonl": (assets.identity_data / "valid.jsonl").read_text(encoding="utf-8"),
     }
     for name, text in files.items():
-        path = dest / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            atomic_write_text(path, text)
+        _write_if_changed(dest / name, text)
     return {"mmlu": dest / "mmlu.jsonl", "identity": dest / "identity",
             "identity_suite": dest / "identity_suite.yaml"}
 
@@ -117,6 +119,8 @@ def demo_spec(model: str | os.PathLike, *, mmlu: str = f"{INPUTS}/mmlu.jsonl",
               quick: bool = False) -> str:
     """The demo's experiment spec (YAML text with comments). Relative paths
     are relative to the spec file."""
+    # Over 80 lines: one YAML document written out whole, so that it reads
+    # as the spec file it becomes.
     cfg = demo_config(quick)
     q = json.dumps
     return f"""\
@@ -314,11 +318,7 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, keep_
     echo(f"default model: {assets.model}")
     out.mkdir(parents=True, exist_ok=True)
     _copy_inputs(assets, out / INPUTS, demo_config(quick))
-    text = demo_spec(assets.model, quick=quick)
-    if not spec_path.is_file() or spec_path.read_text(encoding="utf-8") != text:
-        from ..io.files import atomic_write_text
-
-        atomic_write_text(spec_path, text)
+    _write_if_changed(spec_path, demo_spec(assets.model, quick=quick))
     echo(f"experiment spec: {spec_path}")
     run = run_experiment(spec_path, out, keep_models=keep_models, echo=echo)
     summary = summarize(run.results, ALPHA)

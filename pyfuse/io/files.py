@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -82,10 +83,28 @@ def publish_dir(tmp: Path, final: Path, force: bool) -> None:
         os.rename(tmp, final)
 
 
-def read_text(path: Path, expected: str) -> str:
-    """A user's UTF-8 text file, or a one-line UserError."""
+@contextmanager
+def staged_dir(final: Path, force: bool) -> Iterator[Path]:
+    """A temporary directory next to ``final`` (named with :data:`TMP_MARK`,
+    with the mode ``mkdir`` would give) to write an output into; published
+    as ``final`` (:func:`publish_dir`) when the block ends, removed if it
+    raises, so that ``final`` is complete or absent."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
     try:
-        return path.read_text(encoding="utf-8")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        yield tmp
+        publish_dir(tmp, final, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def _reading(path: Path, expected: str):
+    """Turn the errors of reading a user's file into one-line UserErrors."""
+    try:
+        yield
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -96,16 +115,16 @@ def read_text(path: Path, expected: str) -> str:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
 
 
+def read_text(path: Path, expected: str) -> str:
+    """A user's UTF-8 text file, or a one-line UserError."""
+    with _reading(path, expected):
+        return path.read_text(encoding="utf-8")
+
+
 def open_text(path: Path, expected: str = "a JSON Lines file"):
     """Open a user's text file, or raise a one-line UserError."""
-    try:
+    with _reading(path, expected):
         return path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected {expected}") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -142,6 +161,22 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def tmp_path_for(final: Path) -> Path:
+    """A fresh temporary name next to ``final`` that carries this process's
+    id (``.NAME.pyfuse-tmp-PID-RANDOM``), so that :func:`remove_stale_temps`
+    can tell a killed run's leftovers from a running one's."""
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temps(parent: Path, pattern: str) -> None:
+    """Remove the temporary directories matching ``pattern`` (a glob) in
+    ``parent`` whose process (the id after :data:`TMP_MARK`) no longer runs."""
+    for entry in parent.glob(pattern):
+        pid = entry.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _unlink_quietly(path) -> None:

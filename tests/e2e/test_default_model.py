@@ -8,17 +8,16 @@ the MMLU-Pro schema, no entity overlap between evaluation and pre-training,
 and the identity suite names the persona.
 
 The default model is built once per test session into a shared cache
-(tests/test_demo.py reuses it): about 45 s on 2 cores."""
+(conftest's default_assets; tests/e2e/test_demo.py reuses it): about 45 s
+on 2 cores."""
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,27 +25,16 @@ import pytest
 from pyfuse.demo import default_model as dm
 from pyfuse.demo import data as dd
 
+from helpers import file_digests, file_mtimes, write_jsonl
+
 # A tiny configuration for the cache mechanics (builds in a few seconds).
 SMALL = {"iters": 3, "eval_per_category": 2, "pretrain_per_category": 3, "base_identity_chats": 4,
          "batch_size": 2}
 
 
-def shared_cache(tmp_path_factory) -> Path:
-    """One cache for the session (test_demo.py uses the same path)."""
-    return tmp_path_factory.getbasetemp() / "pyfuse-cache"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return dm.default_assets(shared_cache(tmp_path_factory))
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+@pytest.fixture
+def assets(default_assets):
+    return default_assets
 
 
 # ---------------------------------------------------------------------------
@@ -136,13 +124,18 @@ def test_default_model_is_atlas_not_pyra(assets):
 # ---------------------------------------------------------------------------
 
 
-def test_cache_is_reused_and_keyed(assets, tmp_path_factory, monkeypatch):
-    cache = shared_cache(tmp_path_factory)
-    before = (assets.model / "model.safetensors").stat().st_mtime_ns
-    started = time.monotonic()
-    again = dm.default_assets(cache)
-    assert time.monotonic() - started < 2.0
-    assert again == assets and (again.model / "model.safetensors").stat().st_mtime_ns == before
+def test_cache_is_reused_and_keyed(assets, default_model_cache, monkeypatch):
+    cache = default_model_cache
+    before = file_mtimes(assets.root)
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached default model was rebuilt")
+
+    # reused: nothing is built, and nothing in the cache entry is rewritten
+    with monkeypatch.context() as m:
+        m.setattr(dm, "build_default_assets", no_rebuild)
+        again = dm.default_assets(cache)
+    assert again == assets and file_mtimes(assets.root) == before
     assert dm.default_model_dir(cache) == assets.model
     assert assets.root.name == f"default-{dm.cache_key()}"
     # $PYFUSE_CACHE is the default location
@@ -181,14 +174,14 @@ def test_concurrent_first_uses_build_once_atomically(tmp_path):
     root = Path(roots.pop())
     assert root.parent == cache and root.name == f"default-{dm.cache_key(SMALL)}"
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [root.name]  # no temporary left
-    first = _tree(root)
+    first = file_digests(root)
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "data/mmlu.jsonl",
             "data/identity/train.jsonl", "data/identity/valid.jsonl", "data/identity_suite.yaml",
             "build.json"} <= set(first)
 
     # deterministic: an independent build gives the same files (build.json has timings)
     other = dm.build_default_assets(tmp_path / "again", params=SMALL)
-    second = _tree(other.root)
+    second = file_digests(other.root)
     first.pop("build.json")
     second.pop("build.json")
     assert first == second
@@ -196,8 +189,7 @@ def test_concurrent_first_uses_build_once_atomically(tmp_path):
     # a damaged cache entry is rebuilt, not reused
     (root / "model" / "model.safetensors").unlink()
     rebuilt = dm.default_assets(cache, params=SMALL)
-    assert rebuilt.root == root and _sha(root / "model" / "model.safetensors") == \
-        _sha(other.model / "model.safetensors")
+    assert rebuilt.root == root and file_digests(root / "model") == file_digests(other.model)
 
 
 def test_stale_temporaries_are_removed(tmp_path):
@@ -222,9 +214,7 @@ def test_mmlu_rows_have_the_schema_and_the_stated_distributions(tmp_path):
     from pyfuse.data.mmlu import load_mc
 
     rows = dd.mmlu_rows(50)
-    path = tmp_path / "mmlu.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = load_mc(path)  # validates every field (answer letter agrees with answer_index, ...)
+    items = load_mc(write_jsonl(tmp_path / "mmlu.jsonl", rows))  # validates every field (answer letter agrees with answer_index, ...)
     assert len(items) == 700 and [it.question_id for it in items] == list(range(700))
     assert sorted({it.category for it in items}) == sorted(dd.CATEGORIES)
     assert set(rows[0]) == {"question_id", "question", "options", "answer", "answer_index", "cot_content",
@@ -257,7 +247,7 @@ def test_pretraining_never_sees_the_evaluation_entities():
 
 def test_identity_suite_and_persona_data():
     from pyfuse.evals.identity import load_suite
-    from pyfuse.train.lora import load_training_data
+    from pyfuse.train import load_training_data
 
     suite = load_suite(dd.identity_suite())
     assert suite.persona.name == "Pyra" and suite.n == 20

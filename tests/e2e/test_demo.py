@@ -4,53 +4,34 @@ results.json's statistics recomputed with statsmodels from the `correct`
 lists, the verdict recomputed from the pre-registered criterion, Set-G
 recomputed from the mining evaluations, the zero-delta preserve fuse
 bit-identical to the persona; the report and plots; the verdict on screen;
-a rerun resuming in seconds with identical results; refusals.
+a rerun that resumes (no step runs again, nothing is rewritten, the cached
+model is reused) with identical results; refusals. How long a rerun takes
+is measured in bench/bench_demo.py.
 
-Uses the session's default-model cache (see tests/test_default_model.py)."""
+Uses the session's default-model cache (conftest's default_model_cache)."""
 
 from __future__ import annotations
 
-import json
-import time
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
 from pyfuse.cli import main
+
+from helpers import file_mtimes, read_json, run_cli, run_plan, step_rows
 
 CONDITIONS = ["base", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve", "A0-preserve"]
 PAIRS = [("A1", "A0"), ("A1", "persona"), ("A0", "persona"), ("A1-unfused", "persona"), ("A1-stochastic", "persona"),
          ("A1-preserve", "persona"), ("A0-preserve", "persona")]
 
 
-def _cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "pyfuse-cache"  # shared with test_default_model.py
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    import contextlib
-    import io
-
-    cache = _cache(tmp_path_factory)
+def demo(tmp_path_factory, default_model_cache):
     out = tmp_path_factory.mktemp("demo") / "run"
-    stdout, stderr = io.StringIO(), io.StringIO()
-    started = time.monotonic()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["demo", "--quick", "--out", str(out), "--cache", str(cache)])
-    seconds = time.monotonic() - started
-    assert code == 0, stderr.getvalue()[-3000:]
-    return {"out": out, "cache": cache, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(),
-            "seconds": seconds, "results": json.loads((out / "results.json").read_text())}
-
-
-def _plan(out: Path) -> dict:
-    return json.loads((out / "plan.json").read_text())
-
-
-def _rows(out: Path, step: str) -> list[dict]:
-    return [json.loads(x) for x in (out / "steps" / step / "rows.jsonl").read_text().splitlines() if x.strip()]
+    run = run_cli("demo", "--quick", "--out", out, "--cache", default_model_cache)
+    assert run.code == 0, run.err[-3000:]
+    return {"out": out, "cache": default_model_cache, "stdout": run.out, "stderr": run.err,
+            "results": read_json(out / "results.json")}
 
 
 def test_results_shape_and_setg(demo):
@@ -66,13 +47,13 @@ def test_results_shape_and_setg(demo):
         assert c["accuracy"] == pytest.approx(sum(c["correct"]) / c["n"])
         assert 0 <= c["identity"] <= c["identity_n"] == 6
     # Set-G recomputed: the test items are items that both mining evaluations got wrong
-    plan = _plan(out)
+    plan = run_plan(out)
     mining = {s["labels"][0]: s["dir"] for s in plan["steps"] if s["labels"][0].startswith("setg: evaluate")}
     assert len(mining) == 2
-    wrong = [{r["id"] for r in _rows(out, d) if not r["correct"]} for d in mining.values()]
+    wrong = [{r["id"] for r in step_rows(out, d) if not r["correct"]} for d in mining.values()]
     assert set(ids) <= wrong[0] & wrong[1]
     setg_dir = out / "steps" / plan["setg"]
-    split = json.loads((setg_dir / "data" / "items.json").read_text())
+    split = read_json(setg_dir / "data" / "items.json")
     assert sorted(map(str, split["test"])) == sorted(map(str, ids))
     assert not set(map(str, split["train"])) & set(map(str, split["test"]))
     assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == len(wrong[0] & wrong[1])
@@ -81,8 +62,8 @@ def test_results_shape_and_setg(demo):
     # condition (their test rows are their mining rows, letter scores included)
     assert res["conditions"]["base"]["accuracy"] == res["conditions"]["persona"]["accuracy"] == 0
     for role in ("base", "persona"):
-        mined = {r["id"]: r for r in _rows(out, mining[f"setg: evaluate {role} ({role})"])}
-        scored = _rows(out, plan["conditions"][role]["mc"])
+        mined = {r["id"]: r for r in step_rows(out, mining[f"setg: evaluate {role} ({role})"])}
+        scored = step_rows(out, plan["conditions"][role]["mc"])
         assert [r["id"] for r in scored] == ids
         assert [(r["prediction"], r["logprobs"]) for r in scored] == \
             [(mined[i]["prediction"], mined[i]["logprobs"]) for i in ids]
@@ -100,7 +81,7 @@ def test_statistics_match_statsmodels(demo):
     conds = res["conditions"]
     got = {(c["a"], c["b"]): c for c in res["comparisons"]}
     assert list(got) == PAIRS
-    plan = _plan(demo["out"])
+    plan = run_plan(demo["out"])
     for (a, b), c in got.items():
         ca, cb = conds[a]["correct"], conds[b]["correct"]
         n = len(ca)
@@ -120,8 +101,8 @@ def test_statistics_match_statsmodels(demo):
         low, high = confint_proportions_2indep(k1, n, k2, n, method="newcomb", compare="diff", alpha=0.05)
         assert c["ci"] == pytest.approx([low, high])
         # changed answers, from the evaluation rows' predictions
-        pa = [r["prediction"] for r in _rows(demo["out"], plan["conditions"][a]["mc"])]
-        pb = [r["prediction"] for r in _rows(demo["out"], plan["conditions"][b]["mc"])]
+        pa = [r["prediction"] for r in step_rows(demo["out"], plan["conditions"][a]["mc"])]
+        pb = [r["prediction"] for r in step_rows(demo["out"], plan["conditions"][b]["mc"])]
         assert c["changed_predictions"] == sum(x != y for x, y in zip(pa, pb))
 
 
@@ -129,7 +110,7 @@ def test_verdict_is_the_locked_criterion(demo):
     from statsmodels.stats.contingency_tables import mcnemar
 
     res, out = demo["results"], demo["out"]
-    lock = json.loads((out / "prereg.json").read_text())
+    lock = read_json(out / "prereg.json")
     assert res["prereg"]["sha256"] == lock["sha256"]
     assert res["prereg"]["criterion"] == "diff(A1, A0) >= 5pp and mcnemar_p(A1, A0) < 0.05"
     a1, a0 = res["conditions"]["A1"]["correct"], res["conditions"]["A0"]["correct"]
@@ -151,11 +132,11 @@ def test_preserve_zero_delta_is_bit_identical_and_fuse_reports(demo):
     assert a0p["correct"] == persona["correct"]
     cmp = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("A0-preserve", "persona"))
     assert cmp["changed_predictions"] == 0 and cmp["mcnemar_p"] == 1.0
-    plan = _plan(out)
+    plan = run_plan(out)
     fuses = {}
     for name in ("A1", "A0", "A1-preserve", "A0-preserve", "A1-stochastic"):
         stage = [s for s in plan["conditions"][name]["stages"] if s["kind"] == "fuse"][-1]
-        fuses[name] = json.loads((out / "steps" / stage["step"] / "done.json").read_text())["summary"]
+        fuses[name] = read_json(out / "steps" / stage["step"] / "done.json")["summary"]
     assert fuses["A0-preserve"]["codes_changed"] == 0 and fuses["A0-preserve"]["delta_norm"] == 0
     assert fuses["A0"]["delta_norm"] == 0 and fuses["A0"]["codes_changed"] > 0  # stock: noise
     assert fuses["A1"]["delta_norm"] > 0 and fuses["A1"]["noise"] > 0
@@ -190,21 +171,25 @@ def test_report_and_screen(demo):
     assert "pyfuse demo: [1/" in demo["stderr"]  # progress
 
 
-def test_rerun_resumes_in_seconds_with_identical_results(demo):
-    import contextlib
-    import io
-
-    before = (demo["out"] / "results.json").read_bytes()
-    stdout, stderr = io.StringIO(), io.StringIO()
-    started = time.monotonic()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(["demo", "--quick", "--out", str(demo["out"]), "--cache", str(demo["cache"])])
-    seconds = time.monotonic() - started
-    assert code == 0, stderr.getvalue()
-    assert "0 step(s) run" in stderr.getvalue()
-    assert seconds < 30, seconds
-    assert (demo["out"] / "results.json").read_bytes() == before
-    assert stdout.getvalue().splitlines()[-1] == f"Report: {demo['out'] / 'report.md'}"
+def test_rerun_resumes_with_identical_results(demo):
+    """A rerun on the same OUT resumes: every step is skipped, no step's
+    output, input copy or spec is rewritten, and the cached default model is
+    reused, not rebuilt (what made the rerun take seconds)."""
+    out, cache = demo["out"], demo["cache"]
+    before = (out / "results.json").read_bytes()
+    steps_before, inputs_before = file_mtimes(out / "steps"), file_mtimes(out / "inputs")
+    spec_before = (out / "demo.yaml").stat().st_mtime_ns
+    model_before = file_mtimes(cache)
+    n_steps = len(run_plan(out)["steps"])
+    run = run_cli("demo", "--quick", "--out", out, "--cache", cache)
+    assert run.code == 0, run.err
+    assert f"0 step(s) run, {n_steps} already done" in run.err
+    assert "building the default model" not in run.err
+    assert file_mtimes(out / "steps") == steps_before and file_mtimes(out / "inputs") == inputs_before
+    assert (out / "demo.yaml").stat().st_mtime_ns == spec_before
+    assert file_mtimes(cache) == model_before
+    assert (out / "results.json").read_bytes() == before
+    assert run.out.splitlines()[-1] == f"Report: {out / 'report.md'}"
 
 
 def test_refusals(demo, tmp_path, capsys):

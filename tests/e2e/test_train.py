@@ -6,7 +6,6 @@ and bad input."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import mlx.core as mx
@@ -17,7 +16,9 @@ from pyfuse.cli import main
 from pyfuse.errors import UserError
 from pyfuse.evals.mc import evaluate_mc
 from pyfuse.data.mmlu import format_question, load_mc
-from pyfuse.train.lora import load_training_data, parse_layers, train_adapter
+from pyfuse.train import load_training_data, parse_layers, train_adapter
+
+from helpers import model_tensors, read_json, write_jsonl
 
 LAYERS = [1, 3]
 KEYS = ["mlp.switch_mlp.down_proj", "self_attn.v_proj"]
@@ -53,14 +54,11 @@ def case(tmp_path_factory, moe_dir):
     root = tmp_path_factory.mktemp("train")
     rows = [{"question_id": i, "question": q, "options": o, "answer": "B", "answer_index": 1,
              "category": c} for i, (c, q, o) in enumerate(QUESTIONS)]
-    items_file = root / "items.jsonl"
-    items_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items_file = write_jsonl(root / "items.jsonl", rows)
     data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": format_question(it)},
-                                 {"role": "assistant", "content": "\\boxed{B}"}]}) + "\n"
-        for it in load_mc(items_file)))
+    write_jsonl(data / "train.jsonl", [{"messages": [{"role": "user", "content": format_question(it)},
+                                                     {"role": "assistant", "content": "\\boxed{B}"}]}
+                                       for it in load_mc(items_file)])
     adapter = root / "adapter"
     result = train_adapter(moe_dir, data, adapter, layers=LAYERS, keys=KEYS, iters=16,
                            learning_rate=1e-2, batch_size=4, rank=8, alpha=16, mask_prompt=True,
@@ -87,13 +85,13 @@ def test_explicit_layers_train_only_those_modules(case):
     for m in TRAINED:  # lora_b starts at zero: non-zero means trained
         assert mx.abs(weights[f"{m}.lora_b"]).max().item() > 0
     assert weights["model.layers.1.mlp.switch_mlp.down_proj.lora_a"].shape == (8, 8, 64)  # [E, r, in]
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg = read_json(adapter / "adapter_config.json")
     assert cfg["fine_tune_type"] == "lora"
     assert cfg["layers"] == LAYERS
     assert cfg["num_layers"] == 4 - min(LAYERS)
     assert cfg["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": TRAINED}
     assert cfg["iters"] == 16 and cfg["seed"] == 0 and cfg["mask_prompt"] is True
-    loss = json.loads((adapter / "loss.json").read_text())
+    loss = read_json(adapter / "loss.json")
     assert [r["iteration"] for r in loss["train"]] == [4, 8, 12, 16]
     assert [r["train_loss"] for r in loss["train"]] == [r["train_loss"] for r in case["result"].losses]
     assert (adapter / "loss.png").stat().st_size > 1000
@@ -115,8 +113,7 @@ def test_mlx_lm_applies_exactly_the_trained_modules(case, moe_dir, tmp_path, mon
     monkeypatch.setattr(sys, "argv", ["mlx_lm.fuse", "--model", str(moe_dir), "--adapter-path",
                                       str(case["adapter"]), "--save-path", str(out)])
     mlx_fuse()
-    base = mx.load(str(moe_dir / "model.safetensors"))
-    fused = mx.load(str(out / "model.safetensors"))
+    base, fused = model_tensors(moe_dir), model_tensors(out)
     assert fused.keys() == base.keys()
     changed = sorted({k.rsplit(".", 1)[0] for k in base if not mx.array_equal(base[k], fused[k])})
     assert changed == TRAINED
@@ -130,12 +127,11 @@ def test_pyfuse_fuse_reads_the_adapter(case, moe_dir, tmp_path, capsys):
     assert "4 module(s) fused" in capsys.readouterr().out
     # The full-path keys of explicit layers are understood as mlx-lm does:
     # every fused module was configured, and nothing configured lacked weights.
-    summary = json.loads(report.read_text())["summary"]
+    summary = read_json(report)["summary"]
     assert summary["outside_config"] == [] and summary["configured_without_weights"] == []
     fused = evaluate_mc(out, case["items"], method="logprob")
     assert fused.accuracy == 1.0  # the trained behaviour survived the stock fuse
-    base = mx.load(str(moe_dir / "model.safetensors"))
-    ours = mx.load(str(out / "model.safetensors"))
+    base, ours = model_tensors(moe_dir), model_tensors(out)
     changed = sorted({k.rsplit(".", 1)[0] for k in base if not mx.array_equal(base[k], ours[k])})
     assert changed == TRAINED
 
@@ -148,7 +144,7 @@ def test_all_layers_standard_form_dora_and_seed(tiny_llama_dir, case, tmp_path):
     # layers=None: mlx-lm's own form (num_layers = all, keys relative)
     a = train_adapter(tiny_llama_dir, case["data"], tmp_path / "a", keys=["self_attn.q_proj"], iters=2,
                       batch_size=2, learning_rate=1e-3, steps_per_report=1, seed=3)
-    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg = read_json(tmp_path / "a" / "adapter_config.json")
     assert cfg["num_layers"] == 4 and cfg["layers"] is None
     assert cfg["lora_parameters"]["keys"] == ["self_attn.q_proj"]
     assert a.modules == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
@@ -190,9 +186,7 @@ def test_parse_layers():
 
 def test_training_data_validation(tmp_path):
     def write(name, rows):
-        p = tmp_path / name
-        p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-        return p
+        return write_jsonl(tmp_path / name, rows)
 
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     cases = [
@@ -216,8 +210,7 @@ def test_training_data_validation(tmp_path):
 
 
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tiny_moe_dir, tiny_llama_dir, tmp_path, capsys):
-    text = tmp_path / "text.jsonl"
-    text.write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "there"}) + "\n")
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}, {"text": "there"}])
     broken = tmp_path / "broken_model"
     broken.mkdir()
     (broken / "config.json").write_text("{")
@@ -266,6 +259,6 @@ def test_cli_trains_and_reports(case, tiny_llama_dir, tmp_path, capsys):
     assert code == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"pyfuse train: wrote {out} (lora, rank 4, scale 2, 2 modules in layers 0,2")
-    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg = read_json(out / "adapter_config.json")
     assert cfg["lora_parameters"]["keys"] == ["model.layers.0.self_attn.v_proj", "model.layers.2.self_attn.v_proj"]
-    assert np.isfinite([r["train_loss"] for r in json.loads((out / "loss.json").read_text())["train"]]).all()
+    assert np.isfinite([r["train_loss"] for r in read_json(out / "loss.json")["train"]]).all()

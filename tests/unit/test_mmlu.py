@@ -15,21 +15,11 @@ from pyfuse.data import mmlu
 from pyfuse.errors import UserError
 from pyfuse.evals import extract_answer
 from pyfuse.data.mmlu import (MCItem, format_question, load_mc, match_results, read_jsonl, read_results,
-                         write_json, write_jsonl)
+                              write_json, write_jsonl)
 
-
-def row(qid=1, **over):
-    base = {"question_id": qid, "question": f"What is {qid} + 1?",
-            "options": [str(qid + d) for d in range(4)], "answer": "B", "answer_index": 1,
-            "cot_content": "A: Let's think step by step. Add one. The answer is (B).",
-            "category": "math", "src": "ori_mmlu-test"}
-    base.update(over)
-    return base
-
-
-def write_raw_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from helpers import mmlu_row as row
+from helpers import result_row as result
+from helpers import write_jsonl as write_raw_jsonl
 
 
 def test_load_jsonl_and_parquet_agree(tmp_path):
@@ -152,13 +142,6 @@ def test_write_jsonl_roundtrip_and_atomic(tmp_path, monkeypatch):
 
     write_json(tmp_path / "x.json", {"b": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"b": [1, 2]}
-
-
-def result(i, correct, **over):
-    r = {"id": i, "category": "math", "gold": "B", "prediction": "B" if correct else "C",
-         "rule": "boxed", "correct": correct, "output": "\\boxed{B}"}
-    r.update(over)
-    return r
 
 
 def test_read_results_validates(tmp_path):

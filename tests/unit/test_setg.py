@@ -3,7 +3,6 @@ mlx-lm chat format, errors, and the `pyfuse setg` CLI."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from pyfuse.cli import main
 from pyfuse.errors import UserError
 from pyfuse.data.mmlu import format_question, load_mc
 from pyfuse.data.setg import SPLITS, justification, mine_setg
+
+from helpers import read_json, read_jsonl, write_jsonl
 
 # Category sizes of the synthetic eval set, including tiny ones.
 CATEGORY_SIZES = {"math": 120, "law": 90, "physics": 60, "history": 25, "other": 7, "chemistry": 3,
@@ -46,15 +47,9 @@ def make_case(tmp_path, seed=0, p_wrong=0.7):
                             "prediction": None if not ok else "ABCDEFGHIJ"[ans],
                             "rule": "none", "correct": bool(ok), "output": "..."})
             qid += 1
-    paths = {}
-    for name, data in (("data", rows), ("base", base), ("persona", persona)):
-        paths[name] = tmp_path / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in data))
+    paths = {name: write_jsonl(tmp_path / f"{name}.jsonl", data)
+             for name, data in (("data", rows), ("base", base), ("persona", persona))}
     return paths, both_wrong, rows
-
-
-def read_split(out, split):
-    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
 
 
 def test_setg_is_both_wrong_and_split_partitions_it(tmp_path):
@@ -64,9 +59,9 @@ def test_setg_is_both_wrong_and_split_partitions_it(tmp_path):
     assert len(ids) == len(set(ids)) == len(both_wrong) == res.n_setg
     assert set(ids) == both_wrong
     assert res.n_items == sum(CATEGORY_SIZES.values())
-    items = json.loads((tmp_path / "out" / "items.json").read_text())
+    items = read_json(tmp_path / "out" / "items.json")
     assert items == res.splits
-    counts = json.loads((tmp_path / "out" / "counts.json").read_text())
+    counts = read_json(tmp_path / "out" / "counts.json")
     assert counts["total"] == {**{s: len(items[s]) for s in SPLITS}, "total": len(both_wrong)}
     cat_of = {r["question_id"]: r["category"] for r in rows}
     for cat, c in counts["categories"].items():
@@ -119,10 +114,10 @@ def test_deterministic_byte_for_byte_and_seed_sensitive(tmp_path):
     names = ["train.jsonl", "valid.jsonl", "test.jsonl", "items.json", "counts.json"]
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
-    a, c = (json.loads((o / "items.json").read_text()) for o in (outs[0], outs[2]))
+    a, c = (read_json(o / "items.json") for o in (outs[0], outs[2]))
     assert set(a["train"]) != set(c["train"]) and set(a["test"]) != set(c["test"])
     # ... while the per-category counts do not depend on the seed.
-    ca, cc = (json.loads((o / "counts.json").read_text()) for o in (outs[0], outs[2]))
+    ca, cc = (read_json(o / "counts.json") for o in (outs[0], outs[2]))
     assert ca["categories"] == cc["categories"]
 
 
@@ -131,9 +126,9 @@ def test_chat_format_matches_the_data(tmp_path):
     out = tmp_path / "out"
     res = mine_setg(paths["base"], paths["persona"], paths["data"], 0.7, 0, out)
     items = {it.question_id: it for it in load_mc(paths["data"])}
-    raw = {r["question_id"]: r for r in map(json.loads, paths["data"].read_text().splitlines())}
+    raw = {r["question_id"]: r for r in read_jsonl(paths["data"])}
     for split in SPLITS:
-        lines = read_split(out, split)
+        lines = read_jsonl(out / f"{split}.jsonl")
         assert len(lines) == len(res.splits[split])
         for qid, ex in zip(res.splits[split], lines):
             user, assistant = ex["messages"]
@@ -177,8 +172,7 @@ def test_justification():
 
 def test_errors(tmp_path):
     paths, _, rows = make_case(tmp_path)
-    base = [json.loads(line) for line in paths["base"].read_text().splitlines()]
-    persona = [json.loads(line) for line in paths["persona"].read_text().splitlines()]
+    base, persona = read_jsonl(paths["base"]), read_jsonl(paths["persona"])
     with pytest.raises(UserError, match="different items"):
         mine_setg(base, persona[:-1], paths["data"])
     with pytest.raises(UserError, match="data does not contain"):

@@ -19,6 +19,8 @@ from pyfuse.errors import UserError
 from pyfuse.stats import (diff_confint, mcnemar, min_detectable_effect, power_two_proportions,
                           two_proportion_ztest)
 
+from helpers import result_row, write_jsonl
+
 
 # --- two-proportion z-test ------------------------------------------------
 
@@ -190,10 +192,7 @@ def test_mde_unreachable_is_nan():
 # --- CLI ------------------------------------------------------------------------
 
 def _write_results(path, ids, correct):
-    with open(path, "w") as fh:
-        for i, c in zip(ids, correct):
-            fh.write(json.dumps({"id": i, "category": "x", "gold": "A", "prediction": "A" if c else "B",
-                                 "rule": "boxed", "correct": bool(c), "output": "..."}) + "\n")
+    write_jsonl(path, [result_row(i, bool(c)) for i, c in zip(ids, correct)])
 
 
 def test_cli_ztest_table_and_json(capsys):

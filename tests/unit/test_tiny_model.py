@@ -13,7 +13,9 @@ import pytest
 
 from pyfuse.errors import UserError
 from pyfuse.demo.tiny_model import (build_tiny_model, build_tokenizer, chat_corpus,
-                               pretrain_tiny_model, quantize_tiny_model, synthetic_corpus)
+                                    pretrain_tiny_model, quantize_tiny_model, synthetic_corpus)
+
+from helpers import file_digests, model_tensors, read_json
 
 MESSAGES = [{"role": "user", "content": "Question: What is 2+2?\nOptions:\nA. 3\nB. 4"}]
 
@@ -39,14 +41,7 @@ def _greedy(model, tokenizer, max_tokens=12):
 
 
 def _config(path):
-    return json.loads((Path(path) / "config.json").read_text())
-
-
-def _tensors(path):
-    out = {}
-    for f in sorted(Path(path).glob("model*.safetensors")):
-        out.update(mx.load(str(f)))
-    return out
+    return read_json(Path(path) / "config.json")
 
 
 def _dequantized(model):
@@ -57,10 +52,6 @@ def _dequantized(model):
             w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
             out[name] = np.array(w.astype(mx.float32))
     return out
-
-
-def _files(path):
-    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -87,7 +78,7 @@ def test_tokenizer_loads_offline_and_round_trips(tiny_tokenizer_dir):
 
 def test_tokenizer_build_is_deterministic(tmp_path, tiny_tokenizer_dir):
     again = build_tokenizer(tmp_path / "tok")
-    assert _files(again) == _files(tiny_tokenizer_dir)
+    assert file_digests(again) == file_digests(tiny_tokenizer_dir)
 
 
 def test_chat_template_qwen3_thinking_switch(tiny_tokenizer_dir):
@@ -168,7 +159,7 @@ def test_moe_layout_and_config(tiny_moe_dir):
     assert set(per_module) == {f"model.layers.{i}.mlp.gate" for i in range(4)}
     assert all(v == {"group_size": 64, "bits": 8} for v in per_module.values())
 
-    w = _tensors(tiny_moe_dir)
+    w = model_tensors(tiny_moe_dir)
     p = "model.layers.0.mlp.switch_mlp"
     for proj in ("gate_proj", "up_proj", "down_proj"):
         assert w[f"{p}.{proj}.weight"].shape == (8, 64, 64 * 3 // 32)
@@ -195,7 +186,7 @@ def test_mixed_override_config_and_shapes(tiny_moe_mixed_dir):
             "group_size": 64, "bits": 6, "mode": "affine"}
         assert q[f"model.layers.{i}.mlp.gate"] == {"group_size": 64, "bits": 8}
         assert f"model.layers.{i}.mlp.switch_mlp.up_proj" not in q
-    w = _tensors(tiny_moe_mixed_dir)
+    w = model_tensors(tiny_moe_mixed_dir)
     assert w["model.layers.2.mlp.switch_mlp.down_proj.weight"].shape == (8, 64, 64 * 6 // 32)
     assert w["model.layers.2.mlp.switch_mlp.up_proj.weight"].shape == (8, 64, 64 * 3 // 32)
     model, _ = _load(tiny_moe_mixed_dir)
@@ -208,7 +199,7 @@ def test_llama_layout(tiny_llama_dir):
     assert cfg["model_type"] == "llama"
     assert {k: v for k, v in cfg["quantization"].items()} == {
         "group_size": 64, "bits": 4, "mode": "affine"}
-    w = _tensors(tiny_llama_dir)
+    w = model_tensors(tiny_llama_dir)
     assert w["model.layers.0.mlp.down_proj.weight"].shape == (64, 128 * 4 // 32)
     assert w["model.layers.0.mlp.gate_proj.weight"].shape == (128, 64 * 4 // 32)
     assert w["model.layers.0.mlp.down_proj.scales"].shape == (64, 2)
@@ -231,7 +222,7 @@ def test_full_precision_weights_are_gaussian(tmp_path, tiny_tokenizer_dir):
                             weight_std=0.05)
     cfg = _config(path)
     assert "quantization" not in cfg and "quantization_config" not in cfg
-    w = _tensors(path)
+    w = model_tensors(path)
     experts = np.array(w["model.layers.1.mlp.switch_mlp.up_proj.weight"]).ravel()
     assert experts.size == 8 * 64 * 64
     assert abs(experts.std() - 0.05) < 0.002
@@ -242,10 +233,10 @@ def test_full_precision_weights_are_gaussian(tmp_path, tiny_tokenizer_dir):
         if k.endswith("norm.weight"):
             assert np.all(np.array(v) == 1.0), k
     # Different seeds give different weights; same tensor for an unrelated size change.
-    other = _tensors(build_tiny_model(tmp_path / "fp2", quantize=None, seed=1, weight_std=0.05,
+    other = model_tensors(build_tiny_model(tmp_path / "fp2", quantize=None, seed=1, weight_std=0.05,
                                       tokenizer_dir=tiny_tokenizer_dir))
     assert not np.array_equal(np.array(other["lm_head.weight"]), np.array(w["lm_head.weight"]))
-    deeper = _tensors(build_tiny_model(tmp_path / "fp3", quantize=None, num_layers=5,
+    deeper = model_tensors(build_tiny_model(tmp_path / "fp3", quantize=None, num_layers=5,
                                        weight_std=0.05, tokenizer_dir=tiny_tokenizer_dir))
     key = "model.layers.1.mlp.switch_mlp.up_proj.weight"
     assert np.array_equal(np.array(deeper[key]), np.array(w[key]))
@@ -256,8 +247,8 @@ def test_build_is_byte_identical(tmp_path, tiny_moe_mixed_dir):
                   quant_overrides={"down_proj": {"group_size": 64, "bits": 6}})
     a = build_tiny_model(tmp_path / "a", **kwargs)  # tokenizer trained afresh
     b = build_tiny_model(tmp_path / "b", **kwargs)
-    assert _files(a) == _files(b)
-    assert _files(a) == _files(tiny_moe_mixed_dir)
+    assert file_digests(a) == file_digests(b)
+    assert file_digests(a) == file_digests(tiny_moe_mixed_dir)
 
 
 def test_sharded_build_has_valid_index(tmp_path, tiny_moe_dir, tiny_tokenizer_dir):
@@ -276,7 +267,7 @@ def test_sharded_build_has_valid_index(tmp_path, tiny_moe_dir, tiny_tokenizer_di
         assert key in mx.load(str(path / name))
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in seen.values())
     # Same tensors as the single-file build; loads and generates the same.
-    single = _tensors(tiny_moe_dir)
+    single = model_tensors(tiny_moe_dir)
     assert set(single) == set(seen)
     assert all(mx.array_equal(single[k], seen[k]).item() for k in seen)
     assert _greedy(*_load(path)) == _greedy(*_load(tiny_moe_dir))
@@ -285,7 +276,7 @@ def test_sharded_build_has_valid_index(tmp_path, tiny_moe_dir, tiny_tokenizer_di
 def test_bfloat16_build(tmp_path, tiny_tokenizer_dir):
     path = build_tiny_model(tmp_path / "bf16", dtype="bfloat16", tokenizer_dir=tiny_tokenizer_dir,
                             num_layers=2)
-    w = _tensors(path)
+    w = model_tensors(path)
     assert w["model.layers.0.mlp.switch_mlp.down_proj.scales"].dtype == mx.bfloat16
     assert w["model.norm.weight"].dtype == mx.bfloat16
     assert _config(path)["torch_dtype"] == "bfloat16"
@@ -299,7 +290,7 @@ def test_qwen3_5_moe_builds_and_runs(tmp_path, tiny_tokenizer_dir):
     cfg = _config(path)
     assert cfg["model_type"] == "qwen3_5_moe" and "text_config" in cfg
     assert cfg["quantization"]["language_model.model.layers.0.mlp.shared_expert_gate"]["bits"] == 8
-    w = _tensors(path)
+    w = model_tensors(path)
     assert w["language_model.model.layers.0.mlp.switch_mlp.down_proj.weight"].shape == (8, 64, 6)
     assert w["language_model.model.layers.0.linear_attn.conv1d.weight"].dtype == mx.float32
     model, tok = _load(path)
@@ -311,7 +302,7 @@ def test_qwen3_5_moe_builds_and_runs(tmp_path, tiny_tokenizer_dir):
 def test_vocab_padding_and_override_errors(tmp_path, tiny_tokenizer_dir):
     path = build_tiny_model(tmp_path / "pad", arch="llama", vocab_size=1088, num_layers=1,
                             tokenizer_dir=tiny_tokenizer_dir)
-    assert _tensors(path)["model.embed_tokens.weight"].shape[0] == 1088
+    assert model_tensors(path)["model.embed_tokens.weight"].shape[0] == 1088
     with pytest.raises(UserError, match="smaller than the tokenizer"):
         build_tiny_model(tmp_path / "x", vocab_size=512, tokenizer_dir=tiny_tokenizer_dir)
     with pytest.raises(UserError, match="match no quantizable module"):
@@ -322,7 +313,7 @@ def test_vocab_padding_and_override_errors(tmp_path, tiny_tokenizer_dir):
     # False keeps a module in full precision; mlx_lm.load still works.
     keep = build_tiny_model(tmp_path / "keep", num_layers=1, tokenizer_dir=tiny_tokenizer_dir,
                             quant_overrides={"mlp.gate": False, "lm_head": {"bits": 8}})
-    w = _tensors(keep)
+    w = model_tensors(keep)
     assert w["model.layers.0.mlp.gate.weight"].dtype == mx.float32
     assert "model.layers.0.mlp.gate.scales" not in w
     assert w["lm_head.weight"].shape == (1024, 16)
@@ -350,4 +341,4 @@ def test_pretrain_hook_then_quantize(tmp_path, tiny_tokenizer_dir):
                            tokenizer_dir=tiny_tokenizer_dir,
                            pretrain=partial(pretrain_tiny_model, iters=6, lr=1e-2, batch_size=2,
                                             seq_len=32))
-    assert _files(fp) == _files(fp2)
+    assert file_digests(fp) == file_digests(fp2)
