@@ -49,8 +49,7 @@ from ..data.mmlu import MCItem, format_question, load_mc
 from ..io.files import write_jsonl
 from ..lm.chat import chat_prompt
 from ..lm.generate import check_positive, generate_batched
-# load_model: re-exported for callers that still import it from here (pyfuse.train.lora)
-from ..lm.load import load_for_inference, load_model  # noqa: F401
+from ..lm.load import load_for_inference
 from ..lm.scorer import DEFAULT_ANSWER_PREFIX, score_item
 from .extract import extract_answer
 

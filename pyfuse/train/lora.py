@@ -257,7 +257,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
         raise UserError(f"{final} exists (pass force=True / --force to replace it)")
     td = _checked_data(data, mask_prompt, batch_size)
 
-    from ..evals.mc import load_model
+    from ..lm.load import load_model
 
     seed_everything(seed)
     lm = load_model(model)

@@ -22,8 +22,6 @@ MAX_LINES = 500
 # Modules allowed over MAX_LINES, each with its reason. An entry that is no
 # longer over the limit (or gone) fails the test: remove it.
 ALLOWED_LONG = {
-    "pyfuse/train/lora.py": "split in progress (issue 12)",
-    "pyfuse/demo/tiny_model.py": "split in progress (issue 12)",
 }
 DEMO_IMPORTERS = ("pyfuse.demo", "pyfuse.commands")  # the only packages that may import pyfuse.demo
 EXTENSIONS = {"pyfuse._ext"}  # compiled from csrc/: modules without Python source (and without imports)
