@@ -7,7 +7,7 @@ import json
 
 from ._args import add_json, console
 
-HELP = "compare accuracies: z-test, McNemar, Newcombe interval, minimum detectable effect"
+HELP = "compare accuracies: z-test, McNemar, Newcombe interval, power (unpaired and paired)"
 DESCRIPTION = """\
 Compare multiple-choice accuracies between two conditions.
 
@@ -16,6 +16,11 @@ Compare multiple-choice accuracies between two conditions.
                                         (the same items: the right test for paired runs)
   pyfuse stats ci K1 N1 K2 N2           Newcombe interval for p1 - p2
   pyfuse stats mde --n 692 --p0 0.178   minimum detectable effect (power analysis)
+  pyfuse stats paired --n 692 --discordance 0.1 --effect 0.05
+                                        the same for the paired McNemar test: power, minimum
+                                        detectable effect and items needed, from the share of
+                                        items answered right by one condition only (or from a
+                                        noise-floor result: --noise-floor DIR/noise_floor.json)
 
 Every subcommand prints a small table, or JSON with --json."""
 
@@ -52,6 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--effect", type=float, default=None,
                    help="also report the power to detect this difference (e.g. 0.05)")
     p.set_defaults(_stats=_mde)
+
+    p = sub.add_parser("paired", help="power of the paired McNemar test from a discordance rate")
+    p.add_argument("--n", type=int, default=None, help="paired items (both conditions scored on them)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--discordance", type=float, default=None,
+                     help="share of items one condition gets right and the other wrong (p10 + p01)")
+    src.add_argument("--noise-floor", default=None, metavar="NOISE_FLOOR.json",
+                     help="take it from a noise-floor result: the share of multiple-choice answers a "
+                          "zero-delta fuse changes (pyfuse noise-floor --mc; an upper bound of the discordance)")
+    p.add_argument("--policy", default="stock", help="the noise-floor row's policy (default: stock)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level, two-sided (default: 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="target power (default: 0.8)")
+    p.add_argument("--effect", type=float, default=None,
+                   help="the difference in accuracy to detect (p10 - p01), e.g. 0.05")
+    p.set_defaults(_stats=_paired)
 
     for p in sub.choices.values():
         add_json(p)
@@ -143,3 +163,35 @@ def _mde(args):
         data["mde"] = None  # JSON has no NaN
     return "minimum detectable effect (two-proportion test)", rows, data
 
+
+
+def _paired(args):
+    from ..errors import UserError
+    from ..experiment.power import discordance_from_noise_floor
+    from ..stats import mcnemar_mde, mcnemar_power, mcnemar_sample_size
+
+    if args.n is None and args.effect is None:
+        raise UserError("give --n (for the minimum detectable effect) and/or --effect (for the items needed)")
+    if args.noise_floor is not None:
+        psi, source = discordance_from_noise_floor(args.noise_floor, policy=args.policy)
+    else:
+        psi, source = args.discordance, "given"
+    data = {"discordance": psi, "discordance_source": source, "alpha": args.alpha, "power": args.power,
+            "n": args.n, "effect": args.effect, "method": "Connor (1987) normal approximation"}
+    rows = [("discordance (p10 + p01)", f"{psi:.4g} ({source})"), ("alpha (two-sided)", f"{args.alpha:g}"),
+            ("power", f"{args.power:g}")]
+    if args.n is not None:
+        mde = mcnemar_mde(args.n, psi, alpha=args.alpha, power=args.power)
+        rows += [("paired items", str(args.n)),
+                 ("minimum detectable effect", "not reachable" if mde != mde else _pp(mde))]
+        data["mde"] = None if mde != mde else mde
+        if args.effect is not None:
+            pw = mcnemar_power(args.n, psi, args.effect, alpha=args.alpha)
+            rows.append((f"power at {_pp(args.effect)}",
+                         f"{pw:.3f} ({'under-powered' if pw < args.power else 'adequately powered'})"))
+            data.update(power_at_effect=pw, underpowered=pw < args.power)
+    if args.effect is not None:
+        needed = mcnemar_sample_size(psi, args.effect, alpha=args.alpha, power=args.power)
+        rows.append((f"items needed for {_pp(args.effect)}", str(needed)))
+        data["n_needed"] = needed
+    return "paired McNemar test: power (Connor 1987)", rows, data

@@ -241,3 +241,168 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert main(["stats", "mcnemar", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different items" in err
+
+
+# --- Wilson interval (the report's error bars) -----------------------------------
+
+def test_wilson_matches_statsmodels_and_is_clamped_for_every_count_up_to_300():
+    """Every k in 0..n for every n in 1..300: the interval is statsmodels'
+    Wilson interval, clamped so that 0 <= low <= k/n <= high <= 1 (so no
+    error bar is ever negative: statsmodels gives 2.8e-17 > 0 as the lower
+    bound of 0/14). The scalar form (one condition) is the array form's."""
+    from pyfuse.stats import wilson_interval
+
+    raw_positive_at_zero = 0
+    for n in range(1, 301):
+        k = np.arange(n + 1)
+        lo_ref, hi_ref = proportion_confint(k, n, alpha=0.05, method="wilson")
+        raw_positive_at_zero += lo_ref[0] > 0
+        lo, hi = wilson_interval(k, n)
+        p = k / n
+        assert np.all((0.0 <= lo) & (lo <= p) & (p <= hi) & (hi <= 1.0))
+        assert np.all(p - lo >= 0) and np.all(hi - p >= 0)  # the error bars
+        np.testing.assert_allclose(lo, np.minimum(np.maximum(lo_ref, 0.0), p), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(hi, np.maximum(np.minimum(hi_ref, 1.0), p), rtol=0, atol=1e-15)
+        for ki in {0, 1, n // 2, n - 1, n}:
+            assert wilson_interval(ki, n) == (lo[ki], hi[ki])
+    assert raw_positive_at_zero > 0  # the float artefact this guards against does occur
+
+
+def test_wilson_rejects_empty_and_bad_counts():
+    from pyfuse.stats import wilson_interval
+
+    for k, n in [(0, 0), (3, 2), (-1, 5), (1.5, 4), (True, 4)]:
+        with pytest.raises(UserError):
+            wilson_interval(k, n)
+
+
+# --- McNemar power (Connor 1987) against the exact test ------------------------
+
+def _exact_mcnemar_power(n: int, psi: float, ds, alpha: float) -> np.ndarray:
+    """The oracle: the power of the exact two-sided McNemar test (the one
+    pyfuse.stats.mcnemar runs) by enumeration, for each effect in ``ds``:
+    the number of discordant items D ~ Binomial(n, psi); given D, the items
+    A gets right B ~ Binomial(D, p10 / psi); reject when the exact binomial
+    p < alpha."""
+    p10 = (psi + np.atleast_1d(ds)) / 2
+    total = np.zeros(p10.size)
+    for disc in range(1, n + 1):
+        b = np.arange(disc + 1)
+        reject = b[2 * sps.binom.cdf(np.minimum(b, disc - b), disc, 0.5) < alpha]
+        if reject.size:
+            total += sps.binom.pmf(disc, n, psi) * sps.binom.pmf(reject[None, :], disc,
+                                                                  p10[:, None] / psi).sum(axis=1)
+    return total
+
+
+def test_exact_power_oracle_agrees_with_simulated_statsmodels_mcnemar():
+    # the oracle itself, checked by simulation of statsmodels' exact test on seeded paired data
+    n, psi, d = 150, 0.2, 0.08
+    rng = np.random.default_rng(2024)
+    p10, p01 = (psi + d) / 2, (psi - d) / 2
+    sims, rejected = 4000, 0
+    for _ in range(sims):
+        cells = rng.multinomial(n, [p10, p01, 1 - psi])
+        rejected += sm_mcnemar([[0, cells[0]], [cells[1], cells[2]]], exact=True).pvalue < 0.05
+    exact = _exact_mcnemar_power(n, psi, d, 0.05)[0]
+    assert rejected / sims == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / sims))
+
+
+@pytest.mark.parametrize("n,psi", [(692, 0.1), (692, 0.2), (300, 0.15), (200, 0.3), (400, 0.3), (204, 0.1)])
+def test_connor_power_is_close_to_the_exact_tests(n, psi):
+    from pyfuse.stats import mcnemar_power
+
+    ds = (0.25 * psi, 0.4 * psi, 0.6 * psi)
+    for d, exact in zip(ds, _exact_mcnemar_power(n, psi, ds, 0.05)):
+        approx = mcnemar_power(n, psi, d)
+        # the normal approximation ignores the exact test's discreteness: it overestimates the power
+        # by a few points, less as the expected number of discordant items n * psi grows
+        assert exact - 0.005 <= approx <= exact + (0.035 if n * psi >= 100 else 0.08)
+
+
+def test_mcnemar_mde_and_sample_size_are_inverses_of_the_power():
+    from pyfuse.stats import mcnemar_mde, mcnemar_power, mcnemar_sample_size
+
+    for n, psi, power in [(692, 0.1, 0.8), (204, 0.08, 0.8), (1500, 0.3, 0.9)]:
+        mde = mcnemar_mde(n, psi, power=power)
+        assert mcnemar_power(n, psi, mde) == pytest.approx(power, abs=1e-9)
+        needed = mcnemar_sample_size(psi, mde, power=power)
+        assert needed in (n, n + 1)  # rounding up
+        assert mcnemar_power(needed, psi, mde) >= power - 1e-9 > mcnemar_power(needed - 2, psi, mde)
+        # the closed form, written out here
+        z = sps.norm.ppf
+        root = z(0.975) * math.sqrt(psi) + z(power) * math.sqrt(psi - mde ** 2)
+        assert needed == math.ceil(root ** 2 / mde ** 2 - 1e-9)
+    # more discordance, the same n: a larger effect is needed; a tiny n cannot reach the target
+    assert mcnemar_mde(692, 0.3) > mcnemar_mde(692, 0.1)
+    assert math.isnan(mcnemar_mde(10, 0.05))
+
+
+def test_mcnemar_power_rejects_impossible_inputs():
+    from pyfuse.stats import mcnemar_power, mcnemar_sample_size
+
+    for args in [(100, 0.0, 0.01), (100, 1.5, 0.1), (100, 0.1, 0.2), (100, 0.1, 0.0), (1, 0.1, 0.05)]:
+        with pytest.raises(UserError):
+            mcnemar_power(*args)
+    with pytest.raises(UserError):
+        mcnemar_sample_size(0.1, 0.05, power=0.01)
+
+
+def test_two_proportion_sample_size_is_the_inverse_of_the_mde():
+    from pyfuse.stats import sample_size_two_proportions
+
+    # the study: a 5-point effect from 17.8 % needs about 1,013 items per condition
+    n = sample_size_two_proportions(0.178, 0.05)
+    assert 1005 <= n <= 1020
+    assert power_proportions_2indep(0.05, 0.178, n).power == pytest.approx(0.8, abs=0.01)
+    assert min_detectable_effect(n, 0.178) <= 0.05 < min_detectable_effect(n - 5, 0.178)
+
+
+# --- Holm, margins, empirical p ---------------------------------------------------
+
+def test_holm_matches_the_step_down_procedure_written_out():
+    from pyfuse.stats import holm
+
+    rng = np.random.default_rng(5)
+    for m in (1, 2, 4, 7):
+        ps = rng.uniform(0, 0.2, m).tolist()
+        order = np.argsort(ps)
+        expected = np.empty(m)
+        running = 0.0
+        for rank, i in enumerate(order):  # Holm (1979): max over the smaller ones of (m - rank) p
+            running = max(running, min(1.0, (m - rank) * ps[i]))
+            expected[i] = running
+        assert holm(ps) == pytest.approx(expected.tolist(), rel=1e-12)
+    assert holm([0.03]) == [0.03] and holm([]) == []
+    with pytest.raises(UserError):
+        holm([0.5, 1.2])
+
+
+def test_margin_test_is_scipys_one_sided_mann_whitney():
+    from pyfuse.stats import margin_test
+
+    rng = np.random.default_rng(9)
+    flipped, kept = rng.exponential(0.3, 25), rng.exponential(1.0, 200)
+    r = margin_test(flipped, kept)
+    ref = sps.mannwhitneyu(flipped, kept, alternative="less")
+    assert (r.statistic, r.pvalue) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue, rel=1e-12))
+    assert r.pvalue < 0.01 and r.n_flipped == 25 and r.median_flipped == pytest.approx(np.median(flipped))
+    # no concentration: same distribution, a large p (one-sided)
+    assert margin_test(rng.exponential(1.0, 50), rng.exponential(1.0, 200)).pvalue > 0.01
+    assert margin_test([], [0.1, 0.2]) is None
+
+
+def test_empirical_p_counts_the_draws_at_least_as_large():
+    from pyfuse.stats import empirical_p
+
+    null = [0.01, 0.03, 0.03, 0.05]
+    assert empirical_p(0.06, null) == pytest.approx(1 / 5)  # above every draw: the smallest value
+    assert empirical_p(0.03, null) == pytest.approx(4 / 5)  # ties count as at least as large
+    assert empirical_p(0.0, null) == 1.0
+    # under the null (observed is one more draw) P(p <= j/(K+1)) = j/(K+1): uniform on the grid
+    rng = np.random.default_rng(1)
+    ps = [empirical_p(x[0], x[1:]) for x in rng.normal(size=(4000, 11))]
+    for j in (1, 3, 5):
+        assert np.mean(np.array(ps) <= j / 11 + 1e-12) == pytest.approx(j / 11, abs=0.02)
+    with pytest.raises(UserError):
+        empirical_p(0.1, [])
