@@ -5,6 +5,8 @@ r"""MMLU-Pro style multiple-choice data and per-item eval results.
   Parquet (the format of the Hugging Face release) into validated
   :class:`MCItem` objects. Trailing ``"N/A"`` options (padding in some
   MMLU-Pro exports) are dropped before validation.
+* :func:`load_mc_rows`: the same rows, each with the row as read (to write
+  a subset back unchanged: :mod:`pyfuse.data.sampler`).
 * :func:`format_question` renders the prompt used for evaluation and for
   Set-G training data, ending with the ``\boxed{X}`` instruction.
 * :func:`read_results` / :func:`match_results` read and pair the per-item
@@ -154,9 +156,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _validated(path: Path, rows: Iterator[tuple[str, Any]], model: type[BaseModel], id_field: str,
-               limit: int | None = None) -> list:
-    """``rows`` (``(where, row)``) validated as ``model``, at most ``limit``;
-    ids (``id_field``) must be unique. Errors name the file, row and field."""
+               limit: int | None = None, keep_raw: bool = False) -> list:
+    """``rows`` (``(where, row)``) validated as ``model``, at most ``limit``
+    (with ``keep_raw``: ``(object, row as read)`` pairs); ids (``id_field``)
+    must be unique. Errors name the file, row and field."""
     out: list = []
     seen: dict[str, str] = {}
     for where, row in rows:
@@ -173,7 +176,7 @@ def _validated(path: Path, rows: Iterator[tuple[str, Any]], model: type[BaseMode
         if key in seen:
             raise UserError(f"{path}: {where}: field '{id_field}': {value!r} repeats {seen[key]}")
         seen[key] = where
-        out.append(obj)
+        out.append((obj, row) if keep_raw else obj)
     return out
 
 
@@ -195,6 +198,16 @@ def load_mc(path: str | os.PathLike, limit: int | None = None) -> list[MCItem]:
     if not items:
         raise UserError(f"{path}: no items")
     return items
+
+
+def load_mc_rows(path: str | os.PathLike) -> list[tuple[MCItem, dict]]:
+    """Every row of a JSONL or Parquet file as ``(validated item, the row as
+    read)``, so that a subset can be written back with every column."""
+    path, rows = _iter_rows(path)
+    pairs = _validated(path, rows, MCItem, "question_id", keep_raw=True)
+    if not pairs:
+        raise UserError(f"{path}: no items")
+    return pairs
 
 
 def format_question(item: MCItem) -> str:

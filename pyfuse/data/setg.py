@@ -1,34 +1,39 @@
 r"""Set-G: the items that both the base and the persona model get wrong,
-split into mlx-lm training data.
+split into mlx-lm training data and held-out test items.
 
 Inputs are two per-item eval result files (``pyfuse eval mc`` output) over
 the same items and the MMLU-Pro file those evals ran on (for the question
 text). Set-G is every item with ``correct`` false in both.
 
-The split is stratified by category and deterministic:
+The split is given as fractions, ``{"train": 0.7, "test": 0.3}`` by default
+(the study's 70/30: 2,312 -> 1,620 / 692), stratified by category and
+deterministic:
 
 * Items of a category are ordered by id, then permuted by a generator
   seeded with ``(seed, crc32(category))``: a category's split depends only
   on the seed and its own items, not on the input order or on the other
   categories.
-* A category of ``n`` items puts ``round(train_frac * n)`` (halves round
-  up) in train. The rest is halved between valid and test; when the rest
-  is odd, the extra item goes alternately to test and valid over the
-  categories that have one (in category order, test first), so that many
-  tiny categories still fill both held-out splits. So a 1-item category
-  goes to train (for train_frac >= 0.5), a 2-item one gives one item to
-  train and one to test or valid.
+* A category of ``n`` items puts ``round(train * n)`` (halves round up) in
+  train and the rest in test, so a 1-item category goes to train and a
+  2-item one gives one item to each.
+* With ``valid_frac`` > 0 a validation set (mlx-lm's validation loss) is
+  carved from each category's train share: ``round(valid_frac * n_train)``
+  items (halves up); the test share is untouched.
 * Each split file is then shuffled with a generator seeded by
   ``(seed, split)`` so that categories are interleaved for trainers that
   read in order.
-* A split that ends up empty is an error: mlx-lm cannot train without a
-  validation set, and an empty test set measures nothing.
+* An empty train or test split is an error (and an empty valid split when
+  one was asked for).
 
-Written to ``out``: ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` in
-mlx-lm's chat format (``{"messages": [user: format_question(item),
-assistant: "\boxed{X}" + a one-line justification from cot_content]}``),
-``items.json`` (the item ids of each split, in file order) and
-``counts.json`` (per category and split).
+:func:`split_sizes` is the rule alone: the experiment engine predicts the
+test n from it before any model runs.
+
+Written to ``out``: ``train.jsonl``, ``test.jsonl`` (and ``valid.jsonl``
+when there is a validation set) in mlx-lm's chat format
+(``{"messages": [user: format_question(item), assistant: "\boxed{X}" + a
+one-line justification from cot_content]}``), ``items.json`` (the item ids
+of each split, in file order) and ``counts.json`` (per category and split,
+with the split fractions).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from .mmlu import (MCItem, MCResult, format_question, id_key, load_mc, match_res
                    write_json, write_jsonl)
 
 SPLITS = ("train", "valid", "test")
+DEFAULT_SPLIT = {"train": 0.7, "test": 0.3}
 JUSTIFICATION_MAX_CHARS = 300
 
 # MMLU-Pro chain-of-thought boilerplate around the reasoning itself.
@@ -63,7 +69,8 @@ class SetGResult:
 
     n_items: int  # items in both eval files
     n_setg: int  # items wrong in both
-    train_frac: float
+    split: dict[str, float]  # {"train": f, "test": 1 - f}
+    valid_frac: float  # the share of train carved out as validation data
     seed: int
     splits: dict[str, list] = field(default_factory=dict)  # split -> item ids, file order
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # category -> split -> n
@@ -129,21 +136,38 @@ def _as_items(obj: Any) -> list[MCItem]:
     return _as_list(obj, MCItem, load_mc, "data", "item")
 
 
-def _split_sizes(n_by_cat: dict[str, int], train_frac: float) -> dict[str, dict[str, int]]:
+def check_split(split, valid_frac: float = 0.0) -> tuple[dict[str, float], float]:
+    """``split`` as ``{"train": f, "test": 1 - f}`` (fractions in (0, 1)
+    summing to 1) and ``valid_frac`` in [0, 1), or a UserError."""
+    if split is None:
+        split = DEFAULT_SPLIT
+    if not isinstance(split, dict) or set(split) != {"train", "test"}:
+        raise UserError(f"split must give the fractions train and test, e.g. {{train: 0.7, test: 0.3}}; got {split!r}")
+    out = {}
+    for k in ("train", "test"):
+        v = split[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise UserError(f"split: {k} must be a fraction in (0, 1), got {v!r}")
+        out[k] = float(v)
+    if abs(out["train"] + out["test"] - 1) > 1e-9:
+        raise UserError(f"split: train + test must be 1, got {out['train']:g} + {out['test']:g}")
+    if isinstance(valid_frac, bool) or not isinstance(valid_frac, (int, float)) or not 0 <= valid_frac < 1:
+        raise UserError(f"valid_frac (the share of train carved out for validation) must be in [0, 1), "
+                        f"got {valid_frac!r}")
+    return out, float(valid_frac)
+
+
+def split_sizes(n_by_cat: dict[str, int], split: dict | None = None,
+                valid_frac: float = 0.0) -> dict[str, dict[str, int]]:
+    """``{category: {"train", "valid", "test"}}``: the split rule of the
+    module doc applied to the category sizes ``n_by_cat``."""
+    split, valid_frac = check_split(split, valid_frac)
     sizes = {}
-    odd_turn = 0  # alternates the odd leftover item: test, valid, test, ...
     for cat in sorted(n_by_cat):
         n = n_by_cat[cat]
-        n_train = min(n, int(np.floor(train_frac * n + 0.5)))
-        rest = n - n_train
-        n_valid = n_test = rest // 2
-        if rest % 2:
-            if odd_turn % 2 == 0:
-                n_test += 1
-            else:
-                n_valid += 1
-            odd_turn += 1
-        sizes[cat] = {"train": n_train, "valid": n_valid, "test": n_test}
+        n_train = min(n, int(np.floor(split["train"] * n + 0.5)))
+        n_valid = int(np.floor(valid_frac * n_train + 0.5))
+        sizes[cat] = {"train": n_train - n_valid, "valid": n_valid, "test": n - n_train}
     return sizes
 
 
@@ -192,24 +216,26 @@ def _write(out: Path, chosen: dict[str, list[MCItem]], result: SetGResult) -> No
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     for split in SPLITS:
-        write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
+        if chosen[split] or split != "valid":  # mlx-lm data: valid.jsonl only when there is one
+            write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
     write_json(out / "items.json", result.splits)
     write_json(out / "counts.json", {
-        "n_items": result.n_items, "n_setg": result.n_setg, "train_frac": result.train_frac,
-        "seed": result.seed, "categories": result.counts,
+        "n_items": result.n_items, "n_setg": result.n_setg, "split": result.split,
+        "valid_frac": result.valid_frac, "seed": result.seed, "categories": result.counts,
         "total": {**result.totals(), "total": result.n_setg}})
     result.out = out
 
 
 def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str | os.PathLike | Sequence,
-              data: str | os.PathLike | Sequence, train_frac: float = 0.7, seed: int = 0,
-              out: str | os.PathLike | None = None) -> SetGResult:
+              data: str | os.PathLike | Sequence, split: dict | None = None, valid_frac: float = 0.0,
+              seed: int = 0, out: str | os.PathLike | None = None) -> SetGResult:
     """Mine Set-G from two eval result sets and split it (see the module
     docstring). ``base_results``/``persona_results`` are result JSONL paths
     or lists of results, ``data`` the MMLU-Pro file (or items) the evals ran
-    on. With ``out=None`` nothing is written."""
-    if isinstance(train_frac, bool) or not isinstance(train_frac, (int, float)) or not 0 < train_frac < 1:
-        raise UserError(f"train_frac must be in (0, 1), got {train_frac!r}")
+    on; ``split`` the train/test fractions (default 70/30), ``valid_frac``
+    the share of train carved out for validation. With ``out=None`` nothing
+    is written."""
+    split, valid_frac = check_split(split, valid_frac)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     base = _as_results(base_results, "base")
@@ -224,14 +250,14 @@ def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str |
     by_cat: dict[str, list[MCItem]] = {}
     for item in setg:
         by_cat.setdefault(item.category, []).append(item)
-    sizes = _split_sizes({c: len(v) for c, v in by_cat.items()}, float(train_frac))
+    sizes = split_sizes({c: len(v) for c, v in by_cat.items()}, split, valid_frac)
     chosen = _stratified_split(by_cat, sizes, int(seed))
-    empty = [s for s in SPLITS if not chosen[s]]
+    empty = [s for s in SPLITS if not chosen[s] and (s != "valid" or valid_frac > 0)]
     if empty:
         raise UserError(f"Set-G has only {len(setg)} item(s): the {' and '.join(empty)} split(s) would "
-                        f"be empty (try another --train-frac or more evaluated items)")
+                        f"be empty (change the split or evaluate more items)")
 
-    result = SetGResult(n_items=len(pairs), n_setg=len(setg), train_frac=float(train_frac),
+    result = SetGResult(n_items=len(pairs), n_setg=len(setg), split=split, valid_frac=valid_frac,
                         seed=int(seed),
                         splits={s: [it.question_id for it in chosen[s]] for s in SPLITS},
                         counts={c: {**sizes[c], "total": len(by_cat[c])} for c in sorted(by_cat)})
