@@ -15,13 +15,19 @@ identity), Set-G mining, comparisons and a pre-registered criterion.
   pyfuse experiment run SPEC.yaml --out DIR   run or resume it: DIR/results.json, DIR/report.md
   pyfuse experiment report DIR                rewrite DIR/report.md and its plots
 
-Before any step runs, the pre-registration (criterion, tests, alpha, thresholds,
-split rule, design) is written to DIR/prereg.json as canonical JSON and hashed
-(SHA-256); the Set-G split seed is int(sha256[:8], 16). A later run whose
-pre-registration differs refuses to continue in DIR. Every step's output is
-content-addressed and published atomically: a rerun skips finished steps, and a
-run killed at any moment resumes where it stopped. Fused models no longer needed
-are removed unless --keep-models.
+Before any model runs, validate and run print the predicted n of every
+multiple-choice dataset (from the data and the split) and, for every threshold of
+the pre-registered criterion, the minimum detectable effect at that n, unpaired
+(two-proportion) and paired (McNemar, from an expected discordance rate); a
+criterion that cannot detect its own threshold is refused unless the spec says
+allow_underpowered: true with a reason. Then the pre-registration (criterion,
+tests, family, alpha, thresholds, split rule, design, the power table and the
+SHA-256 of every data file) is written to DIR/prereg.json as canonical JSON and
+hashed (SHA-256); the Set-G split seed is int(sha256[:8], 16). A later run whose
+pre-registration or data differ refuses to continue in DIR, and so does report.
+Every step's output is content-addressed, published atomically and hashed: a
+rerun checks and skips finished steps, and a run killed at any moment resumes
+where it stopped. Fused models no longer needed are removed unless --keep-models.
 
 Examples: examples/stacking-confound.yaml, examples/identity-stacking.yaml."""
 
@@ -58,7 +64,8 @@ def run(args) -> int:
 
 def _validate(args) -> int:
     from ..experiment.load import load_checked_spec
-    from ..experiment.prereg import power_warnings, prereg_document
+    from ..experiment.power import power_lines
+    from ..experiment.prereg import check_power
     from ..experiment.validate import missing_paths
 
     spec = load_checked_spec(args.spec, check_paths=args.strict)
@@ -74,11 +81,13 @@ def _validate(args) -> int:
     if spec.preregistration is None and spec.comparisons:
         print("pyfuse experiment validate: warning: comparisons without a preregistration section are "
               "exploratory (no locked criterion, no verdict)", file=sys.stderr)
-    doc = prereg_document(spec)
-    if doc is not None:
-        for w in power_warnings(doc):
-            if w["warn"]:
-                print(f"pyfuse experiment validate: warning: under-powered design: {w['text']}", file=sys.stderr)
+    for line in power_lines(spec):
+        print(f"pyfuse experiment validate: {line}")
+    if spec.preregistration is not None:
+        for rec in check_power(spec):  # refuses what `run` would refuse to lock
+            if rec["underpowered"]:
+                print(f"pyfuse experiment validate: warning: under-powered design (allowed: "
+                      f"{spec.preregistration.underpowered_reason}): {rec['text']}", file=sys.stderr)
     return 0
 
 

@@ -8,16 +8,17 @@ experiment``, with comments) and runs it with :func:`pyfuse.experiment.run_exper
 into ``OUT``: ``results.json``, ``report.md`` and its plots. A rerun on the
 same ``OUT`` resumes (finished steps are skipped).
 
-The design is the study's (examples/stacking-confound.yaml), scaled down
-(docs/demo.md walks through a run):
+The design is the study's (examples/stacking-confound.yaml), scaled down,
+with every control pyfuse has (docs/demo.md walks through a run):
 
 * ``base``: the default model (3-bit, group size 64);
 * ``persona``: base + an identity LoRA (persona "Pyra") fused with the stock
   re-quantization, as ``mlx_lm fuse`` does;
 * Set-G: the rows that both base and persona answer wrong (log-probability
-  method), split by category into train / valid / test (mined with the
-  models of the conditions ``base`` and ``persona``, which are then scored
-  on Set-G test like every other condition);
+  method), split 70/30 by category into train / test, a tenth of train
+  carved out for validation (mined with the models of the conditions
+  ``base`` and ``persona``, which are then scored on Set-G test like every
+  other condition);
 * ``A1``: persona + a factual LoRA trained on Set-G train (rank 2, alpha 2,
   every linear layer of the two blocks), fused with stock re-quantization;
 * ``A0``: its zero-delta twin (every learned delta zeroed) through the
@@ -27,12 +28,20 @@ The design is the study's (examples/stacking-confound.yaml), scaled down
   bit);
 * ``A1-unfused`` (the adapter loaded, not fused) and ``A1-stochastic`` (fused
   with stochastic rounding): what the adapter itself does;
-* evaluations: multiple choice on Set-G test (``logprob``) and the identity
-  suite, for every condition; the noise floor of every fuse setting;
-* the pre-registered criterion: ``diff(A1, A0) >= 5pp and mcnemar_p(A1, A0) < 0.05``.
+* ``placebo`` (K seeds): the trained adapter's singular values on random
+  directions, fused like A1; ``dithered`` (K seeds): A0's fuse with
+  stochastic rounding on the stock grid: the null distributions of "an
+  adapter of this size" and of "the fuse's noise";
+* evaluations: multiple choice (``logprob``) on Set-G test and on
+  ``general``, a stratified sample of the rows (``pyfuse setg mine``), and
+  the identity suite; the noise floor of every fuse setting;
+* the pre-registered criterion ``diff(A1, A0) >= 5pp and mcnemar_p(A1, A0) <
+  0.05``, its p value Holm-adjusted in a declared family of five tests (the
+  decomposition's), with the power of the design printed and locked before
+  any model runs (under-powered, allowed with the reason).
 
 ``quick=True`` is a reduced configuration (fewer rows, a shorter identity
-suite, fewer training steps) for tests; it runs the same steps.
+suite, fewer training steps, 3 seeds) for tests; it runs the same steps.
 """
 
 from __future__ import annotations
@@ -56,20 +65,23 @@ INPUTS = "inputs"
 
 FULL = {
     "per_category": None,  # every row of the default data (120 per category)
+    "general_per_category": 5,  # the second dataset: 70 rows, a stratified sample
     "identity_prompts": None,  # the whole 20-prompt suite
     "persona_iters": 80,
     "factual_iters": 100,
     "factual_lr": 1e-4,
-    "train_frac": 0.4,
+    "seeds": 8,  # members of each null distribution (placebo, dithered)
 }
 QUICK = {
     "per_category": 14,
+    "general_per_category": 2,
     "identity_prompts": 6,
     "persona_iters": 40,
     "factual_iters": 30,
     "factual_lr": 1e-4,
-    "train_frac": 0.4,
+    "seeds": 3,
 }
+EXPECTED_BOTH_WRONG = 0.4  # the default model: 679 of 1,680 rows wrong for both base and persona
 
 
 def demo_config(quick: bool = False) -> dict:
@@ -97,11 +109,13 @@ def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
                 seen[r["category"]] = seen.get(r["category"], 0) + 1
                 kept.append(r)
         rows = kept
+    general = _general_rows(rows, cfg["general_per_category"])
     suite = yaml.safe_load(assets.identity_suite.read_text(encoding="utf-8"))
     if cfg["identity_prompts"] is not None:
         suite["prompts"] = suite["prompts"][:cfg["identity_prompts"]]
     files = {
         "mmlu.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+        "general.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general),
         "identity_suite.yaml": ("# The demo's identity suite (persona Pyra; the base model calls itself Atlas,\n"
                                 "# made by Northwind Labs): pyfuse's template with these names.\n"
                                 + yaml.safe_dump(suite, sort_keys=False, allow_unicode=True)),
@@ -110,13 +124,25 @@ def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
     }
     for name, text in files.items():
         _write_if_changed(dest / name, text)
-    return {"mmlu": dest / "mmlu.jsonl", "identity": dest / "identity",
+    return {"mmlu": dest / "mmlu.jsonl", "general": dest / "general.jsonl", "identity": dest / "identity",
             "identity_suite": dest / "identity_suite.yaml"}
 
 
+def _general_rows(rows: list[dict], per_category: int) -> list[dict]:
+    """The second dataset: ``per_category`` rows of each category, drawn by
+    pyfuse's stratified sampler (what ``pyfuse setg mine --allocation equal``
+    does to a file)."""
+    from ..data.mmlu import MCItem
+    from ..data.sampler import choose
+
+    items = [MCItem.model_validate(r) for r in rows]
+    n = per_category * len({it.category for it in items})
+    return [rows[i] for i in choose(items, n, seed=0, allocation="equal")]
+
+
 def demo_spec(model: str | os.PathLike, *, mmlu: str = f"{INPUTS}/mmlu.jsonl",
-              identity: str = f"{INPUTS}/identity", suite: str = f"{INPUTS}/identity_suite.yaml",
-              quick: bool = False) -> str:
+              general: str = f"{INPUTS}/general.jsonl", identity: str = f"{INPUTS}/identity",
+              suite: str = f"{INPUTS}/identity_suite.yaml", quick: bool = False) -> str:
     """The demo's experiment spec (YAML text with comments). Relative paths
     are relative to the spec file."""
     # Over 80 lines: one YAML document written out whole, so that it reads
@@ -132,7 +158,9 @@ def demo_spec(model: str | os.PathLike, *, mmlu: str = f"{INPUTS}/mmlu.jsonl",
 # Does a factual LoRA, trained on the items that both the base and the persona
 # model get wrong (Set-G) and fused into the 3-bit persona model, inject
 # knowledge? The decisive control is A0: the same adapter with every learned
-# delta set to zero, fused through the identical pipeline.
+# delta set to zero, fused through the identical pipeline; the null
+# distributions (placebo, dithered) show what an adapter of the same size, and
+# the fuse's own noise, do by chance.
 version: 1
 name: pyfuse-demo{'-quick' if quick else ''}
 seed: 0
@@ -142,6 +170,7 @@ models:
 
 data:
   mmlu: {q(mmlu)}               # synthetic MMLU-Pro rows, 14 categories
+  general: {q(general)}         # {cfg['general_per_category']} rows per category of them (pyfuse's stratified sampler)
   identity: {q(identity)}       # mlx-lm chat data that teaches the persona "Pyra"
 
 setg:                      # evaluate base and persona on `mmlu`, keep the rows both get wrong
@@ -149,7 +178,9 @@ setg:                      # evaluate base and persona on `mmlu`, keep the rows 
   base: base
   persona: persona
   method: logprob
-  train_frac: {cfg['train_frac']}         # the rest is halved into valid / test (stratified by category)
+  split: {{train: 0.7, test: 0.3}}   # stratified by category (the study's 70/30)
+  valid_frac: 0.1                   # a tenth of train carved out for the validation loss
+  expected_both_wrong: {EXPECTED_BOTH_WRONG}         # predicts the test n before any model runs
 
 conditions:
   base:
@@ -201,10 +232,38 @@ conditions:
       - train: *factual
       - zero
       - fuse: {{policy: preserve}}
+  placebo:
+    from: persona
+    seeds: {cfg['seeds']}                   # members placebo.0 .. placebo.{cfg['seeds'] - 1}
+    evaluate: [mc]
+    description: the factual LoRA's singular values on random directions (its size, no content), fused like A1
+    stages:
+      - train: *factual
+      - placebo
+      - fuse: {{policy: stock}}
+  dithered:
+    from: persona
+    seeds: {cfg['seeds']}
+    evaluate: [mc]
+    description: A0's fuse with stochastic rounding on the stock grid (draws of the fuse's noise, no delta)
+    stages:
+      - train: *factual
+      - zero
+      - fuse: {{policy: stock, dither: true}}
 
 evaluation:
-  mc: {{data: setg.test, method: logprob}}
+  mc:
+    - {{data: setg.test, method: logprob}}   # the primary dataset (the criterion's)
+    - {{data: general, method: logprob}}     # items of every kind: what the fuses do to the rest
   identity: {{suite: {q(suite)}}}
+
+analysis:                      # the decomposition and the null distributions of the report
+  trained: A1
+  zero: A0
+  reference: persona
+  unfused: A1-unfused
+  placebo: placebo
+  dithered: dithered
 
 comparisons:
   - [A1, A0]                   # the content-specific effect
@@ -219,8 +278,20 @@ preregistration:
   hypothesis: the factual LoRA trained on Set-G injects knowledge into the persona model
   criterion: "{CRITERION}"
   kill: the knowledge-injection line is closed (the fused LoRA adds nothing beyond what the fuse does)
+  family:                      # Holm-adjusted together: the decomposition's tests
+    - mcnemar_p(A0, persona)   # the fuse effect
+    - mcnemar_p(A1, A0)        # the content effect (the criterion reads its adjusted p)
+    - null_p(A1, placebo)      # the content effect against adapters of the same size
+    - null_p(A0, dithered)     # the zero-delta fuse against draws of the fuse's noise
+    - mcnemar_p(A1, A1-unfused)  # fused vs applied at run time
   alpha: {ALPHA}
   power: 0.8
+  baseline_accuracy: 0.05      # expected accuracy of the control A0 on Set-G test
+  expected_discordance: 0.05   # expected share of items A1 and A0 answer differently right/wrong
+  allow_underpowered: true
+  underpowered_reason: >-
+    a demonstration on a tiny model with about 200 test items; the power table shows what a real
+    study needs (pyfuse stats mde / paired)
 
 report:
   noise_floor: true
@@ -249,19 +320,27 @@ def _p(x: float) -> str:
     return f"{x:.2g}"
 
 
+def _primary_comparisons(results: dict) -> dict:
+    primary = (results.get("datasets") or [None])[0]
+    return {(c["a"], c["b"]): c for c in results["comparisons"] if c.get("dataset", primary) == primary}
+
+
 def summarize(results: dict, alpha: float = 0.05) -> str:
     """The demo's verdict in one sentence (from ``results.json``): what the
     pre-registered criterion says, with the numbers that decide it."""
     conds = results["conditions"]
-    comps = {(c["a"], c["b"]): c for c in results["comparisons"]}
+    comps = _primary_comparisons(results)
     passed = bool((results.get("verdict") or {}).get("passed"))
     a1, a0 = conds["A1"], conds["A0"]
     c10, c1p, c0p = comps[("A1", "A0")], comps[("A1", "persona")], comps[("A0", "persona")]
+    adjusted = c10.get("mcnemar_p_holm")
     head = (f"{'MET' if passed else 'NOT MET'}. On {a1['n']} held-out Set-G items (wrong for both base and "
             f"persona) the stock-fused factual LoRA A1 scores {_pct(a1['accuracy'])}, "
             f"{_pts(c1p['diff'])} over the persona (McNemar p = {_p(c1p['mcnemar_p'])}), and its zero-delta twin "
             f"A0 scores {_pct(a0['accuracy'])} ({_pts(c0p['diff'])}, p = {_p(c0p['mcnemar_p'])}): "
-            f"A1 - A0 = {_pts(c10['diff'])} (p = {_p(c10['mcnemar_p'])})")
+            f"A1 - A0 = {_pts(c10['diff'])} (p = {_p(c10['mcnemar_p'])}"
+            + (f", Holm-adjusted {_p(adjusted)} in a family of {len(results.get('family') or [])})"
+               if adjusted is not None else ")"))
     if passed:
         return head + "; the trained content adds knowledge beyond what the fuse and re-quantization do."
     if c0p["diff"] > 0 and c0p["mcnemar_p"] < alpha:
@@ -272,10 +351,11 @@ def summarize(results: dict, alpha: float = 0.05) -> str:
 
 
 def details(results: dict) -> list[str]:
-    """A few more lines for the screen: the adapter before fusing and the
-    preserve twins, when the run has them."""
+    """A few more lines for the screen: the adapter before fusing, the
+    preserve twins, the null distributions and the flips by margin, when
+    the run has them."""
     conds = results["conditions"]
-    comps = {(c["a"], c["b"]): c for c in results["comparisons"]}
+    comps = _primary_comparisons(results)
     out = []
     if ("A1-unfused", "persona") in comps:
         c = comps[("A1-unfused", "persona")]
@@ -286,6 +366,16 @@ def details(results: dict) -> list[str]:
         out.append(f"With the preserve policy the zero-delta fuse changes {c0['changed_predictions']} answer(s) "
                    f"(A0-preserve {_pct(conds['A0-preserve']['accuracy'])}) and the LoRA "
                    f"{c1['changed_predictions']} (A1-preserve {_pct(conds['A1-preserve']['accuracy'])}).")
+    for role, fam in ((results.get("nulls") or {}).get("families") or {}).items():
+        tested = "; ".join(f"{name} {_pts(t['gain'])} (empirical p = {_p(t['p_gain'])}), {t['changed']} changed "
+                           f"(p = {_p(t['p_changed'])})" for name, t in fam["tested"].items())
+        out.append(f"Against {len(fam['gain'])} {role} draws (gain {_pts(min(fam['gain']))} to "
+                   f"{_pts(max(fam['gain']))}, {min(fam['changed'])}-{max(fam['changed'])} answers changed): {tested}.")
+    flips = (results.get("flips") or {}).get("A1")
+    if flips and flips.get("test"):
+        t = flips["test"]
+        out.append(f"A1 flips {flips['flipped']} of {flips['n']} answers of the persona; their median margin "
+                   f"{t['median_flipped']:.3g} vs {t['median_unflipped']:.3g} (Mann-Whitney p = {_p(t['pvalue'])}).")
     ident = {n: c for n, c in conds.items() if c.get("identity") is not None}
     if "base" in ident and "persona" in ident:
         rest = ", ".join(f"{n} {c['identity']}" for n, c in ident.items() if n not in ("base", "persona"))

@@ -7,7 +7,7 @@ Grammar (keywords lower case; conditions by name)::
     and        := not ("and" not)*
     not        := "not" not | "(" criterion ")" | comparison
     comparison := term OP term                 OP: >= > <= < == !=
-    term       := NUMBER ["pp"] | STAT "(" NAME ["," NAME] ")"
+    term       := NUMBER ["pp"] | STAT "(" NAME ["," NAME] ["@" DATASET] ")"
 
 Statistics (accuracies and differences are proportions, 0..1; ``5pp`` is
 0.05, i.e. percentage points):
@@ -21,7 +21,14 @@ Statistics (accuracies and differences are proportions, 0..1; ``5pp`` is
 ``ci_low(A, B)``    lower end of Newcombe's interval for diff(A, B) at 1 - alpha
 ``ci_high(A, B)``   upper end of that interval
 ``identity(A)``     identity-suite score of A (passing prompts)
+``null_p(A, F)``    empirical p of acc(A) among the K members of the seeded condition F
+                    (placebo or dithered): ``(1 + #{members at least as accurate}) / (K + 1)``
 ==================  ===============================================================
+
+A multiple-choice statistic is taken on the primary dataset (the first of
+``evaluation.mc``) unless ``@ DATASET`` names another: ``diff(A1, A0 @ holdout)``.
+The p values (``mcnemar_p``, ``ztest_p``, ``null_p``) are Holm-adjusted
+within the pre-registered family when it has more than one member.
 
 Numbers are exact decimals (``0.05`` is 5/100, not the nearest float) and
 every comparison is made between exact rationals (a float statistic is
@@ -38,8 +45,9 @@ from typing import Callable, Union
 
 STATS = {
     "acc": 1, "n": 1, "identity": 1,
-    "diff": 2, "mcnemar_p": 2, "ztest_p": 2, "ci_low": 2, "ci_high": 2,
+    "diff": 2, "mcnemar_p": 2, "ztest_p": 2, "ci_low": 2, "ci_high": 2, "null_p": 2,
 }
+P_STATS = ("mcnemar_p", "ztest_p", "null_p")  # p values: what a family of tests holds
 TEST_DESCRIPTIONS = {
     "acc": "accuracy k/n on the multiple-choice items",
     "n": "number of multiple-choice items scored",
@@ -51,6 +59,8 @@ TEST_DESCRIPTIONS = {
                "p = 1 when every item has the same outcome in both conditions",
     "ci_low": "lower end of Newcombe's hybrid-score interval for acc(A) - acc(B) at level 1 - alpha",
     "ci_high": "upper end of Newcombe's hybrid-score interval for acc(A) - acc(B) at level 1 - alpha",
+    "null_p": "empirical p of acc(A) among the members of a seeded condition (placebo or dithered "
+              "controls): (1 + #{members at least as accurate}) / (K + 1), one-sided",
 }
 OPS: dict[str, Callable[[Fraction, Fraction], bool]] = {
     ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
@@ -59,7 +69,7 @@ OPS: dict[str, Callable[[Fraction, Fraction], bool]] = {
 _FLIP = {">=": "<=", ">": "<", "<=": ">=", "<": ">", "==": "==", "!=": "!="}
 
 _TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?P<unit>pp\b)?|(?P<op>>=|<=|==|!=|>|<)"
-                    r"|(?P<punct>[(),])|(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*))")
+                    r"|(?P<punct>[(),@])|(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*))")
 
 
 class CriterionError(ValueError):
@@ -79,9 +89,11 @@ class Num:
 class Stat:
     func: str
     args: tuple[str, ...]
+    dataset: str | None = None  # None: the primary dataset
 
     def __str__(self):
-        return f"{self.func}({', '.join(self.args)})"
+        on = f" @ {self.dataset}" if self.dataset is not None else ""
+        return f"{self.func}({', '.join(self.args)}{on})"
 
 
 Term = Union[Num, Stat]
@@ -157,8 +169,13 @@ class Criterion:
         return list(seen.values())
 
     def pairs(self) -> list[tuple[str, str]]:
-        """Condition pairs the two-argument statistics compare."""
-        return list(dict.fromkeys(s.args for s in self.stats() if len(s.args) == 2))
+        """Condition pairs the two-argument statistics compare (not ``null_p``'s
+        condition and family)."""
+        return list(dict.fromkeys(s.args for s in self.stats() if len(s.args) == 2 and s.func != "null_p"))
+
+    def pvalues(self) -> list[Stat]:
+        """The p-valued statistics (the default family of tests)."""
+        return [s for s in self.stats() if s.func in P_STATS]
 
     def thresholds(self) -> list[dict]:
         """``statistic op value`` for every comparison of a statistic with a
@@ -219,6 +236,21 @@ def parse(text: str) -> Criterion:
     if not isinstance(text, str) or not text.strip():
         raise CriterionError("the criterion is empty")
     return _Parser(text).criterion()
+
+
+def parse_pvalue(text: str) -> Stat:
+    """One p-valued statistic, e.g. ``mcnemar_p(A1, A0)`` (a member of a
+    family of tests)."""
+    if not isinstance(text, str) or not text.strip():
+        raise CriterionError("an empty test")
+    parser = _Parser(text)
+    t = parser.peek("name")
+    if t is None or t[1] not in P_STATS:
+        raise CriterionError("a family holds p values: mcnemar_p(A, B), ztest_p(A, B) or null_p(A, F)")
+    stat = parser.p_stat(t[1])
+    if parser.i != len(parser.tokens):
+        raise CriterionError(f"unexpected {parser.tokens[parser.i][1]!r} after {stat}")
+    return stat
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -325,13 +357,19 @@ class _Parser:
         while self.peek(","):
             self.take(",")
             args.append(self.take("name", what="a condition name")[1])
+        dataset = None
+        if self.peek("@"):
+            self.take("@")
+            dataset = self.take("name", what="a dataset name after '@'")[1]
+            if func == "identity":
+                raise CriterionError("identity(...) takes no dataset: the identity suite is not multiple choice")
         self.take(")", what="')'")
         if len(args) != STATS[func]:
             raise CriterionError(f"{func} takes {STATS[func]} condition name"
                                  f"{'s' if STATS[func] > 1 else ''}, got {len(args)}")
         if len(args) == 2 and args[0] == args[1]:
             raise CriterionError(f"{func}({args[0]}, {args[1]}) compares a condition with itself")
-        return Stat(func, tuple(args))
+        return Stat(func, tuple(args), dataset)
 
     def p_cmp(self):
         left = self.p_term()

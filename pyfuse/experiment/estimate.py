@@ -36,7 +36,7 @@ def _cached_count(path: Path, count: Callable[[Path], int]) -> int | None:
         return None
 
 
-def _rows(path: Path) -> int:
+def count_rows(path: Path) -> int:
     """Rows of a JSONL (non-blank lines) or Parquet (from its metadata) file."""
     from ..data.mmlu import PARQUET_SUFFIXES
 
@@ -71,7 +71,7 @@ def work_units(kind: str, options: dict, inputs: dict[str, Path]) -> float | Non
         if kind == "eval-mc":
             if "data" not in inputs:
                 return None
-            n = _cached_count(Path(inputs["data"]), _rows)
+            n = _cached_count(Path(inputs["data"]), count_rows)
             limit = options.get("limit")
             if n is not None and limit:
                 n = min(n, int(limit))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 from ..io.files import read_text
-from .spec import Spec, SpecError
+from .spec import MC_TAGS, Spec, SpecError
 from .validate import check_references, check_suite, missing_paths
 
 
@@ -27,7 +27,9 @@ from .validate import check_references, check_suite, missing_paths
 
 def format_loc(loc) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if part in MC_TAGS and i and loc[i - 1] == "mc":
+            continue  # the tag of evaluation.mc's one-or-several union is not a field
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -38,8 +40,10 @@ def format_loc(loc) -> str:
 def _model_at(loc) -> type[BaseModel] | None:
     """The pydantic model class at ``loc`` (for 'unknown field' hints)."""
     tp: Any = Spec
-    for part in loc:
-        tp = _unwrap(tp)
+    for i, part in enumerate(loc):
+        if part in MC_TAGS and i and loc[i - 1] == "mc":
+            continue
+        tp = _unwrap(tp, indexed=isinstance(part, int))
         if tp is None:
             return None
         if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -64,7 +68,10 @@ def _model_at(loc) -> type[BaseModel] | None:
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
-def _unwrap(tp):
+def _unwrap(tp, indexed: bool = False):
+    """``tp`` without Annotated and Optional; of a one-or-several union
+    (``evaluation.mc``) the list when the location goes on with an index,
+    else the single."""
     while True:
         origin = typing.get_origin(tp)
         if origin is typing.Annotated:
@@ -72,6 +79,9 @@ def _unwrap(tp):
             continue
         if origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) > 1:
+                lists = [a for a in args if typing.get_origin(_unwrap(a)) is list]
+                args = lists if indexed and lists else [a for a in args if a not in lists] or args
             if len(args) == 1:
                 tp = args[0]
                 continue

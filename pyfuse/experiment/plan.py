@@ -22,9 +22,10 @@ from ..errors import UserError
 from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
 from .prereg import canonical_json
-from .spec import Spec, condition_stages, evaluated_suites
+from .resolve import condition_stages, evaluated_suites, is_fused, members
+from .spec import FUSE_DEFAULTS, Spec
 
-ENGINE_VERSION = 1  # part of every step key: bump it when a step's outputs change meaning
+ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
 HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by content
 
 
@@ -132,14 +133,24 @@ class FuseRecord:
 
 @dataclass
 class ConditionPlan:
-    name: str
+    name: str  # a condition, or a member NAME.i of a seeded one
     model: Artifact
     adapter: Artifact | None
     quant: dict | None  # the current model's default quantization {bits, group_size}
     stages: list[dict] = field(default_factory=list)
     fuses: list[FuseRecord] = field(default_factory=list)
-    mc: Step | None = None
+    mc_sets: dict[str, Step] = field(default_factory=dict)  # dataset -> eval-mc step, the primary first
     identity: Step | None = None
+    family: str | None = None  # the seeded condition of a member
+    seed: int | None = None
+    pre_fuse: Artifact | None = None  # the model its last fuse went into (its answers' reference)
+    flip_reference: Step | None = None  # that model's answers on the primary dataset (same method)
+    margins: Step | None = None  # ... and its letter log-probabilities (logprob)
+
+    @property
+    def mc(self) -> Step | None:
+        """The evaluation on the primary dataset."""
+        return next(iter(self.mc_sets.values()), None)
 
 
 @dataclass
@@ -151,6 +162,8 @@ class Plan:
     setg: Step | None = None
     setg_evals: dict[str, Step] = field(default_factory=dict)
     comparisons: list[tuple[str, str]] = field(default_factory=list)
+    families: dict[str, list[str]] = field(default_factory=dict)  # seeded condition -> member names
+    datasets: list[str] = field(default_factory=list)  # multiple-choice datasets, the primary first
 
     def ordered(self) -> list[Step]:
         return list(self.steps.values())
@@ -166,9 +179,10 @@ class Plan:
     def to_json(self) -> dict:
         conds = {}
         for name, c in self.conditions.items():
+            cond = self.spec.conditions[c.family or name]
             conds[name] = {
-                "from": self.spec.conditions[name].from_,
-                "description": self.spec.conditions[name].description,
+                "from": cond.from_,
+                "description": cond.description,
                 "stages": c.stages,
                 "model": c.model.describe(),
                 "adapter": c.adapter.describe() if c.adapter is not None else None,
@@ -176,7 +190,11 @@ class Plan:
                 "fuses": [{"fuse": f.fuse.dirname, "noise_floor": f.noise_floor.dirname if f.noise_floor else None,
                            "setting": f.setting, "options": f.fuse.options} for f in c.fuses],
                 "mc": c.mc.dirname if c.mc else None,
+                "mc_sets": {ds: st.dirname for ds, st in c.mc_sets.items()},
                 "identity": c.identity.dirname if c.identity else None,
+                "family": c.family, "seed": c.seed,
+                "flip_reference": c.flip_reference.dirname if c.flip_reference else None,
+                "margins": c.margins.dirname if c.margins else None,
             }
         return {
             "engine": ENGINE_VERSION,
@@ -190,6 +208,9 @@ class Plan:
             "condition_order": list(self.conditions),
             "setg": self.setg.dirname if self.setg else None,
             "comparisons": [list(p) for p in self.comparisons],
+            "families": self.families,
+            "datasets": self.datasets,
+            "analysis": self.spec.analysis.model_dump() if self.spec.analysis is not None else None,
         }
 
 
@@ -216,7 +237,8 @@ class _Planner:
         self.spec = spec
         self.plan = Plan(spec=spec, split_seed=split_seed)
         self._sources: dict[Path, Artifact] = {}
-        self._models: dict[str, ConditionPlan] = {}  # conditions whose model is planned
+        self._models: dict[str, ConditionPlan] = {}  # conditions (members) whose model is planned
+        self._evaluated: dict[str, list[ConditionPlan]] = {}  # conditions whose evaluations are planned
         self._busy: set[str] = set()  # being planned (a guard: the spec check refuses cycles)
 
     def source(self, path: Path) -> Artifact:
@@ -292,7 +314,8 @@ class _Planner:
             self.plan.setg_evals[role] = st
             rows[role] = st.out(ROWS)
         seed = self.plan.split_seed if self.plan.split_seed is not None else (sg.seed or 0)
-        self.plan.setg = self.step("setg", {"train_frac": sg.train_frac, "seed": seed},
+        self.plan.setg = self.step("setg", {"split": sg.split.model_dump(), "valid_frac": sg.valid_frac,
+                                            "seed": seed},
                                    {"base_rows": rows["base"], "persona_rows": rows["persona"], "data": data},
                                    "setg: mine and split")
         self._busy.discard("setg")
@@ -300,19 +323,22 @@ class _Planner:
 
     # -- conditions ----------------------------------------------------------
 
-    def condition_model(self, name: str) -> ConditionPlan:
-        """The steps of the condition's model: its ``from`` and its stages
-        (not its evaluations: see :meth:`condition`)."""
-        if name in self._models:
-            return self._models[name]
-        self._enter(f"condition {name!r}")
+    def condition_model(self, name: str, member: str | None = None, seed: int | None = None) -> ConditionPlan:
+        """The steps of the condition's model (of its member ``member`` with
+        ``seed``, for a seeded condition): its ``from`` and its stages (not its
+        evaluations: see :meth:`condition`)."""
+        key = member or name
+        if key in self._models:
+            return self._models[key]
+        self._enter(f"condition {key!r}")
         model, quant, adapter = self.model_of(self.spec.conditions[name].from_)
-        cp = ConditionPlan(name=name, model=model, adapter=adapter, quant=quant)
-        stage = {"train": self._train, "zero": self._zero, "fuse": self._fuse}
-        for n_stage, (_, kind, opts) in enumerate(condition_stages(self.spec, name), 1):
+        cp = ConditionPlan(name=key, model=model, adapter=adapter, quant=quant,
+                           family=name if member else None, seed=seed)
+        stage = {"train": self._train, "zero": self._zero, "placebo": self._placebo, "fuse": self._fuse}
+        for n_stage, (_, kind, opts) in enumerate(condition_stages(self.spec, name, seed), 1):
             stage[kind](cp, opts, n_stage)
-        self._busy.discard(f"condition {name!r}")
-        self._models[name] = cp
+        self._busy.discard(f"condition {key!r}")
+        self._models[key] = cp
         return cp
 
     def _train(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
@@ -332,17 +358,34 @@ class _Planner:
         cp.adapter = st.out(ADAPTER)
         cp.stages.append({"kind": "zero", "step": st.dirname, "options": {}})
 
+    def _placebo(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
+        st = self.step("placebo", opts, {"adapter": cp.adapter}, f"{cp.name}: stage {n_stage} placebo")
+        cp.adapter = st.out(ADAPTER)
+        cp.stages.append({"kind": "placebo", "step": st.dirname, "options": opts})
+
     def _fuse(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
-        """The fuse, and the noise floor of its setting on the model it fuses into."""
-        base_model, base_quant = cp.model, cp.quant
-        st = self.step("fuse", opts, {"model": cp.model, "adapter": cp.adapter}, f"{cp.name}: stage {n_stage} fuse")
+        """The fuse, and the noise floor of its setting on the model it fuses
+        into; a dithered fuse is the stock fuse, then a stochastic fuse of the
+        residual into it (:mod:`pyfuse.adapters.dither`)."""
+        base_model, base_quant, adapter = cp.model, cp.quant, cp.adapter
+        label = f"{cp.name}: stage {n_stage} fuse"
+        if opts["dither"]:
+            stock = self.step("fuse", {**opts, "dither": False, "seed": FUSE_DEFAULTS["seed"]},
+                              {"model": base_model, "adapter": adapter}, label + " (stock, before the dither)")
+            residual = self.step("dither", {}, {"model": base_model, "fused": stock.out(MODEL), "adapter": adapter},
+                                 f"{cp.name}: stage {n_stage} dither residual")
+            st = self.step("fuse", {**opts, "policy": "stochastic", "dither": False},
+                           {"model": stock.out(MODEL), "adapter": residual.out(ADAPTER)}, label + " (dithered)")
+        else:
+            st = self.step("fuse", opts, {"model": base_model, "adapter": adapter}, label)
         noise = None
         setting = opts["policy"]
         if base_quant is not None and not opts["dequantize"]:
             bits = opts["requant_bits"] or base_quant["bits"]
             gs = opts["requant_group_size"] or base_quant["group_size"]
-            setting = f"{bits}-bit g{gs}, {opts['policy']}"
-            if self.spec.report.noise_floor:
+            setting = f"{bits}-bit g{gs}, {opts['policy']}" + (f", dithered (seed {opts['seed']})"
+                                                              if opts["dither"] else "")
+            if self.spec.report.noise_floor and not opts["dither"]:
                 noise = self.step("noise-floor", {
                     "group_size": gs, "bits": bits, "policy": opts["policy"],
                     "seed": opts["seed"], "outputs": self.spec.report.noise_floor_outputs,
@@ -350,6 +393,7 @@ class _Planner:
         elif opts["dequantize"]:
             setting = "dequantized"
         cp.fuses.append(FuseRecord(fuse=st, noise_floor=noise, setting=setting))
+        cp.pre_fuse = base_model
         cp.model = st.out(MODEL)
         cp.adapter = None
         if opts["dequantize"]:
@@ -357,24 +401,47 @@ class _Planner:
         cp.stages.append({"kind": "fuse", "step": st.dirname, "options": opts, "setting": setting,
                           "noise_floor": noise.dirname if noise else None})
 
-    def condition(self, name: str) -> ConditionPlan:
-        """The condition's model, then its evaluations (after its parent
-        condition's, so the steps keep the spec's natural order)."""
-        if name in self.plan.conditions:
-            return self.plan.conditions[name]
+    def condition(self, name: str) -> list[ConditionPlan]:
+        """The condition's model(s) (one per member of a seeded condition),
+        then their evaluations (after the parent condition's, so the steps
+        keep the spec's natural order)."""
         spec = self.spec
+        if name in self._evaluated:
+            return self._evaluated[name]
         self._enter(f"the evaluations of {name!r}")
         parent = spec.conditions[name].from_
         if parent in spec.conditions:
             self.condition(parent)
-        cp = self.condition_model(name)
+        out = []
+        for member, seed in members(spec, name):
+            cp = self.condition_model(name, member if seed is not None else None, seed)
+            self._evaluations(name, cp)
+            self.plan.conditions[cp.name] = cp
+            out.append(cp)
+        if spec.conditions[name].seeds is not None:
+            self.plan.families[name] = [cp.name for cp in out]
+        self._busy.discard(f"the evaluations of {name!r}")
+        self._evaluated[name] = out
+        return out
+
+    def _evaluations(self, name: str, cp: ConditionPlan) -> None:
+        """Multiple choice on every dataset (and, for a fused condition, the
+        answers and margins of the model it was fused into, on the primary
+        one), identity."""
+        spec = self.spec
         suites = evaluated_suites(spec, name)
         if "mc" in suites:
-            mc = spec.evaluation.mc
-            cp.mc = self.eval_mc(cp.model, cp.adapter, self.mc_data(mc.data),
-                                 {"method": mc.method, "batch_size": mc.batch_size, "max_tokens": mc.max_tokens,
-                                  "limit": mc.limit, "system_prompt": mc.system_prompt},
-                                 f"{name}: evaluate mc")
+            for i, mc in enumerate(spec.evaluation.mc_sets):
+                opts = {"method": mc.method, "batch_size": mc.batch_size, "max_tokens": mc.max_tokens,
+                        "limit": mc.limit, "system_prompt": mc.system_prompt}
+                data = self.mc_data(mc.data)
+                cp.mc_sets[mc.dataset] = self.eval_mc(cp.model, cp.adapter, data, opts,
+                                                      f"{cp.name}: evaluate mc" + (f" ({mc.dataset})" if i else ""))
+                if i == 0 and cp.pre_fuse is not None and is_fused(spec, name):
+                    cp.flip_reference = self.eval_mc(cp.pre_fuse, None, data, opts,
+                                                     f"{cp.name}: answers of the model it was fused into")
+                    cp.margins = self.eval_mc(cp.pre_fuse, None, data, {**opts, "method": "logprob"},
+                                              f"{cp.name}: margins of the model it was fused into")
         if "identity" in suites:
             ident = spec.evaluation.identity
             inputs = {"model": cp.model}
@@ -383,10 +450,7 @@ class _Planner:
             if ident.suite is not None:
                 inputs["suite"] = self.source(spec.resolve(ident.suite))
             cp.identity = self.step("eval-identity", ident.model_dump(exclude={"suite"}), inputs,
-                                    f"{name}: evaluate identity")
-        self._busy.discard(f"the evaluations of {name!r}")
-        self.plan.conditions[name] = cp
-        return cp
+                                    f"{cp.name}: evaluate identity")
 
 
 def build_plan(spec: Spec, split_seed: int | None) -> Plan:
@@ -396,8 +460,9 @@ def build_plan(spec: Spec, split_seed: int | None) -> Plan:
     for name in spec.conditions:
         planner.condition(name)
     plan = planner.plan
-    # keep spec order for the conditions
-    plan.conditions = {n: plan.conditions[n] for n in spec.conditions}
+    # keep spec order for the conditions (members in seed order)
+    plan.conditions = {cp.name: cp for n in spec.conditions for cp in planner.condition(n)}
+    plan.datasets = [mc.dataset for mc in spec.evaluation.mc_sets]
     pairs = [(c.a, c.b) for c in spec.comparisons]
     if spec.preregistration is not None:
         for pair in parse(spec.preregistration.criterion).pairs():

@@ -12,6 +12,8 @@ ACCURACY_PNG = "accuracy.png"
 FLIPS_PNG = "flips.png"
 NOISE_FLOOR_PNG = "noise_floor.png"
 IDENTITY_PNG = "identity.png"
+NULLS_PNG = "nulls.png"
+MARGINS_PNG = "flips_by_margin.png"
 
 
 def _pyplot():
@@ -108,3 +110,43 @@ def identity_plot(out: Path, ident: list[tuple[str, dict]]) -> str:
     ax.set_title("identity-suite score per condition", fontsize=10)
     _save(fig, out / IDENTITY_PNG)
     return IDENTITY_PNG
+
+
+def nulls_plot(out: Path, nulls: dict) -> str:
+    """Per control (placebo, dithered): the K draws' accuracy gain and
+    answers changed, with the tested conditions marked."""
+    fams = list(nulls["families"].items())
+    fig, axes = _pyplot().subplots(len(fams), 2, figsize=(8, 2.2 * len(fams) + 0.6), squeeze=False)
+    for row, (role, fam) in enumerate(fams):
+        for col, key, unit in ((0, "gain", 100.0), (1, "changed", 1.0)):
+            ax = axes[row][col]
+            draws = [x * unit for x in fam[key]]
+            ax.plot(draws, [0] * len(draws), "o", color="#9ecae1", ms=8, alpha=0.8, label=f"{role} (K={len(draws)})")
+            for i, (name, t) in enumerate(fam["tested"].items()):
+                ax.axvline(t[key] * unit, color=("#e6550d", "#31a354")[i % 2], lw=2,
+                           label=f"{name} (p = {t['p_' + key]:.2g})")
+            ax.set_yticks([])
+            ax.set_xlabel("accuracy gain (points)" if key == "gain" else "answers changed")
+            ax.set_title(f"{role}: {'gain' if key == 'gain' else 'answers changed'} vs {nulls['reference']}",
+                         fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, out / NULLS_PNG)
+    return NULLS_PNG
+
+
+def margins_plot(out: Path, flips: dict) -> str:
+    """Flip rate per margin bin (quintiles of the reference's margin), one
+    line per fused condition (seeded ones pooled)."""
+    fig, ax = _pyplot().subplots(figsize=(6.5, 3.6))
+    for name, f in flips.items():
+        xs = [i + 1 for i, b in enumerate(f["bins"]) if b["flip_rate"] is not None]
+        ys = [b["flip_rate"] * 100 for b in f["bins"] if b["flip_rate"] is not None]
+        ax.plot(xs, ys, "o-", label=name + (f" (x{f['members']})" if f.get("members") else ""))
+    ax.set_xlabel("margin bin of the reference model (1 = smallest margins)")
+    ax.set_ylabel("answers flipped (%)")
+    ax.set_title("flips concentrate near the decision boundary?", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, out / MARGINS_PNG)
+    return MARGINS_PNG

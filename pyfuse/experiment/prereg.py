@@ -4,36 +4,46 @@ seed from it, and judge the results by exactly what was locked.
 :func:`prereg_document` turns the spec's ``preregistration`` into a plain
 object: the hypothesis, the criterion (normalised), the kill text, alpha,
 power, planned n, baseline accuracy, the tests the criterion uses and its
-thresholds, the Set-G split rule (train fraction, stratification, the seed
-rule) and the **design**: every stage (resolved options) of the conditions
-the criterion names and of the conditions they start from, the Set-G
-mining and the evaluation. It is written as canonical JSON (sorted keys, no
-spaces, UTF-8) and hashed with SHA-256; the split seed is
+thresholds, the family of tests whose p values are Holm-adjusted together,
+the Set-G split rule (fractions, stratification, the seed rule), the
+**design** (every stage, resolved, of the conditions the criterion, the
+family and the analysis name, and of the conditions they start from; the
+Set-G mining; the evaluation), the **SHA-256 of every data file the spec
+names** (``data``, the identity suite, a noise-floor result), and the
+**power** of each threshold before any data (:mod:`.power`), with
+``allow_underpowered`` and its reason. It is written as canonical JSON
+(sorted keys, no spaces, UTF-8) and hashed with SHA-256; the split seed is
 ``int(sha256[:8], 16)``.
 
 :func:`lock` writes ``DIR/prereg.json`` the first time (atomically, before
-any step runs) and afterwards refuses a spec whose document differs,
-naming the fields that changed. A directory that already holds finished
-steps but no lock is refused too: a pre-registration must come before the
-training, not after.
+any step runs), refusing an under-powered criterion unless the spec allows
+it with a reason; afterwards it refuses a spec whose document differs
+(criteria, design, or data), naming the fields that changed. A directory
+that already holds finished steps but no lock is refused too: a
+pre-registration must come before the training, not after.
+:func:`read_lock` refuses a lock whose record was edited (its canonical
+text, its hash, the parsed document and the split seed must agree) and
+:func:`verify_data` one whose data files changed since: ``run`` and
+``report`` both call them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..io.files import atomic_write_text
 from .criterion import TEST_DESCRIPTIONS, parse
 from .layout import LOCK_FILE
-from .spec import Spec, condition_stages
+from .power import family_of, power_table, underpowered
+from .resolve import condition_stages
+from .spec import Spec
 
-FORMAT = "pyfuse-prereg/1"
+FORMAT = "pyfuse-prereg/2"
 SEED_RULE = "int(sha256[:8], 16)"
 
 
@@ -49,6 +59,43 @@ def split_seed_of(sha: str) -> int:
     return int(sha[:8], 16)
 
 
+def sha256_path(path: Path) -> str:
+    """SHA-256 of a file's bytes; of a directory, of the canonical list of
+    ``[relative path, SHA-256]`` of its files (hidden entries skipped)."""
+    path = Path(path)
+
+    def of_file(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if path.is_file():
+        return of_file(path)
+    entries = [[p.relative_to(path).as_posix(), of_file(p)] for p in sorted(path.rglob("*"))
+               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return sha256_text(canonical_json(entries))
+
+
+def data_paths(spec: Spec) -> dict[str, Path]:
+    """Every data file the spec names, by field: ``data.NAME``,
+    ``evaluation.identity.suite``, ``preregistration.discordance_from``."""
+    out = {f"data.{name}": spec.resolve(p) for name, p in spec.data.items()}
+    if spec.evaluation.identity is not None and spec.evaluation.identity.suite is not None:
+        out["evaluation.identity.suite"] = spec.resolve(spec.evaluation.identity.suite)
+    if spec.preregistration is not None and spec.preregistration.discordance_from is not None:
+        out["preregistration.discordance_from"] = spec.resolve(spec.preregistration.discordance_from)
+    return out
+
+
+def _hashes(paths: dict[str, Path]) -> dict[str, str]:
+    missing = [f"{k} ({p})" for k, p in paths.items() if not p.exists()]
+    if missing:
+        raise UserError(f"cannot lock or verify the pre-registration: missing {', '.join(missing)}")
+    return {k: sha256_path(p) for k, p in paths.items()}
+
+
 def _design(spec: Spec, names) -> dict:
     out = {}
     todo = list(names)
@@ -57,23 +104,35 @@ def _design(spec: Spec, names) -> dict:
         if name in out or name not in spec.conditions:
             continue
         cond = spec.conditions[name]
-        stages = []
-        for _, kind, opts in condition_stages(spec, name):
-            stages.append({kind: opts})
-        out[name] = {"from": cond.from_, "stages": stages,
+        stages = [{kind: opts} for _, kind, opts in condition_stages(spec, name)]
+        out[name] = {"from": cond.from_, "stages": stages, "seeds": cond.seeds,
                      "from_kind": "condition" if cond.from_ in spec.conditions else "model"}
         if cond.from_ in spec.conditions:
             todo.append(cond.from_)
     return out
 
 
-def prereg_document(spec: Spec) -> dict | None:
+def _named(spec: Spec, crit) -> list[str]:
+    """The conditions the criterion, the family and the analysis name."""
+    from .criterion import parse_pvalue
+
+    names = {a for s in crit.stats() for a in s.args}
+    for text in spec.preregistration.family or []:
+        names |= set(parse_pvalue(text).args)
+    if spec.analysis is not None:
+        names |= {v for v in spec.analysis.model_dump().values() if v is not None}
+    return sorted(names)
+
+
+def prereg_document(spec: Spec, *, data: dict[str, str] | None = None, power: list[dict] | None = None) -> dict | None:
+    """The document that is locked (see the module doc); ``data`` (the data
+    files' hashes) and ``power`` (:func:`.power.power_table`) as computed by
+    :func:`lock`."""
     pr = spec.preregistration
     if pr is None:
         return None
     crit = parse(pr.criterion)
-    names = sorted({a for s in crit.stats() for a in s.args})
-    design = _design(spec, names)
+    design = _design(spec, _named(spec, crit))
     if spec.setg is not None:  # Set-G's models are part of the design too
         design.update({k: v for k, v in _design(spec, [spec.setg.base, spec.setg.persona]).items()
                        if k not in design})
@@ -81,28 +140,36 @@ def prereg_document(spec: Spec) -> dict | None:
     if spec.setg is not None:
         setg = spec.setg.model_dump(exclude={"seed"})
     evaluation = {}
-    if spec.evaluation.mc is not None:
-        evaluation["mc"] = spec.evaluation.mc.model_dump(exclude={"batch_size"}
-                                                         if spec.evaluation.mc.method == "logprob" else set())
+    mc_sets = [mc.model_dump(exclude={"batch_size"} if mc.method == "logprob" else set())
+               for mc in spec.evaluation.mc_sets]
+    if mc_sets:
+        evaluation["mc"] = mc_sets[0] if len(mc_sets) == 1 else mc_sets
     if spec.evaluation.identity is not None:
-        ident = spec.evaluation.identity.model_dump(exclude={"suite"})
-        evaluation["identity"] = ident
+        evaluation["identity"] = spec.evaluation.identity.model_dump(exclude={"suite"})
+    tests = sorted({st.func for st in crit.stats()} | {t.split("(")[0] for t in family_of(pr)})
     return {
         "format": FORMAT,
         "hypothesis": pr.hypothesis,
         "criterion": str(crit),
         "kill": pr.kill,
+        "family": family_of(pr),
         "alpha": pr.alpha,
         "power": pr.power,
         "planned_n": pr.planned_n,
         "baseline_accuracy": pr.baseline_accuracy,
-        "tests": {s: TEST_DESCRIPTIONS[s] for s in sorted({st.func for st in crit.stats()})},
+        "expected_discordance": pr.expected_discordance,
+        "tests": {s: TEST_DESCRIPTIONS[s] for s in tests},
         "thresholds": crit.thresholds(),
-        "split": ({"train_frac": spec.setg.train_frac, "stratified_by": "category", "seed": SEED_RULE}
-                  if spec.setg is not None else None),
+        "split": ({**spec.setg.split.model_dump(), "valid_frac": spec.setg.valid_frac, "stratified_by": "category",
+                   "seed": SEED_RULE} if spec.setg is not None else None),
         "setg": setg,
         "design": design,
+        "analysis": spec.analysis.model_dump() if spec.analysis is not None else None,
         "evaluation": evaluation,
+        "data": data,
+        "power_before_data": power,
+        "allow_underpowered": pr.allow_underpowered,
+        "underpowered_reason": pr.underpowered_reason,
     }
 
 
@@ -114,6 +181,7 @@ class Lock:
     canonical: str
     path: Path
     created: bool  # written by this call
+    data_paths: dict[str, str] = field(default_factory=dict)  # where the locked data files were
 
     @property
     def criterion(self) -> str:
@@ -135,21 +203,60 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def read_lock(out_dir: Path) -> Lock | None:
+    """The lock of ``out_dir`` (None when there is none), refused when its
+    record was edited: the canonical text must hash to the recorded SHA-256,
+    and the recorded document and split seed must be the ones it gives."""
     path = Path(out_dir) / LOCK_FILE
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        canonical = data["canonical"]
-        sha = data["sha256"]
+        canonical, sha = data["canonical"], data["sha256"]
+        document = json.loads(canonical)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable pre-registration lock ({err}); it must not be edited") from None
-    if sha256_text(canonical) != sha:
+    if not isinstance(canonical, str) or sha256_text(canonical) != sha:
         raise UserError(f"{path}: the locked pre-registration does not match its SHA-256 (was the lock "
                         "edited?); refusing to continue in this directory")
-    document = json.loads(canonical)
+    forged = [k for k, v in (("document", document), ("split_seed", split_seed_of(sha)),
+                             ("seed_rule", SEED_RULE)) if data.get(k) != v]
+    if forged:
+        raise UserError(f"{path}: {', '.join(forged)} no longer match the locked canonical text (was the lock "
+                        "edited?); refusing to use this directory")
     return Lock(sha256=sha, split_seed=split_seed_of(sha), document=document, canonical=canonical,
-                path=path, created=False)
+                path=path, created=False, data_paths=dict(data.get("data_paths") or {}))
+
+
+def verify_data(lock: Lock) -> None:
+    """Re-hash the data files the lock names (where they were when it was
+    written) and refuse any that changed or is gone."""
+    locked = lock.document.get("data") or {}
+    paths = lock.data_paths
+    gone = [k for k in locked if k not in paths or not Path(paths[k]).exists()]
+    if gone:
+        raise UserError(f"{lock.path}: cannot verify the locked data: {', '.join(f'{k} ({paths.get(k)})' for k in gone)} "
+                        "no longer exists")
+    changed = [k for k, sha in locked.items() if sha256_path(Path(paths[k])) != sha]
+    if changed:
+        raise UserError(f"{lock.path}: the data changed since the pre-registration was locked: "
+                        + ", ".join(f"{k} ({paths[k]})" for k in changed)
+                        + "; a verdict rests on the locked data: restore it, or start over in a new directory")
+
+
+def _underpowered_error(rows: list[dict]) -> UserError:
+    return UserError("the pre-registered criterion is under-powered before any data: " + "; ".join(r["text"] for r in rows)
+                     + ". Plan more items (pyfuse experiment validate prints the table), or lock it anyway with "
+                     "allow_underpowered: true and underpowered_reason: TEXT under preregistration")
+
+
+def check_power(spec: Spec) -> list[dict]:
+    """The power table (:mod:`.power`), or a UserError when a threshold is
+    under-powered and the spec does not allow it."""
+    table = power_table(spec)
+    weak = underpowered(table)
+    if weak and not spec.preregistration.allow_underpowered:
+        raise _underpowered_error(weak)
+    return table
 
 
 def lock(spec: Spec, out_dir: Path, *, has_finished_steps: bool) -> Lock | None:
@@ -157,14 +264,15 @@ def lock(spec: Spec, out_dir: Path, *, has_finished_steps: bool) -> Lock | None:
     the existing lock). Returns None when the spec has no pre-registration
     (and refuses a spec without one in a directory that has a lock)."""
     out_dir = Path(out_dir)
-    document = prereg_document(spec)
     existing = read_lock(out_dir)
-    if document is None:
+    if spec.preregistration is None:
         if existing is not None:
             raise UserError(f"{existing.path} locks a pre-registration (sha256 {existing.sha256[:12]}), but "
                             "the spec has none; restore its preregistration section or use a new --out "
                             "directory")
         return None
+    paths = data_paths(spec)
+    document = prereg_document(spec, data=_hashes(paths), power=power_table(spec))
     canonical = canonical_json(document)
     sha = sha256_text(canonical)
     if existing is not None:
@@ -173,12 +281,15 @@ def lock(spec: Spec, out_dir: Path, *, has_finished_steps: bool) -> Lock | None:
             raise UserError(
                 f"{existing.path} locks a different pre-registration (sha256 {existing.sha256[:12]}, this "
                 f"spec {sha[:12]}); changed: {', '.join(changed) or 'formatting'}. A locked "
-                "pre-registration cannot change: restore the locked criteria or start over in a new "
-                "--out directory")
+                "pre-registration cannot change (its data neither): restore the locked criteria and data or "
+                "start over in a new --out directory")
         return existing
     if has_finished_steps:
         raise UserError(f"{out_dir} already holds finished steps but no pre-registration lock: a "
                         "pre-registration must be locked before any training; use a new --out directory")
+    weak = underpowered(document["power_before_data"])
+    if weak and not spec.preregistration.allow_underpowered:
+        raise _underpowered_error(weak)
     path = out_dir / LOCK_FILE
     record = {
         "sha256": sha,
@@ -188,61 +299,8 @@ def lock(spec: Spec, out_dir: Path, *, has_finished_steps: bool) -> Lock | None:
         "document": document,
         "locked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "spec": str(spec._path) if spec._path is not None else None,
+        "data_paths": {k: str(p) for k, p in paths.items()},
     }
     atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return Lock(sha256=sha, split_seed=split_seed_of(sha), document=document, canonical=canonical,
-                path=path, created=True)
-
-
-# ---------------------------------------------------------------------------
-# Power
-# ---------------------------------------------------------------------------
-
-
-def power_warnings(document: dict, *, observed_n: dict | None = None,
-                   observed_acc: dict | None = None) -> list[dict]:
-    """For every locked threshold ``diff(A, B) >= T`` (or ``>``) with T > 0:
-    the minimum detectable effect at the planned n (else the observed n of
-    A) from the baseline accuracy (else B's observed accuracy), at the
-    locked alpha and power. Returns one record per threshold, ``warn`` true
-    when the design is under-powered (MDE > T)."""
-    from ..stats import min_detectable_effect
-
-    out = []
-    for th in document.get("thresholds", []):
-        stat, op = th["statistic"], th["op"]
-        if not stat.startswith("diff(") or op not in (">=", ">"):
-            continue
-        threshold = float(_num_value(th["value"]))
-        if threshold <= 0:
-            continue
-        a, b = [x.strip() for x in stat[len("diff("):-1].split(",")]
-        n = document.get("planned_n") or (observed_n or {}).get(a)
-        n_source = "planned" if document.get("planned_n") else "observed"
-        p0 = document.get("baseline_accuracy")
-        p0_source = "pre-registered baseline"
-        if p0 is None and observed_acc and b in observed_acc:
-            p0, p0_source = observed_acc[b], f"observed accuracy of {b}"
-        if n is None or p0 is None or not 0 < p0 < 1 or n < 2:
-            out.append({"statistic": stat, "threshold": threshold, "mde": None, "warn": False,
-                        "text": f"power of {stat} {op} {th['value']} not computed (needs planned_n and "
-                                "baseline_accuracy, or results)"})
-            continue
-        mde = min_detectable_effect(n, p0, alpha=document["alpha"], power=document["power"])
-        warn = math.isnan(mde) or mde > threshold
-        text = (f"at n = {n} ({n_source}) per condition, alpha {document['alpha']:g}, power "
-                f"{document['power']:g}, from {p0 * 100:.1f} % ({p0_source}) the minimum detectable effect is "
-                + ("more than the room above the baseline" if math.isnan(mde) else f"{mde * 100:.1f} points")
-                + (f": the {threshold * 100:g}-point threshold of {stat} is under-powered" if warn else
-                   f", within the {threshold * 100:g}-point threshold of {stat}"))
-        out.append({"statistic": stat, "threshold": threshold, "mde": None if math.isnan(mde) else mde,
-                    "n": n, "baseline": p0, "warn": warn, "text": text})
-    return out
-
-
-def _num_value(text: str):
-    from fractions import Fraction
-
-    if text.endswith("pp"):
-        return Fraction(text[:-2]) / 100
-    return Fraction(text)
+                path=path, created=True, data_paths=record["data_paths"])

@@ -2,6 +2,12 @@
 step outputs of a run directory (``pyfuse experiment report DIR`` rewrites
 them at any time). Every file is written atomically.
 
+Before writing, everything the verdict rests on is verified, and any
+mismatch is refused: the pre-registration lock (:func:`.prereg.read_lock`),
+the data files it hashed (:func:`.prereg.verify_data`), every finished
+step's outputs against their recorded hashes (:func:`.outputs.check_outputs`)
+and ``results.json`` against the results rebuilt from those outputs.
+
 * the verdict in one sentence at the top;
 * the conditions (accuracy with its Wilson 95 % interval, identity score,
   model) and ``accuracy.png``;
@@ -12,7 +18,12 @@ them at any time). Every file is written atomically.
   of weights and codes a zero-delta fuse changes in the whole model (the
   noise floor) and the codes the real fuse changed in the fused modules;
 * identity-suite scores per condition, ``identity.png``;
+* the family of tests, the other datasets, the null distributions, flips by
+  margin and the decomposition (:mod:`.report_analysis`);
 * the pre-registration.
+
+Every interval comes from :func:`pyfuse.stats.wilson_interval` (clamped to
+contain the accuracy), so a count of 0 or n never gives a negative error bar.
 """
 
 from __future__ import annotations
@@ -23,16 +34,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.files import atomic_write_text
-from .layout import FUSE_REPORT, LOCK_FILE, NOISE_FLOOR, PLAN_FILE, PRUNED, REPORT_FILE, STEPS_DIR, step_dir
+from ..stats import wilson_interval
+from .layout import DONE, FUSE_REPORT, LOCK_FILE, NOISE_FLOOR, PLAN_FILE, PRUNED, REPORT_FILE, STEPS_DIR, step_dir
+from .outputs import check_outputs
 from .plots import accuracy_plot, flips_plot, fuse_settings_plot, identity_plot
-from .results import load_results
-
-
-def _wilson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    from statsmodels.stats.proportion import proportion_confint
-
-    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
-    return float(lo), float(hi)
+from .prereg import read_lock, verify_data
+from .report_analysis import analysis_sections
+from .results import assemble_results, load_results
 
 
 def _read_json(path: Path):
@@ -94,6 +102,24 @@ def _fuse_rows(plan: dict, out: Path) -> list[dict]:
     return rows
 
 
+def _verified(out: Path, plan: dict, results: dict):
+    """The lock, its data, the step outputs and results.json, checked (see
+    the module doc); returns the lock (None without a pre-registration)."""
+    lock = read_lock(out)
+    if lock is not None:
+        verify_data(lock)
+    elif results.get("prereg") is not None:
+        raise UserError(f"{out}: results.json names a pre-registration but {LOCK_FILE} is gone")
+    for st in plan.get("steps", []):
+        if (step_dir(out, st["dir"]) / DONE).is_file():
+            check_outputs(step_dir(out, st["dir"]), label=st["labels"][0] if st.get("labels") else "")
+    rebuilt = json.loads(json.dumps(assemble_results(plan, out, lock), sort_keys=True))
+    if rebuilt != results:
+        raise UserError(f"{out}: results.json does not match the finished steps' outputs (was it edited?); "
+                        "run the experiment again to rewrite it")
+    return lock
+
+
 def write_report(out: str | os.PathLike) -> Path:
     """Write ``report.md`` and the PNGs into the run directory ``out``."""
     out = Path(out)
@@ -103,7 +129,8 @@ def write_report(out: str | os.PathLike) -> Path:
     plan = _read_json(out / PLAN_FILE)
     if plan is None:
         raise UserError(f"{out}: no readable {PLAN_FILE} (is this a pyfuse experiment directory?)")
-    lock = _read_json(out / LOCK_FILE)
+    lock = _verified(out, plan, results)
+    record = _read_json(out / LOCK_FILE) if lock is not None else None
     order = [n for n in plan.get("condition_order", plan.get("conditions", {})) if n in results["conditions"]]
     order += [n for n in results["conditions"] if n not in order]
     conds = {n: results["conditions"][n] for n in order}  # the spec's order
@@ -111,10 +138,13 @@ def write_report(out: str | os.PathLike) -> Path:
     lines = [f"# Experiment: {plan.get('name') or out.name}\n"]
     lines += _verdict_lines(v)
     lines += _conditions_section(out, plan, conds)
-    lines += _comparisons_section(out, results.get("comparisons", []))
-    lines += _fuses_section(out, _fuse_rows(plan, out))
+    primary = (results.get("datasets") or [None])[0]
+    lines += _comparisons_section(out, [c for c in results.get("comparisons", []) if c.get("dataset") == primary])
+    lines += analysis_sections(out, results, plan)
+    lines += _fuses_section(out, [r for r in _fuse_rows(plan, out)
+                                  if not any(plan["conditions"][n].get("family") for n in r["conditions"])])
     lines += _identity_section(out, conds)
-    lines += _prereg_section(lock, v)
+    lines += _prereg_section(lock.document if lock else None, record, v)
     return atomic_write_text(out / REPORT_FILE, "\n".join(lines) + "\n")
 
 
@@ -124,33 +154,49 @@ def _verdict_lines(v: dict | None) -> list[str]:
     return [f"**Verdict.** {v['text']}\n"] + [f"> **Warning:** {w}\n" for w in v.get("warnings", [])]
 
 
+def _interval(c: dict) -> tuple[float, float] | None:
+    """The Wilson interval of a condition's accuracy (None without items)."""
+    if not c.get("n"):
+        return None
+    return wilson_interval(sum(c["correct"]), c["n"])
+
+
 def _conditions_section(out: Path, plan: dict, conds: dict) -> list[str]:
     lines = ["## Conditions\n",
              "| condition | from | stages | accuracy | 95 % CI (Wilson) | n | identity | model |",
              "|---|---|---|---:|---:|---:|---:|---|"]
-    for name, c in conds.items():
+    shown = {n: c for n, c in conds.items() if not c.get("family")}
+    for name, c in shown.items():
         pc = plan["conditions"].get(name, {})
         stages = " → ".join(st["kind"] + (f" ({st['setting']})" if st["kind"] == "fuse" else "")
                             for st in pc.get("stages", [])) or "—"
-        if c.get("correct") is not None:
+        ci = _interval(c)
+        if ci is not None:
             k, n = sum(c["correct"]), c["n"]
-            lo, hi = _wilson(k, n)
-            acc, ci = f"{c['accuracy']:.1%} ({k}/{n})", f"[{lo:.1%}, {hi:.1%}]"
+            acc, ci_text = f"{c['accuracy']:.1%} ({k}/{n})", f"[{ci[0]:.1%}, {ci[1]:.1%}]"
         else:
-            acc, ci, n = "—", "—", "—"
+            acc, ci_text, n = "—", "—", c.get("n") if c.get("n") == 0 else "—"
         ident = f"{c['identity']}/{c['identity_n']}" if c.get("identity") is not None else "—"
         model = f"`{c['model']}`" + (" (pruned)" if c["model"].startswith(STEPS_DIR + "/")
                                      and not (out / c["model"]).exists() else "")
         if c.get("adapter"):
             model += f" + adapter `{c['adapter']}`"
-        lines.append(f"| {name} | {pc.get('from', '')} | {stages} | {acc} | {ci} | {n} | {ident} | {model} |")
+        lines.append(f"| {name} | {pc.get('from', '')} | {stages} | {acc} | {ci_text} | {n} | {ident} | {model} |")
+    families = plan.get("families") or {}
+    for fam in sorted(families, key=lambda f: list(conds).index(families[f][0]) if families[f][0] in conds else 0):
+        members = families[fam]
+        accs = [conds[m]["accuracy"] for m in members if conds[m].get("accuracy") is not None]
+        if accs:
+            lines.append(f"| {fam} (x{len(members)}) | {plan['conditions'][members[0]].get('from', '')} | "
+                         f"seeded: see the null distributions | mean {sum(accs) / len(accs):.1%} "
+                         f"(range {min(accs):.1%} - {max(accs):.1%}) | — | {conds[members[0]]['n']} | — | "
+                         f"{len(members)} models |")
     lines.append("")
-    mc_names = [n for n, c in conds.items() if c.get("correct") is not None]
+    mc_names = [n for n, c in shown.items() if _interval(c) is not None]
     if mc_names:
         accs, lows, highs = [], [], []
         for name in mc_names:
-            c = conds[name]
-            lo, hi = _wilson(sum(c["correct"]), c["n"])
+            c, (lo, hi) = conds[name], _interval(conds[name])
             accs.append(c["accuracy"])
             lows.append(c["accuracy"] - lo)
             highs.append(hi - c["accuracy"])
@@ -163,15 +209,21 @@ def _comparisons_section(out: Path, comps: list[dict]) -> list[str]:
     if not comps:
         return []
     level = comps[0].get("ci_level", 0.95)
+    holm = any("mcnemar_p_holm" in c or "ztest_p_holm" in c for c in comps)
     lines = ["## Comparisons\n",
-             f"| A | B | A − B | {level:.0%} CI (Newcombe) | McNemar p (paired) | z-test p | A right, B wrong "
-             "| A wrong, B right | answers changed |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Paired on the same {comps[0]['n']} items of {comps[0]['dataset']}."
+             + (" Holm: adjusted within the pre-registered family (— for a test outside it)." if holm else "")
+             + "\n",
+             f"| A | B | A − B | {level:.0%} CI (Newcombe) | McNemar p (paired) |" + (" Holm |" if holm else "")
+             + " z-test p | A right, B wrong | A wrong, B right | answers changed |",
+             "|---|---|---:|---:|---:|" + ("---:|" if holm else "") + "---:|---:|---:|---:|"]
     for c in comps:
         f = c["flips"]
+        adj = c.get("mcnemar_p_holm", c.get("ztest_p_holm"))
         lines.append(f"| {c['a']} | {c['b']} | {c['diff'] * 100:+.2f} pts | [{c['ci'][0] * 100:+.1f}, "
-                     f"{c['ci'][1] * 100:+.1f}] | {c['mcnemar_p']:.3g} | {c['ztest_p']:.3g} | {f['a_only']} | "
-                     f"{f['b_only']} | {c.get('changed_predictions', '—')} |")
+                     f"{c['ci'][1] * 100:+.1f}] | {c['mcnemar_p']:.3g} |"
+                     + ((f" {adj:.3g} |" if adj is not None else " — |") if holm else "")
+                     + f" {c['ztest_p']:.3g} | {f['a_only']} | {f['b_only']} | {c.get('changed_predictions', '—')} |")
     lines.append("")
     for c in comps:
         f = c["flips"]
@@ -219,30 +271,32 @@ def _identity_section(out: Path, conds: dict) -> list[str]:
     return lines
 
 
-def _prereg_section(lock: dict | None, v: dict | None) -> list[str]:
+def _prereg_section(doc: dict | None, record: dict | None, v: dict | None) -> list[str]:
     lines = ["## Pre-registration\n"]
-    if lock is None:
+    if doc is None:
         return lines + ["None. Without a locked criterion these results are exploratory.\n"]
-    doc = lock.get("document", {})
-    lines.append(f"- SHA-256: `{lock.get('sha256')}` (locked {lock.get('locked_at')}; split seed "
-                 f"{lock.get('split_seed')} = {lock.get('seed_rule')})")
+    lines.append(f"- SHA-256: `{record.get('sha256')}` (locked {record.get('locked_at')}; split seed "
+                 f"{record.get('split_seed')} = {record.get('seed_rule')}); verified before this report, with "
+                 f"the SHA-256 of {len(doc.get('data') or {})} data file(s)")
     lines.append(f"- Hypothesis: {doc.get('hypothesis')}")
     planned, baseline = doc.get("planned_n"), doc.get("baseline_accuracy")
     params = [f"alpha {doc.get('alpha')}", f"power {doc.get('power')}"]
     params += [f"planned n {planned}"] if planned is not None else []
     params += [f"baseline accuracy {baseline}"] if baseline is not None else []
+    params += [f"expected discordance {doc['expected_discordance']}"] if doc.get("expected_discordance") else []
     lines.append(f"- Criterion: `{doc.get('criterion')}` ({', '.join(params)})")
-    unset = []  # what prereg.power_warnings then falls back on
-    if planned is None:
-        unset.append("planned n not set, the observed n is used")
-    if baseline is None:
-        unset.append("baseline accuracy not set, the observed accuracy of B in diff(A, B) is used")
-    if unset:
-        lines.append(f"- Power check: {'; '.join(unset)}.")
+    family = doc.get("family") or []
+    if len(family) > 1:
+        lines.append(f"- Family of tests (Holm-adjusted together; the criterion uses the adjusted p values): "
+                     + ", ".join(f"`{t}`" for t in family))
     if doc.get("kill"):
         lines.append(f"- Kill criterion: {doc['kill']}")
     for name, desc in (doc.get("tests") or {}).items():
         lines.append(f"- `{name}`: {desc}")
+    for rec in doc.get("power_before_data") or []:
+        lines.append(f"- Power before data: {rec['text']}" + (" (under-powered)" if rec["underpowered"] else ""))
+    if doc.get("allow_underpowered"):
+        lines.append(f"- Locked although under-powered, because: {doc.get('underpowered_reason')}")
     if v is not None:
         for atom in v.get("atoms", []):
             lines.append(f"- `{atom['test']}`: {'holds' if atom['holds'] else 'does not hold'}")

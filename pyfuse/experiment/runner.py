@@ -2,8 +2,12 @@
 
 Each step runs into ``DIR/steps/.tmp-<kind>-<key12>-<pid>-<random>/``; its
 ``done.json`` is written there last, then the directory is renamed to
-``DIR/steps/<kind>-<key12>/`` (one atomic rename). A rerun skips every step
-whose directory exists; the temporary directories of killed runs are
+``DIR/steps/<kind>-<key12>/`` (one atomic rename); ``done.json`` records the
+size and SHA-256 of every output file. A rerun skips every step whose
+directory exists, after checking its outputs against those records (files
+up to 64 MB by SHA-256, larger ones, such as model shards, by size): an
+output edited after its step finished is refused, not reused. The
+temporary directories of killed runs are
 removed at the start (a ``flock`` on ``DIR/.lock`` keeps two runs out of one
 directory). Fused models that no pending step needs are pruned (their
 ``model/`` removed, ``pruned.json`` written) unless ``keep_models``; a later
@@ -35,7 +39,9 @@ from .estimate import Estimator, fmt_seconds, rate_group, work_units
 from .layout import (DIR_LOCK, DONE, LOG_FILE, MODEL, PLAN_FILE, PRUNED, RESULTS_FILE, SPEC_COPY, STEPS_DIR,
                      TMP_PREFIX)
 from .load import load_checked_spec
+from .outputs import check_outputs, record_outputs
 from .plan import ENGINE_VERSION, Plan, Step, build_plan
+from .power import power_lines
 from .report import write_report
 from .results import assemble_results
 from .spec import Spec
@@ -66,13 +72,14 @@ def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep
         _clean_temps(out / STEPS_DIR)
         lock = _lock_prereg(spec, out, echo, warnings)
         plan = build_plan(spec, lock.split_seed if lock is not None else None)
-        atomic_write_text(out / PLAN_FILE, json.dumps(plan.to_json(), indent=2, sort_keys=True) + "\n")
+        plan_json = plan.to_json()
+        atomic_write_text(out / PLAN_FILE, json.dumps(plan_json, indent=2, sort_keys=True) + "\n")
         if spec._path is not None:
             atomic_write_text(out / SPEC_COPY, spec._path.read_text(encoding="utf-8"))
         runner = Runner(plan, out, keep_models=keep_models, echo=echo)
         runner.log.write("start", spec=str(spec._path), steps=len(plan.steps))
         runner.run()
-        results = assemble_results(plan, out, lock)
+        results = assemble_results(plan_json, out, lock)
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
         write_report(out)
         runner.log.write("finish", seconds=round(time.monotonic() - started, 3),
@@ -93,17 +100,21 @@ def _make_run_dir(out: Path) -> Path:
 
 
 def _lock_prereg(spec: Spec, out: Path, echo: Callable[[str], None], warnings: list[str]) -> prereg.Lock | None:
-    """Lock (or check) the pre-registration before any step runs; its power
-    warnings are echoed and added to ``warnings``."""
+    """Lock (or check) the pre-registration before any step runs, after
+    printing what the design can detect (:mod:`.power`); an allowed
+    under-powered threshold is echoed and added to ``warnings``."""
     finished = any((p / DONE).is_file() for p in (out / STEPS_DIR).iterdir())
+    for line in power_lines(spec):
+        echo(line)
     lock = prereg.lock(spec, out, has_finished_steps=finished)
     if lock is not None:
         echo(("locked" if lock.created else "checked") + f" the pre-registration: sha256 {lock.sha256[:12]}, "
-             f"split seed {lock.split_seed}")
-        for w in prereg.power_warnings(lock.document):
-            if w["warn"]:
-                warnings.append("under-powered design: " + w["text"])
-                echo("warning: under-powered design: " + w["text"])
+             f"split seed {lock.split_seed}, {len(lock.document.get('data') or {})} data file(s) hashed")
+        for rec in lock.document.get("power_before_data") or []:
+            if rec["underpowered"]:
+                msg = (f"under-powered design (allowed: {lock.document['underpowered_reason']}): {rec['text']}")
+                warnings.append(msg)
+                echo("warning: " + msg)
     return lock
 
 
@@ -209,6 +220,7 @@ class Runner:
         pending = [s for s in order if not self.done(s)]
         for s in order:
             if self.done(s):
+                check_outputs(self.step_dir(s), label=s.label)
                 self.skipped.append(s.dirname)
         if self.skipped:
             self.echo(f"{len(self.skipped)} of {total} steps already done in {self.out} (skipped)")
@@ -312,7 +324,7 @@ class Runner:
         """``done.json`` last, everything on disk, then one rename (replacing a pruned step)."""
         marker = {"engine": ENGINE_VERSION, "kind": st.kind, "key": st.key, "options": st.options,
                   "inputs": {k: a.ref() for k, a in st.inputs.items()}, "labels": st.labels,
-                  "summary": summary, "seconds": round(seconds, 3)}
+                  "summary": summary, "seconds": round(seconds, 3), "outputs": record_outputs(tmp)}
         _fsync_tree(tmp)
         atomic_write_text(tmp / DONE, json.dumps(marker, indent=2, default=str) + "\n")
         _fsync_dir(tmp)

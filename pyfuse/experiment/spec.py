@@ -1,9 +1,10 @@
 """The experiment spec: a YAML file, validated with pydantic, every problem
 reported on one line that names the field by its dotted path
 (``conditions.A1.stages[2].fuse.policy: must be one of stock, preserve,
-stochastic (got 'stok')``). This module is the schema and the spec's
-resolved view (stages expanded, defaults merged); :mod:`.load` reads a
-file, :mod:`.validate` makes the cross-checks.
+stochastic (got 'stok')``). This module is the schema; :mod:`.resolve` is
+the spec's resolved view (stages expanded, defaults merged, seeded
+conditions' members), :mod:`.load` reads a file, :mod:`.validate` makes the
+cross-checks.
 
 Layout (every section but ``models`` and ``conditions`` is optional)::
 
@@ -15,34 +16,46 @@ Layout (every section but ``models`` and ``conditions`` is optional)::
     setg:                           # mine Set-G (a step) and split it
       data: NAME                    # the MMLU-Pro file both models are evaluated on
       base: NAME                    # a model or a condition
-      persona: NAME                 # a model or a condition (mined with its model; the condition
-                                    # is scored on setg.test like any other)
+      persona: NAME                 # a model or a condition (mined with its model)
       method: generate              # eval method for mining (generate | logprob)
-      train_frac: 0.7               # split seed: from the pre-registration's hash
+      split: {train: 0.7, test: 0.3}  # stratified by category; seed: from the pre-registration's hash
+      valid_frac: 0.0               # share of train carved out as validation data (recorded)
+      expected_both_wrong: 0.385    # share of `data` both models get wrong (predicts n before mining)
     defaults:
       train: {TRAIN OPTIONS}        # merged under every train stage
       fuse: {FUSE OPTIONS}
     conditions:
       NAME:
         from: NAME                  # a model, or a condition (its final model)
+        seeds: K                    # optional: K members NAME.0 .. NAME.K-1 (placebo / dither seeds 0..K-1)
         stages:                     # in order
           - train: {data: setg, rank: 2, ...}   # train an adapter on the current model
           - zero                                # its zero-delta twin
+          - placebo                             # per module: its singular values on random directions
           - fuse: {policy: stock}               # fuse it -> the new current model
+          - fuse: {policy: stock, dither: true} # (zero-delta only) stock grid, stochastic rounding (seed)
           - stack: {train: {...}, fuse: {...}, zero: false}  # train + [zero] + fuse
         evaluate: [mc, identity]    # default: every suite in `evaluation`
     evaluation:
       mc: {data: setg.test, method: generate, batch_size: 8, max_tokens: 1024, limit: null}
+      # or a list of such (results and comparisons per dataset; the first is the primary)
       identity: {suite: PATH, persona_name: ..., max_tokens: ...}
     comparisons: [[A1, A0], {a: A1, b: persona}]
+    analysis: {trained: A1, zero: A0, reference: persona, unfused: A1-unfused, placebo: placebo,
+               dithered: dithered}  # roles for the decomposition and the null distributions
     preregistration:
       hypothesis: TEXT
-      criterion: "diff(A1, A0) >= 0.05 and ztest_p(A1, A0) < 0.05"
+      criterion: "diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05"
       kill: TEXT                    # what a failed criterion means
+      family: [mcnemar_p(A1, A0), mcnemar_p(A0, persona)]  # Holm-adjusted together (default: the criterion's)
       alpha: 0.05
       power: 0.8
-      planned_n: 692
-      baseline_accuracy: 0.178      # expected accuracy of the control (power analysis)
+      planned_n: 692                # when n cannot be predicted from the data and the split
+      baseline_accuracy: 0.178      # expected accuracy of the control (unpaired power)
+      expected_discordance: 0.12    # share of items answered right by one only (paired power),
+      discordance_from: PATH        # or from a noise-floor result (its MC answers flipped)
+      allow_underpowered: false     # lock an under-powered criterion anyway ...
+      underpowered_reason: TEXT     # ... for this reason (recorded in the lock)
     report: {noise_floor: true, noise_floor_outputs: true}
 
 Paths resolve relative to the spec file. Data references: a name from
@@ -59,15 +72,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
+                      field_validator, model_validator)
 
 from ..errors import UserError
 from ..options import DEFAULT_POLICY, DEFAULT_SEED, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from .criterion import CriterionError, parse
+from .criterion import CriterionError, parse, parse_pvalue
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"and", "or", "not", "setg"}
-STAGE_KINDS = ("train", "zero", "fuse", "stack")
+STAGE_KINDS = ("train", "zero", "placebo", "fuse", "stack")
 EVAL_SUITES = ("mc", "identity")
 SETG_SPLITS = ("train", "valid", "test")
 
@@ -79,8 +93,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 FUSE_DEFAULTS: dict[str, Any] = {
     "policy": DEFAULT_POLICY, "seed": DEFAULT_SEED, "requant_bits": None, "requant_group_size": None, "only": None,
-    "dequantize": False,
+    "dequantize": False, "dither": False,
 }
+MAX_SEEDS = 1000
 
 
 class SpecError(UserError):
@@ -183,6 +198,7 @@ class FuseOptions(_Strict):
     requant_group_size: Literal[SUPPORTED_GROUP_SIZES] | None = None
     only: StrictStr | None = None
     dequantize: StrictBool | None = None
+    dither: StrictBool | None = None  # zero-delta adapters: the stock grid, codes rounded stochastically
 
     @field_validator("only")
     @classmethod
@@ -197,6 +213,13 @@ class FuseOptions(_Strict):
 
 class ZeroOptions(_Strict):
     pass
+
+
+class PlaceboOptions(_Strict):
+    """A placebo of the adapter: per module its singular values on random
+    orthonormal directions (:mod:`pyfuse.adapters.placebo`)."""
+
+    seed: typing.Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
 
 
 class StackOptions(_Strict):
@@ -216,6 +239,7 @@ class StackOptions(_Strict):
 class Stage(_Strict):
     train: TrainOptions | None = None
     zero: ZeroOptions | None = None
+    placebo: PlaceboOptions | None = None
     fuse: FuseOptions | None = None
     stack: StackOptions | None = None
 
@@ -247,6 +271,7 @@ class Stage(_Strict):
 
 class Condition(_Strict):
     from_: StrictStr = Field(alias="from")
+    seeds: typing.Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)] | None = None
     stages: list[Stage] = Field(default_factory=list)
     evaluate: list[Literal[EVAL_SUITES]] | None = None
     description: StrictStr | None = None
@@ -259,11 +284,23 @@ class Condition(_Strict):
 
 class MCEval(_Strict):
     data: StrictStr
+    name: StrictStr | None = None  # default: the data reference
     method: Literal["generate", "logprob"] = "generate"
     batch_size: PositiveInt = 8
     max_tokens: PositiveInt = 1024
     limit: PositiveInt | None = None
     system_prompt: StrictStr | None = None
+
+    @property
+    def dataset(self) -> str:
+        return self.name or self.data
+
+
+def _mc_kind(v) -> str:
+    return "several" if isinstance(v, list) else "one"
+
+
+MC_TAGS = ("one", "several")  # in pydantic's error locations; load.format_loc leaves them out
 
 
 class IdentityEval(_Strict):
@@ -278,8 +315,33 @@ class IdentityEval(_Strict):
 
 
 class Evaluation(_Strict):
-    mc: MCEval | None = None
+    mc: typing.Annotated[typing.Union[typing.Annotated[MCEval, Tag("one")],
+                                      typing.Annotated[list[MCEval], Tag("several"), Field(min_length=1)]],
+                         Discriminator(_mc_kind)] | None = None
     identity: IdentityEval | None = None
+
+    @property
+    def mc_sets(self) -> list[MCEval]:
+        """Every multiple-choice dataset, the primary (the criterion's) first."""
+        if self.mc is None:
+            return []
+        return list(self.mc) if isinstance(self.mc, list) else [self.mc]
+
+
+class Split(_Strict):
+    train: float = Field(gt=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _numbers(cls, v):
+        return _number(v)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        if abs(self.train + self.test - 1) > 1e-9:
+            raise ValueError(f"train + test must be 1, got {self.train:g} + {self.test:g}")
+        return self
 
 
 class SetG(_Strict):
@@ -290,13 +352,23 @@ class SetG(_Strict):
     batch_size: PositiveInt = 8
     max_tokens: PositiveInt = 1024
     limit: PositiveInt | None = None
-    train_frac: float = Field(default=0.7, gt=0, lt=1)
+    split: Split = Field(default_factory=lambda: Split(train=0.7, test=0.3))
+    valid_frac: float = Field(default=0.0, ge=0, lt=1)
+    expected_both_wrong: float | None = Field(default=None, gt=0, le=1)
     seed: typing.Annotated[StrictInt, Field(ge=0)] | None = None
 
-    @field_validator("train_frac", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _tf(cls, v):
-        return _number(v)
+    def _no_train_frac(cls, v):
+        if isinstance(v, dict) and "train_frac" in v:
+            raise ValueError("train_frac was replaced by split (train and test fractions, e.g. split: {train: 0.7, "
+                             "test: 0.3}) and valid_frac (a validation set carved from train)")
+        return v
+
+    @field_validator("valid_frac", "expected_both_wrong", mode="before")
+    @classmethod
+    def _numbers(cls, v):
+        return None if v is None else _number(v)
 
 
 class Comparison(_Strict):
@@ -317,12 +389,17 @@ class Preregistration(_Strict):
     hypothesis: StrictStr = Field(min_length=1)
     criterion: StrictStr = Field(min_length=1)
     kill: StrictStr | None = None
+    family: list[StrictStr] | None = None
     alpha: float = Field(default=0.05, gt=0, lt=1)
     power: float = Field(default=0.8, gt=0, lt=1)
     planned_n: typing.Annotated[StrictInt, Field(ge=2)] | None = None
     baseline_accuracy: float | None = Field(default=None, gt=0, lt=1)
+    expected_discordance: float | None = Field(default=None, gt=0, le=1)
+    discordance_from: StrictStr | None = None
+    allow_underpowered: StrictBool = False
+    underpowered_reason: StrictStr | None = None
 
-    @field_validator("alpha", "power", "baseline_accuracy", mode="before")
+    @field_validator("alpha", "power", "baseline_accuracy", "expected_discordance", mode="before")
     @classmethod
     def _numbers(cls, v):
         return None if v is None else _number(v)
@@ -335,6 +412,41 @@ class Preregistration(_Strict):
         except CriterionError as err:
             raise ValueError(str(err)) from None
         return v
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v):
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty family: leave it out (the default is the criterion's p values)")
+        for text in v:
+            try:
+                parse_pvalue(text)
+            except CriterionError as err:
+                raise ValueError(f"{text!r}: {err}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _reasons(self):
+        if self.expected_discordance is not None and self.discordance_from is not None:
+            raise ValueError("give expected_discordance or discordance_from, not both")
+        if self.allow_underpowered and not (self.underpowered_reason or "").strip():
+            raise ValueError("allow_underpowered: true needs underpowered_reason (it goes into the lock)")
+        if self.underpowered_reason is not None and not self.allow_underpowered:
+            raise ValueError("underpowered_reason without allow_underpowered: true")
+        return self
+
+
+class Analysis(_Strict):
+    """Roles for the report's decomposition and null distributions."""
+
+    trained: StrictStr
+    zero: StrictStr | None = None
+    reference: StrictStr | None = None
+    unfused: StrictStr | None = None
+    placebo: StrictStr | None = None
+    dithered: StrictStr | None = None
 
 
 class Defaults(_Strict):
@@ -359,6 +471,7 @@ class Spec(_Strict):
     conditions: dict[StrictStr, Condition] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     comparisons: list[Comparison] = Field(default_factory=list)
+    analysis: Analysis | None = None
     preregistration: Preregistration | None = None
     report: ReportOptions = Field(default_factory=ReportOptions)
 
@@ -382,71 +495,3 @@ class Spec(_Strict):
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return Path(os.path.normpath(p if p.is_absolute() else (self.base_dir / p)))
-
-
-# ---------------------------------------------------------------------------
-# The spec resolved: stages expanded, options merged with the defaults
-# ---------------------------------------------------------------------------
-
-
-def condition_stages(spec: Spec, name: str) -> list[tuple[str, str, dict]]:
-    """The condition's stages expanded (``stack`` -> train, [zero], fuse) as
-    ``(path, kind, options)`` with options resolved against the defaults."""
-    out = []
-    cond = spec.conditions[name]
-    for i, st in enumerate(cond.stages):
-        where = f"conditions.{name}.stages[{i}]"
-        kind = st.kind
-        if kind == "train":
-            out.append((f"{where}.train", "train", resolve_train(spec, st.train)))
-        elif kind == "zero":
-            out.append((f"{where}.zero", "zero", {}))
-        elif kind == "fuse":
-            out.append((f"{where}.fuse", "fuse", resolve_fuse(spec, st.fuse)))
-        else:
-            out.append((f"{where}.stack.train", "train", resolve_train(spec, st.stack.train)))
-            if st.stack.zero:
-                out.append((f"{where}.stack.zero", "zero", {}))
-            out.append((f"{where}.stack.fuse", "fuse", resolve_fuse(spec, st.stack.fuse)))
-    return out
-
-
-def _merged(defaults: BaseModel, stage: BaseModel, builtin: dict) -> dict:
-    out = dict(builtin)
-    for src in (defaults, stage):
-        for k in src.model_fields_set:
-            v = getattr(src, k)
-            if v is not None:
-                out[k] = v
-    return out
-
-
-def resolve_train(spec: Spec, opts: TrainOptions) -> dict:
-    out = _merged(spec.defaults.train, opts, {"data": None, **TRAIN_DEFAULTS})
-    if out["seed"] is None:
-        out["seed"] = spec.seed
-    for k in ("alpha", "dropout", "learning_rate"):
-        out[k] = float(out[k])
-    return out
-
-
-def resolve_fuse(spec: Spec, opts: FuseOptions) -> dict:
-    return _merged(spec.defaults.fuse, opts, FUSE_DEFAULTS)
-
-
-def evaluated_suites(spec: Spec, name: str) -> list[str]:
-    cond = spec.conditions[name]
-    if cond.evaluate is not None:
-        return list(dict.fromkeys(cond.evaluate))
-    return [s for s in EVAL_SUITES if getattr(spec.evaluation, s) is not None]
-
-
-def ends_with_adapter(spec: Spec, name: str) -> bool:
-    stages = condition_stages(spec, name)
-    pending = False
-    for _, kind, _ in stages:
-        if kind == "train":
-            pending = True
-        elif kind == "fuse":
-            pending = False
-    return pending

@@ -9,10 +9,13 @@ kind           inputs                                      outputs (in the step 
 =============  ==========================================  ===============================
 train          model, data                                 ``adapter/`` (pyfuse.train_adapter)
 zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
+placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
+dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse
+               adapter (zero-delta)                        stochastically (pyfuse.adapters.dither)
 fuse           model, adapter                              ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
-setg           base_rows, persona_rows, data               ``data/`` (train/valid/test.jsonl,
+setg           base_rows, persona_rows, data               ``data/`` (train/test[/valid].jsonl,
                                                            items.json, counts.json), ``items/``
                                                            (the MMLU-Pro rows of each split)
 noise-floor    model                                       ``noise_floor.json`` (+ .md, plots)
@@ -50,6 +53,20 @@ def run_zero(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     res = zero_adapter(inputs["adapter"], out / ADAPTER, model=inputs.get("model"))
     return {"modules": len(res.modules), "magnitudes": len(res.magnitudes),
             "fine_tune_type": res.fine_tune_type}
+
+
+def run_placebo(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..adapters.placebo import placebo_adapter
+
+    res = placebo_adapter(inputs["adapter"], out / ADAPTER, seed=opts["seed"])
+    return {"modules": len(res.singular_values), "seed": res.seed}
+
+
+def run_dither(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..adapters.dither import dither_residual
+
+    res = dither_residual(inputs["model"], inputs["fused"], inputs["adapter"], out / ADAPTER)
+    return {"modules": len(res.modules), "max_residual_in_steps": res.residual_max}
 
 
 def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
@@ -97,14 +114,14 @@ def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..data.mmlu import id_key, load_mc
     from ..data.setg import SPLITS, mine_setg
 
-    res = mine_setg(inputs["base_rows"], inputs["persona_rows"], inputs["data"],
-                    train_frac=opts["train_frac"], seed=opts["seed"], out=out / SETG_DATA)
+    res = mine_setg(inputs["base_rows"], inputs["persona_rows"], inputs["data"], split=opts["split"],
+                    valid_frac=opts["valid_frac"], seed=opts["seed"], out=out / SETG_DATA)
     items = {id_key(it.question_id): it for it in load_mc(inputs["data"])}
     for split in SPLITS:
         write_jsonl(out / SETG_ITEMS / f"{split}.jsonl",
                     [items[id_key(i)].model_dump(mode="json") for i in res.splits[split]])
-    return {"n_items": res.n_items, "n_setg": res.n_setg, "seed": res.seed, "train_frac": res.train_frac,
-            "splits": {s: len(res.splits[s]) for s in SPLITS}}
+    return {"n_items": res.n_items, "n_setg": res.n_setg, "seed": res.seed, "split": res.split,
+            "valid_frac": res.valid_frac, "splits": {s: len(res.splits[s]) for s in SPLITS}}
 
 
 def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
@@ -120,6 +137,8 @@ def run_noise_floor(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 RUNNERS = {
     "train": run_train,
     "zero": run_zero,
+    "placebo": run_placebo,
+    "dither": run_dither,
     "fuse": run_fuse,
     "eval-mc": run_eval_mc,
     "eval-identity": run_eval_identity,

@@ -7,12 +7,15 @@ paths and the identity suite. Each returns ``[(field path, message), ...]``;
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import UserError
-from .criterion import parse
-from .spec import (NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec, condition_stages, ends_with_adapter,
-                   evaluated_suites)
+from .criterion import P_STATS, parse, parse_pvalue
+from .resolve import condition_stages, ends_with_adapter, evaluated_suites
+from .spec import NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec
+
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Problems = list[tuple[str, str]]
 
@@ -22,7 +25,7 @@ def check_references(spec: Spec) -> Problems:
     order the problems are reported; the cycle check only when the rest
     passes (a cycle through an unknown name is that name's problem)."""
     problems = (_names(spec) + _conditions(spec) + _setg(spec) + _evaluation(spec) + _comparisons(spec)
-                + _criterion(spec))
+                + _criterion(spec) + _family(spec) + _analysis(spec))
     if not problems:
         cycle = find_cycle(spec)
         if cycle:
@@ -67,6 +70,9 @@ def _conditions(spec: Spec) -> Problems:
         elif src in spec.conditions and ends_with_adapter(spec, src):
             problems.append((f"conditions.{name}.from", f"condition {src!r} ends with an unfused adapter; "
                              "a condition can only start from a model (add a fuse stage to it)"))
+        elif src in spec.conditions and spec.conditions[src].seeds is not None:
+            problems.append((f"conditions.{name}.from", f"condition {src!r} has seeds (it stands for "
+                             f"{spec.conditions[src].seeds} models); start from one model"))
         problems += _stage_order(spec, name)
         for i, suite in enumerate(cond.evaluate or []):
             if getattr(spec.evaluation, suite) is None:
@@ -75,10 +81,10 @@ def _conditions(spec: Spec) -> Problems:
 
 
 def _stage_order(spec: Spec, name: str) -> Problems:
-    """A train stage needs data and no unfused adapter before it; zero and
-    fuse need an adapter."""
+    """A train stage needs data and no unfused adapter before it; zero,
+    placebo and fuse need an adapter; a dithered fuse needs a zero-delta one."""
     problems = []
-    pending = False
+    pending, last, dora = False, None, False
     for where, kind, opts in condition_stages(spec, name):
         if kind == "train":
             if pending:
@@ -90,13 +96,29 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 p = _data_ref_problem(spec, opts["data"], training=True)
                 if p:
                     problems.append((f"{where}.data", p))
-            pending = True
-        elif kind in ("zero", "fuse"):
+            pending, dora = True, opts["fine_tune_type"] == "dora"
+        elif kind in ("zero", "placebo", "fuse"):
             if not pending:
                 problems.append((where, f"a {kind} stage needs an adapter: put it after a train stage"))
+            if kind == "placebo" and dora:
+                problems.append((where, "placebo adapters are defined for LoRA (a DoRA magnitude is learned "
+                                 "content with no placebo); train with fine_tune_type: lora"))
+            if kind == "fuse" and opts["dither"]:
+                problems += _dither_problems(where, opts, last)
             if kind == "fuse":
                 pending = False
+        last = kind
     return problems
+
+
+def _dither_problems(where: str, opts: dict, last: str | None) -> Problems:
+    out = []
+    if last != "zero":
+        out.append((f"{where}.dither", "a dithered fuse is a zero-delta fuse: put it right after a zero stage"))
+    if opts["policy"] != "stock" or opts["dequantize"] or opts["requant_bits"] or opts["requant_group_size"]:
+        out.append((f"{where}.dither", "dither re-rounds the stock fuse's grid: it needs policy stock, "
+                    "without dequantize or requant_bits / requant_group_size"))
+    return out
 
 
 def _setg(spec: Spec) -> Problems:
@@ -109,6 +131,8 @@ def _setg(spec: Spec) -> Problems:
         ref = getattr(spec.setg, role)
         if ref not in spec.models and ref not in spec.conditions:
             problems.append((f"setg.{role}", f"unknown model or condition {ref!r}"))
+        elif ref in spec.conditions and spec.conditions[ref].seeds is not None:
+            problems.append((f"setg.{role}", f"condition {ref!r} has seeds; Set-G is mined with one model"))
     if spec.preregistration is not None and spec.setg.seed is not None:
         problems.append(("setg.seed", "the split seed is derived from the pre-registration's hash; "
                          "remove setg.seed"))
@@ -117,10 +141,20 @@ def _setg(spec: Spec) -> Problems:
 
 def _evaluation(spec: Spec) -> Problems:
     problems = []
-    if spec.evaluation.mc is not None:
-        p = _data_ref_problem(spec, spec.evaluation.mc.data, training=False)
+    sets = spec.evaluation.mc_sets
+    several = isinstance(spec.evaluation.mc, list)
+    seen: dict[str, int] = {}
+    for i, mc in enumerate(sets):
+        where = f"evaluation.mc[{i}]" if several else "evaluation.mc"
+        p = _data_ref_problem(spec, mc.data, training=False)
         if p:
-            problems.append(("evaluation.mc.data", p))
+            problems.append((f"{where}.data", p))
+        if mc.name is not None and not DATASET_RE.match(mc.name):
+            problems.append((f"{where}.name", "a dataset name is letters, digits, '_', '-' and '.'"))
+        if mc.dataset in seen:
+            problems.append((f"{where}.name" if mc.name else f"{where}.data", f"dataset {mc.dataset!r} is "
+                             f"also evaluation.mc[{seen[mc.dataset]}]; give each dataset its own name"))
+        seen.setdefault(mc.dataset, i)
     if spec.evaluation.identity is not None:
         ident = spec.evaluation.identity
         if ident.suite is None and ident.persona_name is None:
@@ -144,28 +178,90 @@ def _comparisons(spec: Spec) -> Problems:
             elif ref not in mc_conditions:
                 problems.append((f"comparisons[{i}].{side}", f"condition {ref!r} is not evaluated on "
                                  "multiple choice (evaluation.mc)"))
+            if ref in spec.conditions and spec.conditions[ref].seeds is not None:
+                problems.append((f"comparisons[{i}].{side}", f"condition {ref!r} has seeds: compare its "
+                                 "members as a distribution (analysis.placebo / dithered, or null_p)"))
         if cmp.a == cmp.b:
             problems.append((f"comparisons[{i}]", "compares a condition with itself"))
     return problems
 
 
+def _stat_problems(spec: Spec, stat, field: str) -> Problems:
+    """A statistic's condition names: known, evaluated on what it needs,
+    seeded only where a distribution is meant (``null_p``'s second)."""
+    problems = []
+    mc_conditions, ident_conditions = _evaluated_on(spec, "mc"), _evaluated_on(spec, "identity")
+    for k, ref in enumerate(stat.args):
+        family_arg = stat.func == "null_p" and k == 1
+        if ref not in spec.conditions:
+            problems.append((field, f"{stat}: unknown condition {ref!r}"))
+        elif family_arg != (spec.conditions[ref].seeds is not None):
+            problems.append((field, f"{stat}: {ref!r} " + ("must be a condition with seeds (the null "
+                             "distribution)" if family_arg else "has seeds; only null_p(A, F) takes one, as F")))
+        elif stat.func == "identity" and ref not in ident_conditions:
+            problems.append((field, f"{stat}: condition {ref!r} has no identity evaluation"))
+        elif stat.func != "identity" and ref not in mc_conditions:
+            problems.append((field, f"{stat}: condition {ref!r} is not evaluated on multiple choice "
+                             "(evaluation.mc)"))
+    datasets = [mc.dataset for mc in spec.evaluation.mc_sets]
+    if stat.dataset is not None and stat.dataset not in datasets:
+        problems.append((field, f"{stat}: unknown dataset {stat.dataset!r} (known: {', '.join(datasets)})"))
+    return problems
+
+
 def _criterion(spec: Spec) -> Problems:
     """The criterion's condition names: known, and evaluated on what its statistics need."""
-    problems = []
     if spec.preregistration is None:
-        return problems
-    crit = parse(spec.preregistration.criterion)
-    mc_conditions, ident_conditions = _evaluated_on(spec, "mc"), _evaluated_on(spec, "identity")
-    for stat in crit.stats():
-        for ref in stat.args:
-            if ref not in spec.conditions:
-                problems.append(("preregistration.criterion", f"{stat}: unknown condition {ref!r}"))
-            elif stat.func == "identity" and ref not in ident_conditions:
-                problems.append(("preregistration.criterion", f"{stat}: condition {ref!r} has no "
-                                 "identity evaluation"))
-            elif stat.func != "identity" and ref not in mc_conditions:
-                problems.append(("preregistration.criterion", f"{stat}: condition {ref!r} is not "
-                                 "evaluated on multiple choice (evaluation.mc)"))
+        return []
+    problems = []
+    for stat in parse(spec.preregistration.criterion).stats():
+        problems += _stat_problems(spec, stat, "preregistration.criterion")
+    return problems
+
+
+def _family(spec: Spec) -> Problems:
+    """The declared family: valid statistics, and every p value of the criterion in it."""
+    pr = spec.preregistration
+    if pr is None or pr.family is None:
+        return []
+    problems = []
+    members = []
+    for i, text in enumerate(pr.family):
+        stat = parse_pvalue(text)
+        problems += _stat_problems(spec, stat, f"preregistration.family[{i}]")
+        if str(stat) in members:
+            problems.append((f"preregistration.family[{i}]", f"{stat} is listed twice"))
+        members.append(str(stat))
+    for stat in parse(pr.criterion).pvalues():
+        if str(stat) not in members:
+            problems.append(("preregistration.family", f"the criterion's {stat} is not in the family (its "
+                             f"p value must be adjusted with the others; family: {', '.join(members)})"))
+    return problems
+
+
+def _analysis(spec: Spec) -> Problems:
+    """The analysis roles: conditions evaluated on multiple choice; only
+    placebo / dithered seeded; a reference when trained starts from a model."""
+    a = spec.analysis
+    if a is None:
+        return []
+    problems = []
+    mc_conditions = _evaluated_on(spec, "mc")
+    for role in ("trained", "zero", "reference", "unfused", "placebo", "dithered"):
+        ref = getattr(a, role)
+        if ref is None:
+            continue
+        seeded = role in ("placebo", "dithered")
+        if ref not in spec.conditions:
+            problems.append((f"analysis.{role}", f"unknown condition {ref!r}"))
+        elif seeded != (spec.conditions[ref].seeds is not None):
+            problems.append((f"analysis.{role}", f"condition {ref!r} " + ("needs seeds (it is a distribution)"
+                                                                          if seeded else "has seeds")))
+        elif ref not in mc_conditions:
+            problems.append((f"analysis.{role}", f"condition {ref!r} is not evaluated on multiple choice"))
+    if a.reference is None and a.trained in spec.conditions and spec.conditions[a.trained].from_ not in spec.conditions:
+        problems.append(("analysis.reference", f"required: {a.trained!r} starts from the model "
+                         f"{spec.conditions[a.trained].from_!r}; name the condition that scores that model"))
     return problems
 
 
@@ -196,9 +292,9 @@ def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
                 d.setdefault("setg", f"{where}.data")
         deps[f"model:{name}"] = d
         e = {f"model:{name}": f"conditions.{name}"}
-        if spec.evaluation.mc is not None and spec.evaluation.mc.data.startswith("setg.") \
-                and spec.evaluation.mc.data not in spec.data and "mc" in evaluated_suites(spec, name):
-            e["setg"] = "evaluation.mc.data"
+        for i, mc in enumerate(spec.evaluation.mc_sets):
+            if mc.data.startswith("setg.") and mc.data not in spec.data and "mc" in evaluated_suites(spec, name):
+                e.setdefault("setg", f"evaluation.mc[{i}].data" if i else "evaluation.mc.data")
         deps[f"eval:{name}"] = e
     if spec.setg is not None:
         d = {}
@@ -286,6 +382,11 @@ def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
         r = spec.resolve(ident.suite)
         if not r.is_file():
             out.append(("evaluation.identity.suite", "identity suite", r))
+    pr = spec.preregistration
+    if pr is not None and pr.discordance_from is not None:
+        r = spec.resolve(pr.discordance_from)
+        if not r.is_file():
+            out.append(("preregistration.discordance_from", "noise-floor result", r))
     return out
 
 

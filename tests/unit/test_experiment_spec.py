@@ -1,15 +1,20 @@
 """`pyfuse experiment` without training: spec errors that name the field,
-the shipped examples, the criterion's grammar and exact evaluation, the
-lock and the verdict on the study's numbers, time estimates, and the plan
-of a mixed-precision model. (Whole runs: tests/e2e/test_experiment.py.)"""
+the shipped examples, the criterion's grammar and exact evaluation, power
+before data (predicted n, unpaired and paired MDE, the refusal to lock an
+under-powered criterion), the lock (data hashes, tampering) and the verdict
+on the study's numbers, time estimates, and the plan of a mixed-precision
+model. (Analyses: test_experiment_analysis.py; whole runs:
+tests/e2e/test_experiment.py.)"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,7 +22,7 @@ from pyfuse.cli import main
 from pyfuse.errors import UserError
 from pyfuse.experiment import build_plan, parse_criterion
 from pyfuse.experiment.load import spec_from_dict
-from pyfuse.experiment.prereg import Lock, canonical_json, lock, power_warnings, prereg_document, read_lock
+from pyfuse.experiment.prereg import Lock, canonical_json, lock, prereg_document, read_lock, verify_data
 from pyfuse.experiment.results import verdict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +59,7 @@ BAD_SPECS = [
     (lambda s: s["conditions"]["A1"].update(stages=["zero"]),
      "conditions.A1.stages[0].zero: a zero stage needs an adapter: put it after a train stage"),
     (lambda s: s["conditions"]["A1"]["stages"].insert(0, {"train": {}, "fuse": {}}),
-     "conditions.A1.stages[0]: a stage has exactly one of train, zero, fuse, stack; got train, fuse"),
+     "conditions.A1.stages[0]: a stage has exactly one of train, zero, placebo, fuse, stack; got train, fuse"),
     (lambda s: s["conditions"]["A1"]["stages"].insert(1, {"train": {}}),
      "conditions.A1.stages[1].train: the previous stage's adapter is not fused yet"),
     (lambda s: s["conditions"].update(C1={"from": "C2"}, C2={"from": "C1"}),
@@ -82,6 +87,31 @@ BAD_SPECS = [
     (lambda s: s["conditions"].update(persona={"from": "base"}),
      "conditions.persona: 'persona' is also a model name"),
     (lambda s: s.update(extras=1), "extras: unknown field (known: version, name,"),
+    (lambda s: s["setg"].update(train_frac=0.7), "setg: train_frac was replaced by split"),
+    (lambda s: s["setg"].update(split={"train": 0.7, "test": 0.4}), "setg.split: train + test must be 1"),
+    (lambda s: s["conditions"]["A1"].update(seeds=3), "comparisons[0].a: condition 'A1' has seeds"),
+    (lambda s: s["conditions"]["A1"]["stages"].insert(0, "placebo"),
+     "conditions.A1.stages[0].placebo: a placebo stage needs an adapter"),
+    (lambda s: s["conditions"]["A1"]["stages"][1]["fuse"].update(dither=True),
+     "conditions.A1.stages[1].fuse.dither: a dithered fuse is a zero-delta fuse"),
+    (lambda s: s["conditions"]["A0"]["stages"][2]["fuse"].update(dither=True, policy="preserve"),
+     "conditions.A0.stages[2].fuse.dither: dither re-rounds the stock fuse's grid: it needs policy stock"),
+    (lambda s: s["preregistration"].update(family=["mcnemar_p(A0, persona_only)"]),
+     "preregistration.family: the criterion's ztest_p(A1, A0) is not in the family"),
+    (lambda s: s["preregistration"].update(family=["diff(A1, A0)"]),
+     "preregistration.family: 'diff(A1, A0)': a family holds p values"),
+    (lambda s: s["preregistration"].update(criterion="null_p(A1, A0) < 0.05"),
+     "null_p(A1, A0): 'A0' must be a condition with seeds"),
+    (lambda s: s["analysis"].update(placebo="A0"), "analysis.placebo: condition 'A0' needs seeds"),
+    (lambda s: s["analysis"].update(reference="nobody"), "analysis.reference: unknown condition 'nobody'"),
+    (lambda s: s["preregistration"].pop("underpowered_reason"),
+     "preregistration: allow_underpowered: true needs underpowered_reason"),
+    (lambda s: s["preregistration"].update(criterion="diff(A1, A0 @ nope) >= 0.05"),
+     "diff(A1, A0 @ nope): unknown dataset 'nope' (known: setg.test)"),
+    (lambda s: s["evaluation"].update(mc=[s["evaluation"]["mc"], {"data": "mmlu", "method": "beam"}]),
+     "evaluation.mc[1].method: must be one of generate, logprob (got 'beam')"),
+    (lambda s: s["evaluation"].update(mc=[s["evaluation"]["mc"], {"data": "setg.test"}]),
+     "evaluation.mc[1].data: dataset 'setg.test' is also evaluation.mc[0]"),
 ]
 
 
@@ -132,9 +162,13 @@ def test_examples_validate(capsys):
         assert main(["experiment", "validate", str(REPO / "examples" / name)]) == 0
         out, err = capsys.readouterr()
         assert "is valid" in out and "pre-registered" in out
-    # the study's own design is flagged as under-powered (MDE ~6.1 points > 5 at n = 692)
+    # the study's own design is flagged as under-powered (MDE ~6.1 points > 5 at n = 692), and allowed
+    # with the reason the spec gives
     assert main(["experiment", "validate", str(REPO / "examples" / "stacking-confound.yaml")]) == 0
-    assert "minimum detectable effect is 6.1 points" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "predicted n on setg.test: 692 items per condition (planned_n" in out
+    assert "unpaired MDE 6.1 points (from 17.8 %)" in out and "-> UNDER-POWERED" in out
+    assert "under-powered design (allowed: reproduces the published study" in err
 
 
 def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
@@ -211,12 +245,13 @@ def test_criterion_grammar_and_exact_evaluation():
 
 
 def _lock_for(spec_dict, tmp_path) -> Lock:
-    spec = spec_from_dict(spec_dict, check_paths=False)
+    spec = spec_from_dict(spec_dict, path=tmp_path / "spec.yaml", check_paths=False)
     return lock(spec, tmp_path, has_finished_steps=False)
 
 
-def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
-    spec = {"models": {"persona": "p"}, "data": {"mmlu": "m.jsonl"},
+def _study_spec(tmp_path: Path) -> dict:
+    (tmp_path / "m.jsonl").write_text("")
+    return {"models": {"persona": "p"}, "data": {"mmlu": "m.jsonl"},
             "conditions": {"A1": {"from": "persona", "stages": [{"train": {"data": "mmlu"}}, {"fuse": {}}]},
                            "A0": {"from": "persona", "stages": [{"train": {"data": "mmlu"}}, "zero",
                                                                 {"fuse": {}}]}},
@@ -225,42 +260,135 @@ def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
                                 "criterion": "diff(A1, A0) >= 0.05 and ztest_p(A1, A0) < 0.05",
                                 "kill": "the knowledge-injection line is closed", "planned_n": 692,
                                 "baseline_accuracy": 0.178}}
-    lk = _lock_for(spec, tmp_path / "d1")
+
+
+def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
+    from pyfuse.stats import min_detectable_effect
+
+    d1 = tmp_path / "d1"
+    d1.mkdir()
+    spec = _study_spec(d1)
+    # the study's design cannot detect its own threshold: refused before anything is locked ...
+    with pytest.raises(UserError, match=r"under-powered before any data: diff\(A1, A0\) >= 0.05: unpaired MDE "
+                                        r"6.1 points > the 5-point threshold"):
+        _lock_for(spec, d1)
+    assert not (d1 / "prereg.json").exists()
+    # ... unless the spec says so, with a reason that goes into the lock
+    spec["preregistration"].update(allow_underpowered=True, underpowered_reason="reproduce the study as run")
+    lk = _lock_for(spec, d1)
     assert lk.created and lk.split_seed == int(lk.sha256[:8], 16)
+    doc = lk.document
+    assert doc["underpowered_reason"] == "reproduce the study as run" and doc["allow_underpowered"] is True
+    (rec,) = doc["power_before_data"]
+    assert rec["n"] == 692 and rec["underpowered"] and rec["decides"] == "unpaired" and rec["test"] == "ztest_p"
+    assert rec["mde_unpaired"] == pytest.approx(min_detectable_effect(692, 0.178), abs=1e-6)
+    assert rec["mde_unpaired"] == pytest.approx(0.061, abs=5e-4)
+    assert doc["data"] == {"data.mmlu": hashlib.sha256(b"").hexdigest()}
     # 128/692 vs 123/692 (the study): z-test p = 0.727, not met; the design is under-powered
     a1 = [1] * 128 + [0] * 564
     a0 = [1] * 100 + [0] * 28 + [1] * 23 + [0] * 541
     ids = list(range(692))
-    results = {"conditions": {"A1": {"correct": a1, "n": 692, "accuracy": 128 / 692, "ids": ids, "identity": None},
-                              "A0": {"correct": a0, "n": 692, "accuracy": 123 / 692, "ids": ids, "identity": None}}}
+
+    def cond(correct):
+        mc = {"correct": correct, "n": 692, "accuracy": sum(correct) / 692, "ids": ids}
+        return {**mc, "mc": {"mmlu": mc}, "identity": None}
+
+    results = {"datasets": ["mmlu"], "conditions": {"A1": cond(a1), "A0": cond(a0)}, "comparisons": [],
+               "family": [], "families": {}}
     v = verdict(results, lk)
     assert v["passed"] is False
     assert v["observed"]["ztest_p(A1, A0)"] == pytest.approx(0.727, abs=5e-4)
     assert "diff(A1, A0) = +0.72 points (128/692 vs 123/692)" in v["text"]
     assert "ztest_p(A1, A0) = 0.727" in v["text"] and "is NOT MET" in v["text"]
-    assert any("6.1 points" in w and "under-powered" in w for w in v["warnings"])
-    pw = power_warnings(lk.document)
-    assert pw[0]["warn"] and pw[0]["mde"] == pytest.approx(0.061, abs=5e-4)
-    # at 2000 items per arm the same threshold is within reach
-    assert not power_warnings({**lk.document, "planned_n": 2000})[0]["warn"]
+    assert any("unpaired minimum detectable effect is 6.1 points" in w and "under-powered" in w
+               for w in v["warnings"])
 
-    # the same spec locks again; a changed threshold or a tampered lock is refused
-    assert _lock_for(spec, tmp_path / "d1").sha256 == lk.sha256
+    # the same spec locks again; a changed threshold, changed data or a tampered lock is refused
+    assert _lock_for(spec, d1).sha256 == lk.sha256
     changed = copy.deepcopy(spec)
     changed["preregistration"]["criterion"] = "diff(A1, A0) >= 0.04 and ztest_p(A1, A0) < 0.05"
-    with pytest.raises(UserError, match="changed: criterion, thresholds"):
-        _lock_for(changed, tmp_path / "d1")
-    assert prereg_document(spec_from_dict(changed, check_paths=False))["criterion"] != lk.criterion
-    lock_path = tmp_path / "d1" / "prereg.json"
-    rec = json.loads(lock_path.read_text())
-    rec["canonical"] = rec["canonical"].replace("0.05", "0.04", 1)
-    lock_path.write_text(json.dumps(rec))
-    with pytest.raises(UserError, match="does not match its SHA-256"):
-        read_lock(tmp_path / "d1")
+    with pytest.raises(UserError, match="changed: criterion, power_before_data, thresholds"):
+        _lock_for(changed, d1)
+    (d1 / "m.jsonl").write_text("swapped\n")
+    with pytest.raises(UserError, match="changed: data.data.mmlu"):
+        _lock_for(spec, d1)
+    with pytest.raises(UserError, match="the data changed since the pre-registration was locked: data.mmlu"):
+        verify_data(read_lock(d1))
+    (d1 / "m.jsonl").write_text("")
+    verify_data(read_lock(d1))
+    lock_path = d1 / "prereg.json"
+    good = lock_path.read_text()
+    for forge, msg in [(lambda r: r.update(canonical=r["canonical"].replace("0.05", "0.04", 1)),
+                        "does not match its SHA-256"),
+                       (lambda r: r["document"].update(criterion="diff(A1, A0) >= 0.01"), "document no longer match"),
+                       (lambda r: r.update(split_seed=r["split_seed"] + 1), "split_seed no longer match")]:
+        rec = json.loads(good)
+        forge(rec)
+        lock_path.write_text(json.dumps(rec))
+        with pytest.raises(UserError, match=msg):
+            read_lock(d1)
+    lock_path.write_text(good)
     # no pre-registration after the fact: finished steps but no lock
     with pytest.raises(UserError, match="must be locked before any training"):
-        lock(spec_from_dict(spec, check_paths=False), tmp_path / "d2", has_finished_steps=True)
+        lock(spec_from_dict(spec, path=d1 / "spec.yaml", check_paths=False), tmp_path / "d2",
+             has_finished_steps=True)
     assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+
+
+def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path, capsys):
+    """6,000 mined rows over 14 categories, 38.5 % expected in Set-G, split 70/30: ~692 test items per
+    condition; the MDEs at that n, unpaired and paired (from a noise-floor result), and validate's refusal."""
+    from pyfuse.experiment.power import power_table, predicted_n
+    from pyfuse.stats import mcnemar_mde, min_detectable_effect
+
+    rng = np.random.default_rng(0)
+    cats = [f"cat{i}" for i in range(14)]
+    counts = rng.multinomial(6000, rng.dirichlet([5] * 14))
+    categories = [c for c, n in zip(cats, counts) for _ in range(n)]
+    rows = [{"question_id": k, "question": "q?", "options": ["a", "b", "c", "d"], "answer": "A",
+             "answer_index": 0, "category": c} for k, c in enumerate(categories)]
+    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    nf = {"rows": [{"policy": "stock", "source": "model", "bits": 3, "group_size": 64, "mc_flip": 0.2},
+                   {"policy": "stock", "source": "quantized", "bits": 4, "group_size": 64, "mc_flip": 0.3},
+                   {"policy": "preserve", "source": "model", "bits": 3, "group_size": 64, "mc_flip": 0.0}]}
+    (tmp_path / "nf.json").write_text(json.dumps(nf))
+    for name in ("base", "persona"):
+        (tmp_path / name).mkdir()
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    spec["models"] = {"base": "base", "persona": "persona"}
+    spec["data"] = {"mmlu": "mmlu.jsonl"}
+    spec["evaluation"]["identity"] = {"persona_name": "Nova"}
+    spec["preregistration"].update(criterion="diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05",
+                                   discordance_from="nf.json", planned_n=None)
+    path = _write(tmp_path / "spec.yaml", spec)
+    loaded = spec_from_dict(spec, path=path, check_paths=True)
+    # the oracle: each category's expected Set-G (rounded), 30 % of it (halves of 0.7 n round up into train)
+    expected = sum(int(round(n * 0.385)) - int(np.floor(0.7 * round(n * 0.385) + 0.5)) for n in counts)
+    n = predicted_n(loaded)["setg.test"]
+    assert n["n"] == expected and abs(expected - 692) <= 10 and "6000 rows x 0.385" in n["source"]
+    (rec,) = power_table(loaded)
+    assert rec["decides"] == "paired" and rec["discordance"] == 0.2  # the model's own setting, stock
+    assert rec["mde_paired"] == pytest.approx(mcnemar_mde(expected, 0.2), abs=1e-6)
+    assert rec["mde_unpaired"] == pytest.approx(min_detectable_effect(expected, 0.178), abs=1e-6)
+    assert not rec["underpowered"] and rec["mde_paired"] < 0.05
+    assert main(["experiment", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"predicted n on setg.test: {expected} items per condition" in out
+    assert f"paired MDE {rec['mde_paired'] * 100:.1f} points (discordance 0.2, MC answers a zero-delta stock " \
+           "fuse flips at 3-bit g64 (nf.json; an upper bound))" in out
+    # a family of 3 takes the MDE at alpha / 3 (Holm's first step); without the allowance, validate refuses
+    spec["preregistration"].update(family=["mcnemar_p(A1, A0)", "mcnemar_p(A0, persona_only)",
+                                           "mcnemar_p(A1, persona_only)"], allow_underpowered=False,
+                                   underpowered_reason=None)
+    path = _write(tmp_path / "spec.yaml", spec)
+    (rec3,) = power_table(spec_from_dict(spec, path=path))
+    assert rec3["alpha_used"] == pytest.approx(0.05 / 3, abs=1e-6)
+    assert rec3["mde_paired"] == pytest.approx(mcnemar_mde(expected, 0.2, alpha=0.05 / 3), abs=1e-6)
+    assert rec3["mde_paired"] > 0.05 and rec3["underpowered"]
+    assert main(["experiment", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "under-powered before any data" in err and "allow_underpowered: true" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_the_plan_reads_a_mixed_precision_model_as_the_fuse_does(tmp_path, tiny_moe_mixed_dir):
