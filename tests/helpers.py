@@ -110,6 +110,26 @@ def write_adapter_dir(path: Path, tensors: dict, *, keys, rank: int, scale: floa
     return path
 
 
+def moe_lora_tensors(model_dir: Path, rank: int, seed: int = 0, std: float = 0.1) -> dict:
+    """A random LoRA (mlx-lm's layouts) on every layer's experts' ``down_proj``
+    and ``q_proj`` of a tiny qwen3_moe model: ``{name: mx.array}``."""
+    import mlx.core as mx
+    import numpy as np
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    E, H, inter = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    q_out = cfg["num_attention_heads"] * cfg.get("head_dim", H // cfg["num_attention_heads"])
+    rng = np.random.default_rng(seed)
+    shapes = {"mlp.switch_mlp.down_proj": ((E, rank, inter), (E, H, rank)),
+              "self_attn.q_proj": ((H, rank), (rank, q_out))}
+    t = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (a, b) in shapes.items():
+            for leaf, shape in (("lora_a", a), ("lora_b", b)):
+                t[f"model.layers.{layer}.{module}.{leaf}"] = mx.array(rng.normal(0, std, shape).astype(np.float32))
+    return t
+
+
 # -- multiple-choice rows and results ---------------------------------------------------------
 
 

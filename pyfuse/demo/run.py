@@ -287,7 +287,8 @@ preregistration:
   alpha: {ALPHA}
   power: 0.8
   baseline_accuracy: 0.05      # expected accuracy of the control A0 on Set-G test
-  expected_discordance: 0.05   # expected share of items A1 and A0 answer differently right/wrong
+  expected_discordance: 0.1    # expected share of items answered right by one of A1, A0 only (the noise
+                               # floor's MC flips say ~0.1 for this model's zero-delta stock fuse)
   allow_underpowered: true
   underpowered_reason: >-
     a demonstration on a tiny model with about 200 test items; the power table shows what a real

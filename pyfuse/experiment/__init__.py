@@ -2,16 +2,20 @@
 pre-registration, resumable runs and reports. The path of an experiment
 through the modules: spec -> plan -> steps -> results -> report.
 
-* :mod:`.spec`: the YAML spec's schema, and the spec resolved (stages expanded, defaults merged);
+* :mod:`.spec`: the YAML spec's schema; :mod:`.resolve`: the spec resolved (stages expanded, defaults
+  merged, the members of seeded conditions);
 * :mod:`.load`: reading a spec file (YAML, field-named errors); :mod:`.validate`: the cross-checks;
 * :mod:`.criterion`: the pre-registered criterion's grammar, evaluated exactly;
-* :mod:`.prereg`: the SHA-256 lock, the split seed, power warnings;
+* :mod:`.power`: power before data (predicted n, unpaired and paired MDE);
+* :mod:`.prereg`: the SHA-256 lock (criterion, design, power, data hashes), the split seed;
 * :mod:`.plan`: the content-addressed step DAG;
-* :mod:`.steps`: what each step kind calls (train, zero, fuse, evals, Set-G, noise floor);
-* :mod:`.runner`: the resumable run (locking, publishing, pruning, the log); :mod:`.estimate`: its time estimates;
+* :mod:`.steps`: what each step kind calls (train, zero, placebo, dither, fuse, evals, Set-G, noise floor);
+* :mod:`.runner`: the resumable run (locking, publishing, pruning, the log); :mod:`.outputs`: each step's
+  recorded output hashes, checked on resume; :mod:`.estimate`: its time estimates;
 * :mod:`.layout`: the names of the run directory's files;
-* :mod:`.results`: ``results.json`` and the verdict;
-* :mod:`.report`: ``report.md``; :mod:`.plots`: its figures.
+* :mod:`.results`: ``results.json`` and the verdict; :mod:`.analysis`: comparisons, the Holm family, null
+  distributions, flips by margin, the decomposition;
+* :mod:`.report`: ``report.md`` (:mod:`.report_analysis`: its analysis sections); :mod:`.plots`: its figures.
 
     from pyfuse.experiment import load_spec, run_experiment, write_report
     run_experiment("examples/stacking-confound.yaml", "runs/confound")

@@ -8,7 +8,8 @@
       run.log.jsonl          one JSON object per event: start, step timings, failures, prunes, finish
       steps/
         <kind>-<key12>/      a finished step (published by one atomic rename)
-          done.json          written last: kind, key, options, inputs, summary, seconds
+          done.json          written last: kind, key, options, inputs, summary, seconds, and the
+                             size and SHA-256 of every output file (:mod:`.outputs`)
           pruned.json        its fused model was removed (no pending step needed it)
           ...                its outputs (see :mod:`.steps`)
         .tmp-<kind>-<key12>-<pid>-<random>/   a step being run (removed at the next start)
@@ -35,7 +36,7 @@ PRUNED = "pruned.json"
 TMP_PREFIX = ".tmp-"
 
 # A step's outputs (inside its directory)
-ADAPTER = "adapter"                # train, zero
+ADAPTER = "adapter"                # train, zero, placebo, dither
 MODEL = "model"                    # fuse
 FUSE_REPORT = "fuse_report.json"   # fuse
 ROWS = "rows.jsonl"                # eval-mc, eval-identity: one row per item / prompt

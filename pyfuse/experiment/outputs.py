@@ -13,12 +13,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from .layout import DONE, MODEL, PRUNED
-from .plan import HASH_LIMIT
 
+HASH_LIMIT = 64 << 20  # files up to this size are checked (and fingerprinted, :mod:`.plan`) by content
 _NOT_OUTPUTS = {DONE, PRUNED}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -32,7 +33,7 @@ def record_outputs(step_dir: Path) -> dict[str, dict]:
     for p in sorted(Path(step_dir).rglob("*")):
         rel = p.relative_to(step_dir).as_posix()
         if p.is_file() and rel not in _NOT_OUTPUTS:
-            out[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            out[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
@@ -56,7 +57,7 @@ def check_outputs(step_dir: Path, label: str = "") -> None:
             problem = "is missing"
         elif p.stat().st_size != rec.get("size"):
             problem = "changed size"
-        elif rec["size"] <= HASH_LIMIT and _sha256(p) != rec.get("sha256"):
+        elif rec["size"] <= HASH_LIMIT and sha256_file(p) != rec.get("sha256"):
             problem = "changed (SHA-256 differs)"
         if problem:
             raise UserError(f"{what}: its output {rel} {problem} since the step finished; a resumed run does not "

@@ -21,12 +21,12 @@ from pathlib import Path
 from ..errors import UserError
 from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
+from .outputs import HASH_LIMIT, sha256_file
 from .prereg import canonical_json
 from .resolve import condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
 
 ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
-HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by content
 
 
 # ---------------------------------------------------------------------------
@@ -37,11 +37,7 @@ HASH_LIMIT = 64 << 20  # files up to this size are fingerprinted by content
 def _file_fingerprint(path: Path) -> dict:
     st = path.stat()
     if st.st_size <= HASH_LIMIT:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return {"size": st.st_size, "sha256": h.hexdigest()}
+        return {"size": st.st_size, "sha256": sha256_file(path)}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 

@@ -121,7 +121,9 @@ def nulls_plot(out: Path, nulls: dict) -> str:
         for col, key, unit in ((0, "gain", 100.0), (1, "changed", 1.0)):
             ax = axes[row][col]
             draws = [x * unit for x in fam[key]]
-            ax.plot(draws, [0] * len(draws), "o", color="#9ecae1", ms=8, alpha=0.8, label=f"{role} (K={len(draws)})")
+            stack = [sum(1 for y in draws[:i] if abs(y - x) < 1e-9) for i, x in enumerate(draws)]  # ties pile up
+            ax.plot(draws, stack, "o", color="#9ecae1", ms=8, alpha=0.9, label=f"{role} (K={len(draws)})")
+            ax.set_ylim(-0.8, max(stack) + 1.8)
             for i, (name, t) in enumerate(fam["tested"].items()):
                 ax.axvline(t[key] * unit, color=("#e6550d", "#31a354")[i % 2], lw=2,
                            label=f"{name} (p = {t['p_' + key]:.2g})")
@@ -143,7 +145,8 @@ def margins_plot(out: Path, flips: dict) -> str:
         xs = [i + 1 for i, b in enumerate(f["bins"]) if b["flip_rate"] is not None]
         ys = [b["flip_rate"] * 100 for b in f["bins"] if b["flip_rate"] is not None]
         ax.plot(xs, ys, "o-", label=name + (f" (x{f['members']})" if f.get("members") else ""))
-    ax.set_xlabel("margin bin of the reference model (1 = smallest margins)")
+    ax.set_xticks(range(1, max((len(f["bins"]) for f in flips.values()), default=1) + 1))
+    ax.set_xlabel("margin bin of the reference model (quintiles; 1 = smallest margins)")
     ax.set_ylabel("answers flipped (%)")
     ax.set_title("flips concentrate near the decision boundary?", fontsize=10)
     ax.grid(alpha=0.3)

@@ -231,35 +231,30 @@ def underpowered(table: list[dict]) -> list[dict]:
     return [r for r in table if r["underpowered"]]
 
 
-def observed_warnings(document: dict, observed_n: dict, observed_acc: dict,
-                      observed_discordance: dict) -> list[str]:
+def observed_warnings(document: dict, observed_n: dict, observed_acc: dict) -> list[str]:
     """After the run: each locked threshold's deciding MDE at the observed n
-    of A, the observed accuracy of B (the control) and the observed
-    discordance of the pair, when it exceeds the threshold (the same MDE
-    functions as before the data)."""
-    from .criterion import parse
-
+    of A (and, for the unpaired test, the observed accuracy of B, the
+    control; the paired test keeps the pre-registered discordance), when it
+    exceeds the threshold: the same MDE functions as before the data."""
     out = []
     for rec in document.get("power_before_data") or []:
         if "threshold" not in rec:
             continue
-        stat = parse(f"{rec['statistic']} > 0").stats()[0]
-        a, b = stat.args
-        n, p0, psi = observed_n.get(a), observed_acc.get(b), observed_discordance.get((a, b))
+        a, b = parse(f"{rec['statistic']} > 0").stats()[0].args
+        n, p0 = observed_n.get(a), observed_acc.get(b)
         if n is None or n < 2 or p0 is None or not 0 < p0 < 1:
             continue
         th = {"statistic": rec["statistic"], "op": rec["op"], "value": f"{rec['threshold']:g}",
               "threshold": rec["threshold"]}
-        obs = threshold_record(th, n=n, n_source="observed", baseline=p0, psi=psi or None, psi_source="observed",
-                               alpha=rec["alpha"], power=rec["power"], test=rec["test"], m=rec["family_size"])
-        mde = obs["mde_paired"] if obs["decides"] == "paired" else obs["mde_unpaired"]
+        obs = threshold_record(th, n=n, n_source="observed", baseline=p0, psi=rec.get("discordance"),
+                               psi_source=rec.get("discordance_source"), alpha=rec["alpha"], power=rec["power"],
+                               test=rec["test"], m=rec["family_size"])
         if obs["underpowered"]:
-            size = (f"is {mde * 100:.1f} points" if mde is not None else "cannot be reached")
-            basis = (f"discordance {psi:.3g} of {a} and {b}" if obs["decides"] == "paired" else
+            basis = ((f"the pre-registered discordance {rec['discordance']:g}" if rec.get("discordance") is not None
+                      else "no pre-registered discordance") if obs["decides"] == "paired" else
                      f"{p0 * 100:.1f} % (observed accuracy of {b})")
             out.append(f"at n = {n} (observed) per condition, alpha {obs['alpha_used']:g}, power {rec['power']:g}, "
-                       f"from {basis} the {obs['decides']} minimum detectable effect {size}: the "
-                       f"{rec['threshold'] * 100:g}-point threshold of {rec['statistic']} is under-powered")
+                       f"from {basis}, {rec['statistic']} is under-powered: {obs['text'].split(': ', 1)[1]}")
     return out
 
 
@@ -285,25 +280,29 @@ def power_lines(spec) -> list[str]:
     lines.append(f"power before data: alpha {pr.alpha:g} (two-sided), power {pr.power:g}; family of "
                  f"{len(family)} test(s)" + (" (Holm)" if len(family) > 1 else "") + f": {', '.join(family)}")
     for rec in power_table(spec):
-        if "threshold" not in rec:
-            lines.append(f"  {rec['text']}" + (" -> under-powered" if rec["underpowered"] else ""))
-            continue
-        parts = []
-        for kind, key in (("unpaired", "mde_unpaired"), ("paired", "mde_paired")):
-            if kind == "unpaired":
-                basis = f"from {_pct(rec['baseline'])}"
-            else:
-                basis = (f"discordance {rec['discordance']:g}, {rec['discordance_source']}"
-                         if rec["discordance"] is not None else "")
-            v, note = rec[key], rec["notes"][kind]
-            parts.append(f"{kind} MDE " + (f"{v * 100:.1f} points ({basis})" if v is not None else f"{note}"
-                                           + (f" ({basis})" if note == "not reachable" else "")))
-        decided = (f"{rec['test']}" if rec["test"] else "no p-value test on the pair") + \
-            (f" at alpha {rec['alpha_used']:.3g} (Holm, conservative)" if rec["family_size"] > 1 else "")
-        lines.append(f"  {rec['statistic']} {rec['op']} {rec['threshold'] * 100:g} points at n = {rec['n']}: "
-                     + "; ".join(parts) + f"; decides: {rec['decides']} ({decided})"
-                     + (" -> UNDER-POWERED" if rec["underpowered"] else " -> adequately powered"))
+        lines.append(f"  {record_line(rec)}")
     return lines
+
+
+def record_line(rec: dict) -> str:
+    """One record of :func:`power_table` in words: both MDEs, what decides, the verdict."""
+    if "threshold" not in rec:
+        return rec["text"] + (" -> UNDER-POWERED" if rec["underpowered"] else "")
+    parts = []
+    for kind, key in (("unpaired", "mde_unpaired"), ("paired", "mde_paired")):
+        if kind == "unpaired":
+            basis = f"from {_pct(rec['baseline'])}"
+        else:
+            basis = (f"discordance {rec['discordance']:g}, {rec['discordance_source']}"
+                     if rec["discordance"] is not None else "")
+        v, note = rec[key], rec["notes"][kind]
+        parts.append(f"{kind} MDE " + (f"{v * 100:.1f} points ({basis})" if v is not None else f"{note}"
+                                       + (f" ({basis})" if note == "not reachable" else "")))
+    decided = (f"{rec['test']}" if rec["test"] else "no p-value test on the pair") + \
+        (f" at alpha {rec['alpha_used']:.3g} (Holm, conservative)" if rec["family_size"] > 1 else "")
+    return (f"{rec['statistic']} {rec['op']} {rec['threshold'] * 100:g} points at n = {rec['n']}: "
+            + "; ".join(parts) + f"; decides: {rec['decides']} ({decided})"
+            + (" -> UNDER-POWERED" if rec["underpowered"] else " -> adequately powered"))
 
 
 def _pct(x) -> str:

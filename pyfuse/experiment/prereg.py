@@ -39,6 +39,7 @@ from ..errors import UserError
 from ..io.files import atomic_write_text
 from .criterion import TEST_DESCRIPTIONS, parse
 from .layout import LOCK_FILE
+from .outputs import sha256_file
 from .power import family_of, power_table, underpowered
 from .resolve import condition_stages
 from .spec import Spec
@@ -63,17 +64,9 @@ def sha256_path(path: Path) -> str:
     """SHA-256 of a file's bytes; of a directory, of the canonical list of
     ``[relative path, SHA-256]`` of its files (hidden entries skipped)."""
     path = Path(path)
-
-    def of_file(p: Path) -> str:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
     if path.is_file():
-        return of_file(path)
-    entries = [[p.relative_to(path).as_posix(), of_file(p)] for p in sorted(path.rglob("*"))
+        return sha256_file(path)
+    entries = [[p.relative_to(path).as_posix(), sha256_file(p)] for p in sorted(path.rglob("*"))
                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     return sha256_text(canonical_json(entries))
 

@@ -37,6 +37,7 @@ from ..io.files import atomic_write_text
 from ..stats import wilson_interval
 from .layout import DONE, FUSE_REPORT, LOCK_FILE, NOISE_FLOOR, PLAN_FILE, PRUNED, REPORT_FILE, STEPS_DIR, step_dir
 from .outputs import check_outputs
+from .power import record_line
 from .plots import accuracy_plot, flips_plot, fuse_settings_plot, identity_plot
 from .prereg import read_lock, verify_data
 from .report_analysis import analysis_sections
@@ -294,7 +295,7 @@ def _prereg_section(doc: dict | None, record: dict | None, v: dict | None) -> li
     for name, desc in (doc.get("tests") or {}).items():
         lines.append(f"- `{name}`: {desc}")
     for rec in doc.get("power_before_data") or []:
-        lines.append(f"- Power before data: {rec['text']}" + (" (under-powered)" if rec["underpowered"] else ""))
+        lines.append(f"- Power before data: {record_line(rec)}")
     if doc.get("allow_underpowered"):
         lines.append(f"- Locked although under-powered, because: {doc.get('underpowered_reason')}")
     if v is not None:

@@ -125,23 +125,17 @@ def verdict(results: dict, lock: Lock) -> dict:
         "criterion": str(crit),
         "observed": {k: (float(v) if isinstance(v, Fraction) else v) for k, v in ev.observed.items()},
         "atoms": [{"test": t, "holds": r} for t, r in ev.atoms],
-        "warnings": _warnings(doc, results, crit, primary),
+        "warnings": _warnings(doc, results),
     }
 
 
-def _warnings(doc: dict, results: dict, crit, primary: str | None) -> list[str]:
+def _warnings(doc: dict, results: dict) -> list[str]:
     """The design at the observed numbers (:func:`.power.observed_warnings`),
     and n that differs from what the power analysis assumed."""
     conds = results["conditions"]
     observed_n = {n: c["n"] for n, c in conds.items() if c["n"] is not None}
     observed_acc = {n: c["accuracy"] for n, c in conds.items() if c["accuracy"] is not None}
-    discordance = {(c["a"], c["b"]): (c["flips"]["a_only"] + c["flips"]["b_only"]) / c["n"]
-                   for c in results["comparisons"] if c["dataset"] == primary}
-    for a, b in crit.pairs():
-        if (a, b) not in discordance and conds[a].get("correct") is not None:
-            c = compare(conds[a], conds[b], doc["alpha"])
-            discordance[(a, b)] = (c["flips"]["a_only"] + c["flips"]["b_only"]) / c["n"]
-    warnings = observed_warnings(doc, observed_n, observed_acc, discordance)
+    warnings = observed_warnings(doc, observed_n, observed_acc)
     for rec in doc.get("power_before_data") or []:
         if "threshold" not in rec or rec.get("n") is None:
             continue

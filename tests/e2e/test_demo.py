@@ -1,9 +1,12 @@
 """`pyfuse demo --quick`: the stacking-confound experiment end to end on the
 default model, through the CLI, checked against independent computations:
 results.json's statistics recomputed with statsmodels from the `correct`
-lists, the verdict recomputed from the pre-registered criterion, Set-G
-recomputed from the mining evaluations, the zero-delta preserve fuse
-bit-identical to the persona; the report and plots; the verdict on screen;
+lists, the verdict recomputed from the pre-registered criterion with its
+Holm-adjusted family, Set-G recomputed from the mining evaluations (70/30,
+a validation set carved from train), the second dataset a stratified
+sample, the placebo and dithered controls' null distributions, the flips by
+margin (scipy), the zero-delta preserve fuse bit-identical to the persona;
+the report and plots; the power before data on screen; the verdict on screen;
 a rerun that resumes (no step runs again, nothing is rewritten, the cached
 model is reused) with identical results; refusals. How long a rerun takes
 is measured in bench/bench_demo.py.
@@ -12,15 +15,18 @@ Uses the session's default-model cache (conftest's default_model_cache)."""
 
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 
 import pytest
 
 from pyfuse.cli import main
 
-from helpers import file_mtimes, read_json, run_cli, run_plan, step_rows
+from helpers import file_mtimes, read_json, read_jsonl, run_cli, run_plan, step_rows
 
 CONDITIONS = ["base", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve", "A0-preserve"]
+SEEDS = 3  # the quick configuration's members of each control
+MEMBERS = [f"{f}.{i}" for f in ("placebo", "dithered") for i in range(SEEDS)]
 PAIRS = [("A1", "A0"), ("A1", "persona"), ("A0", "persona"), ("A1-unfused", "persona"), ("A1-stochastic", "persona"),
          ("A1-preserve", "persona"), ("A0-preserve", "persona")]
 
@@ -34,10 +40,16 @@ def demo(tmp_path_factory, default_model_cache):
             "results": read_json(out / "results.json")}
 
 
+def _primary(res: dict) -> dict:
+    return {(c["a"], c["b"]): c for c in res["comparisons"] if c["dataset"] == res["datasets"][0]}
+
+
 def test_results_shape_and_setg(demo):
     res, out = demo["results"], demo["out"]
-    assert set(res) == {"conditions", "comparisons", "prereg", "verdict"}
-    assert sorted(res["conditions"]) == sorted(CONDITIONS)
+    assert set(res) == {"datasets", "conditions", "comparisons", "family", "families", "nulls", "flips",
+                        "decomposition", "prereg", "verdict"}
+    assert res["datasets"] == ["setg.test", "general"]
+    assert sorted(res["conditions"]) == sorted(CONDITIONS + MEMBERS)
     ids = res["conditions"]["A1"]["ids"]
     assert len(ids) >= 15
     for name in CONDITIONS:
@@ -57,6 +69,16 @@ def test_results_shape_and_setg(demo):
     assert sorted(map(str, split["test"])) == sorted(map(str, ids))
     assert not set(map(str, split["train"])) & set(map(str, split["test"]))
     assert len(split["train"]) + len(split["valid"]) + len(split["test"]) == len(wrong[0] & wrong[1])
+    counts = read_json(setg_dir / "data" / "counts.json")
+    assert counts["split"] == {"train": 0.7, "test": 0.3} and counts["valid_frac"] == 0.1
+    for c in counts["categories"].values():  # 70/30 per category, a tenth of train carved out for validation
+        n_train = int(c["total"] * 0.7 + 0.5)
+        assert (c["train"] + c["valid"], c["test"], c["valid"]) == (n_train, c["total"] - n_train,
+                                                                    int(n_train * 0.1 + 0.5))
+    # the second dataset: 2 rows of each of the 14 categories, drawn by the stratified sampler
+    general = read_jsonl(out / "inputs" / "general.jsonl")
+    assert len(general) == 28 and len({r["category"] for r in general}) == 14
+    assert all(res["conditions"][n]["mc"]["general"]["n"] == 28 for n in CONDITIONS + MEMBERS)
     # ... so base and persona are wrong on all of them, by construction: Set-G is mined with the models of
     # the conditions `base` and `persona`, which are then scored on the test split like every other
     # condition (their test rows are their mining rows, letter scores included)
@@ -79,7 +101,7 @@ def test_statistics_match_statsmodels(demo):
 
     res = demo["results"]
     conds = res["conditions"]
-    got = {(c["a"], c["b"]): c for c in res["comparisons"]}
+    got = _primary(res)
     assert list(got) == PAIRS
     plan = run_plan(demo["out"])
     for (a, b), c in got.items():
@@ -106,24 +128,69 @@ def test_statistics_match_statsmodels(demo):
         assert c["changed_predictions"] == sum(x != y for x, y in zip(pa, pb))
 
 
-def test_verdict_is_the_locked_criterion(demo):
+def test_verdict_is_the_locked_criterion_with_holm_adjusted_p(demo):
     from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.multitest import multipletests
 
     res, out = demo["results"], demo["out"]
+    conds = res["conditions"]
     lock = read_json(out / "prereg.json")
     assert res["prereg"]["sha256"] == lock["sha256"]
     assert res["prereg"]["criterion"] == "diff(A1, A0) >= 5pp and mcnemar_p(A1, A0) < 0.05"
-    a1, a0 = res["conditions"]["A1"]["correct"], res["conditions"]["A0"]["correct"]
+
+    def p_mcnemar(a, b):
+        ca, cb = conds[a]["correct"], conds[b]["correct"]
+        table = [[sum(x and y for x, y in zip(ca, cb)), sum(x and not y for x, y in zip(ca, cb))],
+                 [sum(y and not x for x, y in zip(ca, cb)), sum(not x and not y for x, y in zip(ca, cb))]]
+        return mcnemar(table, exact=True).pvalue
+
+    def p_null(a, fam):
+        accs = [conds[f"{fam}.{i}"]["accuracy"] for i in range(SEEDS)]
+        return (1 + sum(x >= conds[a]["accuracy"] for x in accs)) / (SEEDS + 1)
+
+    raw = [p_mcnemar("A0", "persona"), p_mcnemar("A1", "A0"), p_null("A1", "placebo"), p_null("A0", "dithered"),
+           p_mcnemar("A1", "A1-unfused")]
+    holm = multipletests(raw, method="holm")[1]
+    assert [f["p_holm"] for f in res["family"]] == pytest.approx(list(holm))
+    a1, a0 = conds["A1"]["correct"], conds["A0"]["correct"]
     diff = Fraction(sum(a1) - sum(a0), len(a1))
-    table = [[sum(x and y for x, y in zip(a1, a0)), sum(x and not y for x, y in zip(a1, a0))],
-             [sum(y and not x for x, y in zip(a1, a0)), sum(not x and not y for x, y in zip(a1, a0))]]
-    p = mcnemar(table, exact=True).pvalue
-    expected = diff >= Fraction(5, 100) and p < 0.05
+    expected = diff >= Fraction(5, 100) and holm[1] < 0.05
     assert res["verdict"]["passed"] is expected
+    assert res["verdict"]["observed"]["mcnemar_p(A1, A0)"] == pytest.approx(holm[1])
     assert ("is MET" if expected else "is NOT MET") in res["verdict"]["text"]
-    # the power warning (from A0's observed accuracy): at this n a 5-point threshold is under-powered
-    if 0 < res["conditions"]["A0"]["accuracy"] < 1:
-        assert any("under-powered" in w for w in res["verdict"]["warnings"])
+    # allowed under-powered before the data (locked with the reason), and under-powered at the observed numbers
+    doc = json.loads(lock["canonical"])
+    assert doc["allow_underpowered"] and doc["power_before_data"][0]["underpowered"]
+    assert any("under-powered" in w for w in res["verdict"]["warnings"])
+
+
+def test_null_distributions_and_flips(demo):
+    from scipy.stats import mannwhitneyu
+
+    res, out = demo["results"], demo["out"]
+    conds, plan = res["conditions"], run_plan(out)
+    persona = step_rows(out, plan["conditions"]["persona"]["mc"])
+    for role in ("placebo", "dithered"):
+        fam = res["nulls"]["families"][role]
+        assert fam["members"] == [f"{role}.{i}" for i in range(SEEDS)]
+        assert fam["gain"] == pytest.approx([conds[m]["accuracy"] - conds["persona"]["accuracy"]
+                                             for m in fam["members"]])
+        t = fam["tested"]["A1"]
+        assert t["p_gain"] == pytest.approx((1 + sum(g >= t["gain"] - 1e-12 for g in fam["gain"])) / (SEEDS + 1))
+    # flips of A1 against the persona it was fused into, by the persona's margin between its top two letters
+    a1 = step_rows(out, plan["conditions"]["A1"]["mc"])
+    margins = [sorted(r["logprobs"].values())[-1] - sorted(r["logprobs"].values())[-2] for r in persona]
+    flipped = [x["prediction"] != y["prediction"] for x, y in zip(a1, persona)]
+    f = res["flips"]["A1"]
+    assert f["flipped"] == sum(flipped)
+    if 0 < sum(flipped) < len(flipped):
+        ref = mannwhitneyu([m for m, x in zip(margins, flipped) if x], [m for m, x in zip(margins, flipped) if not x],
+                           alternative="less")
+        assert f["test"]["pvalue"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert res["flips"]["A0-preserve"]["flipped"] == 0
+    effects = [r["effect"].split(" (")[0] for r in res["decomposition"]["rows"]]
+    assert effects == ["fuse effect", "content effect", "content effect", "fuse noise", "fuse-vs-runtime effect"]
+    assert res["decomposition"]["holm_within"] == "the pre-registered family"
 
 
 def test_preserve_zero_delta_is_bit_identical_and_fuse_reports(demo):
@@ -150,15 +217,16 @@ def test_report_and_screen(demo):
     out, res = demo["out"], demo["results"]
     report = (out / "report.md").read_text()
     assert res["verdict"]["text"] in report
-    for section in ("## Conditions", "## Comparisons", "## Fuses and the noise floor", "## Identity",
-                    "## Pre-registration"):
+    for section in ("## Conditions", "## Comparisons", "## Other datasets", "## The family of tests",
+                    "## Decomposition", "## Null distributions", "## Flips by margin",
+                    "## Fuses and the noise floor", "## Identity", "## Pre-registration"):
         assert section in report
-    for png in ("accuracy.png", "flips.png", "noise_floor.png", "identity.png"):
+    for png in ("accuracy.png", "flips.png", "nulls.png", "flips_by_margin.png", "noise_floor.png", "identity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
-    # the demo sets neither planned_n nor baseline_accuracy: the report says what the power check uses instead
-    assert "None" not in report.split("## Pre-registration")[1]
-    assert "- Power check: planned n not set, the observed n is used; baseline accuracy not set" in report
+    prereg = report.split("## Pre-registration")[1]
+    assert "None" not in prereg and "- Power before data: diff(A1, A0) >= 5pp:" in prereg
+    assert "- Locked although under-powered, because: a demonstration on a tiny model" in prereg
     spec = (out / "demo.yaml").read_text()
     assert "quick, reduced" in spec and (out / "inputs" / "mmlu.jsonl").is_file()
     # the screen ends with the verdict sentence and where the report is
@@ -169,6 +237,9 @@ def test_report_and_screen(demo):
     a1 = res["conditions"]["A1"]
     assert f"On {a1['n']} held-out Set-G items" in verdict and f"{a1['accuracy'] * 100:.1f} %" in verdict
     assert "pyfuse demo: [1/" in demo["stderr"]  # progress
+    # before any model ran: the predicted n and what the criterion can detect there
+    before = demo["stderr"].split("pyfuse demo: [1/")[0]
+    assert "predicted n on setg.test:" in before and "decides: paired (mcnemar_p at alpha 0.01 (Holm" in before
 
 
 def test_rerun_resumes_with_identical_results(demo):

@@ -1,11 +1,13 @@
 """`pyfuse experiment`: a whole small experiment (Set-G mining, training, a
-zero-delta control, stock and preserve fuses, stacking, multiple-choice and
-identity evaluations, comparisons, a pre-registered verdict, the report) on
-tiny models, checked against independent computations; the lock refusing a
-changed criterion; a SIGKILLed run resuming to the same results.json; a
-failing step; a persona condition that Set-G is mined with. The checks that
-need no training (specs, the criterion, the lock, estimates) are in
-tests/unit/test_experiment_spec.py."""
+zero-delta control, stock and preserve fuses, stacking, placebo and dithered
+controls with seeds, two multiple-choice datasets, identity evaluations,
+comparisons, a Holm family, a pre-registered verdict, the report) on tiny
+models, checked against independent computations; the lock refusing a
+changed criterion and swapped data; a resumed run refusing an edited step
+output; a SIGKILLed run resuming to the same results.json; a failing step; a
+persona condition that Set-G is mined with. The checks that need no training
+(specs, the criterion, the lock, power, the analyses on hand-made outcomes)
+are in tests/unit/test_experiment_spec.py and test_experiment_analysis.py."""
 
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def _spec(base: Path, persona: Path) -> dict:
         "version": 1, "name": "tiny-confound",
         "models": {"base": str(base), "persona": str(persona)},
         "data": {"mmlu": "mmlu.jsonl"},  # relative to the spec file
-        "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob", "train_frac": 0.5},
+        "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob",
+                 "split": {"train": 0.5, "test": 0.5}},
         "defaults": {"train": train},
         "conditions": {
             "P0": {"from": "persona"},
@@ -75,12 +78,22 @@ def _spec(base: Path, persona: Path) -> dict:
             "A0p": {"from": "persona", "stages": [{"train": {}}, "zero", {"fuse": {"policy": "preserve"}}]},
             "S": {"from": "A1", "stages": [{"stack": {"train": {"iters": 2}, "fuse": {"policy": "stock"}}}],
                   "evaluate": ["mc"]},
+            "placebo": {"from": "persona", "seeds": 2, "evaluate": ["mc"],
+                        "stages": [{"train": {}}, "placebo", {"fuse": {"policy": "stock"}}]},
+            "dithered": {"from": "persona", "seeds": 2, "evaluate": ["mc"],
+                         "stages": [{"train": {}}, "zero", {"fuse": {"policy": "stock", "dither": True}}]},
         },
-        "evaluation": {"mc": {"data": "mmlu", "method": "logprob"}, "identity": {"suite": "suite.yaml"}},
+        "evaluation": {"mc": [{"data": "mmlu", "method": "logprob"},
+                              {"name": "first12", "data": "mmlu", "method": "logprob", "limit": 12}],
+                       "identity": {"suite": "suite.yaml"}},
         "comparisons": [["A1", "A0"], ["A0", "P0"], ["A0p", "P0"], ["S", "A1"]],
+        "analysis": {"trained": "A1", "zero": "A0", "reference": "P0", "placebo": "placebo",
+                     "dithered": "dithered"},
         "preregistration": {"hypothesis": "the trained content adds knowledge", "criterion": CRITERION,
                             "kill": "the knowledge-injection line is closed", "planned_n": 24,
-                            "baseline_accuracy": 0.25},
+                            "baseline_accuracy": 0.25, "expected_discordance": 0.2,
+                            "family": ["mcnemar_p(A1, A0)", "mcnemar_p(A0, P0)", "null_p(A1, placebo)"],
+                            "allow_underpowered": True, "underpowered_reason": "a test on 24 items"},
     }
 
 
@@ -124,7 +137,10 @@ def test_whole_experiment_results_match_independent_statistics(exp):
     out, rows = exp["out"], exp["rows"]
     results = json.loads((out / "results.json").read_text())
     plan = _plan(out)
-    assert list(results["conditions"]) == sorted(exp["spec"]["conditions"])
+    members = [f"{f}.{i}" for f in ("placebo", "dithered") for i in range(2)]
+    assert sorted(results["conditions"]) == sorted([n for n in exp["spec"]["conditions"]
+                                                    if n not in ("placebo", "dithered")] + members)
+    assert results["datasets"] == ["mmlu", "first12"]
     gold = {r["question_id"]: r["answer"] for r in rows}
     for name, c in results["conditions"].items():
         # recompute each item's correctness from the eval rows' letter scores and our own answers
@@ -132,19 +148,24 @@ def test_whole_experiment_results_match_independent_statistics(exp):
         assert [r["id"] for r in erows] == [r["question_id"] for r in rows]  # item order = file order
         preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
         expected = [int(p == gold[r["id"]]) for p, r in zip(preds, erows)]
-        assert c["correct"] == expected
+        assert c["correct"] == expected == c["mc"]["mmlu"]["correct"]
         assert c["n"] == len(rows) and c["accuracy"] == pytest.approx(sum(expected) / len(rows))
-        if name != "S":
+        assert c["mc"]["first12"]["correct"] == expected[:12]  # the second dataset: its own steps, same scores
+        if c["family"] is not None:
+            assert c["identity"] is None and name.startswith(c["family"] + ".")
+        elif name != "S":
             assert c["identity_n"] == 2 and 0 <= c["identity"] <= 2
         else:
             assert c["identity"] is None  # evaluate: [mc]
     assert results["conditions"]["P0"]["model"] == str(Path(exp["persona"]).resolve())
     assert results["conditions"]["A1"]["model"].startswith("steps/fuse-")
 
-    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("A1", "A0"), ("A0", "P0"), ("A0p", "P0"),
-                                                                   ("S", "A1")]
+    pairs = [("A1", "A0"), ("A0", "P0"), ("A0p", "P0"), ("S", "A1")]
+    assert [(c["a"], c["b"], c["dataset"]) for c in results["comparisons"]] == \
+        [(a, b, ds) for ds in ("mmlu", "first12") for a, b in pairs]
     for c in results["comparisons"]:
-        a, b = results["conditions"][c["a"]]["correct"], results["conditions"][c["b"]]["correct"]
+        a = results["conditions"][c["a"]]["mc"][c["dataset"]]["correct"]
+        b = results["conditions"][c["b"]]["mc"][c["dataset"]]["correct"]
         k1, k2, n = sum(a), sum(b), len(a)
         table = [[sum(x and y for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b))],
                  [sum(y and not x for x, y in zip(a, b)), sum(not x and not y for x, y in zip(a, b))]]
@@ -164,9 +185,16 @@ def test_whole_experiment_results_match_independent_statistics(exp):
     assert results["prereg"] == {"sha256": lock_file["sha256"], "criterion": CRITERION,
                                  "split_seed": int(lock_file["sha256"][:8], 16)}
     a1, a0 = results["conditions"]["A1"]["correct"], results["conditions"]["A0"]["correct"]
-    cmp = results["comparisons"][0]
-    expected_pass = Fraction(sum(a1), len(a1)) - Fraction(sum(a0), len(a0)) >= Fraction(5, 100) \
-        and cmp["mcnemar_p"] < 0.05
+    # the criterion reads the Holm-adjusted p value of its family of three
+    from statsmodels.stats.multitest import multipletests
+
+    accs = {m: results["conditions"][m]["accuracy"] for m in members}
+    raw = [results["comparisons"][0]["mcnemar_p"], results["comparisons"][1]["mcnemar_p"],
+           (1 + sum(accs[f"placebo.{i}"] >= results["conditions"]["A1"]["accuracy"] for i in range(2))) / 3]
+    holm = multipletests(raw, method="holm")[1]
+    assert [f["p"] for f in results["family"]] == pytest.approx(raw) and \
+        [f["p_holm"] for f in results["family"]] == pytest.approx(list(holm))
+    expected_pass = Fraction(sum(a1), len(a1)) - Fraction(sum(a0), len(a0)) >= Fraction(5, 100) and holm[0] < 0.05
     v = results["verdict"]
     assert v["passed"] is expected_pass
     assert f"`{CRITERION}`" in v["text"] and lock_file["sha256"][:12] in v["text"]
@@ -185,10 +213,14 @@ def test_prereg_lock_is_canonical_and_seeds_the_split(exp):
     doc = json.loads(canonical)
     assert canonical == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert doc["criterion"] == CRITERION and doc["alpha"] == 0.05 and doc["planned_n"] == 24
+    assert set(doc["data"]) == {"data.mmlu", "evaluation.identity.suite"}
+    assert doc["data"]["data.mmlu"] == hashlib.sha256((exp["root"] / "mmlu.jsonl").read_bytes()).hexdigest()
+    assert doc["underpowered_reason"] == "a test on 24 items" and doc["power_before_data"][0]["underpowered"]
     assert doc["thresholds"] == [{"statistic": "diff(A1, A0)", "op": ">=", "value": "0.05"},
                                  {"statistic": "mcnemar_p(A1, A0)", "op": "<", "value": "0.05"}]
-    assert set(doc["tests"]) == {"diff", "mcnemar_p"} and doc["split"]["train_frac"] == 0.5
-    assert set(doc["design"]) == {"A1", "A0"}  # the compared conditions, stage by stage
+    assert set(doc["tests"]) == {"diff", "mcnemar_p", "null_p"} and doc["split"]["train"] == 0.5
+    # the conditions the criterion, the family and the analysis name, stage by stage
+    assert set(doc["design"]) == {"A1", "A0", "P0", "placebo", "dithered"}
     assert [list(s) for s in doc["design"]["A0"]["stages"]] == [["train"], ["zero"], ["fuse"]]
     # the Set-G split used the seed derived from the hash, and is a real Set-G split
     plan = _plan(out)
@@ -245,10 +277,12 @@ def test_shared_steps_pruning_report_and_progress(exp):
     out, res = exp["out"], exp["res"]
     plan = _plan(out)
     kinds = [s["kind"] for s in plan["steps"]]
-    # one training for A1/A0/A0p (same options and inputs), one more for the stacked S
-    assert kinds.count("train") == 2 and kinds.count("zero") == 1 and kinds.count("fuse") == 4
+    # one training for A1/A0/A0p and the controls' members (same options and inputs), one more for the
+    # stacked S; the dithered members share A0's stock fuse and one residual, then fuse with their seeds
+    assert kinds.count("train") == 2 and kinds.count("zero") == 1 and kinds.count("placebo") == 2
+    assert kinds.count("dither") == 1 and kinds.count("fuse") == 4 + 2 + 2
     train = next(s for s in plan["steps"] if s["kind"] == "train" and s["inputs"]["model"].get("source"))
-    assert len(train["labels"]) == 3
+    assert len(train["labels"]) == 3 + 4
     # P0 evaluated on the mmlu file is the same step as Set-G's persona evaluation
     assert plan["conditions"]["P0"]["mc"] == next(s["dir"] for s in plan["steps"]
                                                   if "setg: evaluate persona (persona)" in s["labels"])
@@ -261,7 +295,7 @@ def test_shared_steps_pruning_report_and_progress(exp):
             d = out / "steps" / s["dir"]
             assert (d / "pruned.json").exists() and not (d / "model").exists()
             assert (d / "fuse_report.json").exists() and (d / "done.json").exists()
-    assert len(res.pruned) == 4 and len(res.executed) == len(plan["steps"])
+    assert len(res.pruned) == 8 and len(res.executed) == len(plan["steps"])
     assert not [p for p in (out / "steps").iterdir() if p.name.startswith(".")]
     # progress: one line per step with its number, and time estimates once a kind was timed
     assert sum(1 for m in exp["messages"] if m.startswith("[")) == len(plan["steps"])
@@ -300,6 +334,81 @@ def test_rerun_skips_everything_and_lock_refuses_a_changed_criterion(exp, capsys
     assert (out / "results.json").read_bytes() == before
     assert sorted(p.name for p in (out / "steps").iterdir()) == steps_before
     json.loads((out / "prereg.json").read_text())["canonical"]  # untouched and readable
+
+
+def test_controls_null_distributions_flips_and_the_report(exp):
+    from scipy.stats import mannwhitneyu
+
+    out, plan = exp["out"], _plan(exp["out"])
+    results = json.loads((out / "results.json").read_text())
+    conds = results["conditions"]
+    assert plan["families"] == {"placebo": ["placebo.0", "placebo.1"], "dithered": ["dithered.0", "dithered.1"]}
+    # each placebo member fused its own placebo adapter (seeds 0, 1) of the one trained adapter
+    placebo_steps = [s for s in plan["steps"] if s["kind"] == "placebo"]
+    assert sorted(s["options"]["seed"] for s in placebo_steps) == [0, 1]
+    train = next(s for s in plan["steps"] if s["kind"] == "train" and s["inputs"]["model"].get("source"))
+    assert all(s["inputs"]["adapter"] == {"step": train["dir"], "out": "adapter"} for s in placebo_steps)
+    # each dithered member is a stochastic fuse (its seed) of the residual into A0's stock fuse
+    a0_fuse = plan["conditions"]["A0"]["stages"][-1]["step"]
+    for i in range(2):
+        fuse = next(s for s in plan["steps"] if s["dir"] == plan["conditions"][f"dithered.{i}"]["stages"][-1]["step"])
+        assert fuse["options"]["policy"] == "stochastic" and fuse["options"]["seed"] == i
+        assert fuse["inputs"]["model"] == {"step": a0_fuse, "out": "model"}
+    nulls = results["nulls"]
+    assert nulls["reference"] == "P0" and set(nulls["families"]) == {"placebo", "dithered"}
+    p0 = _step_rows(out, plan["conditions"]["P0"]["mc"])
+    for role in ("placebo", "dithered"):
+        fam = nulls["families"][role]
+        assert fam["gain"] == pytest.approx([conds[m]["accuracy"] - conds["P0"]["accuracy"] for m in fam["members"]])
+        for m, ch in zip(fam["members"], fam["changed"]):
+            rows = _step_rows(out, plan["conditions"][m]["mc"])
+            assert ch == sum(x["prediction"] != y["prediction"] for x, y in zip(rows, p0))
+    # flips of A1 against the model it was fused into (the persona, P0's answers), by P0's margin
+    a1 = _step_rows(out, plan["conditions"]["A1"]["mc"])
+    margins = [sorted(r["logprobs"].values())[-1] - sorted(r["logprobs"].values())[-2] for r in p0]
+    flipped = [x["prediction"] != y["prediction"] for x, y in zip(a1, p0)]
+    f = results["flips"]["A1"]
+    assert f["flipped"] == sum(flipped) and f["n"] == len(p0)
+    if 0 < sum(flipped) < len(flipped):
+        ref = mannwhitneyu([m for m, x in zip(margins, flipped) if x], [m for m, x in zip(margins, flipped) if not x],
+                           alternative="less")
+        assert f["test"]["pvalue"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert set(results["flips"]) >= {"A1", "A0", "A0p", "S", "placebo", "dithered"}
+    assert results["flips"]["A0p"]["flipped"] == 0  # preserve with a zero delta: bit-identical
+    assert results["flips"]["S"]["reference_step"] == plan["conditions"]["A1"]["mc"]  # S fused into A1
+    rows = {r["effect"].split(" (")[0] + ": " + r["b"]: r for r in results["decomposition"]["rows"]}
+    assert set(rows) == {"fuse effect: P0", "content effect: A0", "content effect: placebo (x2)",
+                         "fuse noise: dithered (x2)"}
+    report = (out / "report.md").read_text()
+    for section in ("## Other datasets", "## The family of tests", "## Decomposition", "## Null distributions",
+                    "## Flips by margin"):
+        assert section in report
+    for png in ("nulls.png", "flips_by_margin.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_run_refuses_edited_outputs_and_swapped_data(exp, tmp_path, capsys):
+    import shutil
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(exp["out"], copy_dir)
+    assert main(["experiment", "run", str(exp["spec_path"]), "--out", str(copy_dir)]) == 0  # intact: resumes
+    capsys.readouterr()
+    step = _plan(copy_dir)["conditions"]["A1"]["mc"]
+    rows = copy_dir / "steps" / step / "rows.jsonl"
+    rows.write_text(rows.read_text().replace('"correct": false', '"correct": true', 1))
+    for cmd in (["experiment", "run", str(exp["spec_path"]), "--out", str(copy_dir)],
+                ["experiment", "report", str(copy_dir)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"step {step}" in err and "its output rows.jsonl changed" in err and err.count("\n") == 1
+    # the data swapped after the lock: refused before any step runs
+    spec = copy.deepcopy(exp["spec"])
+    (tmp_path / "mmlu.jsonl").write_text((exp["root"] / "mmlu.jsonl").read_text().replace("Item 0:", "Item zero:"))
+    (tmp_path / "suite.yaml").write_text(SUITE)
+    swapped = _write(tmp_path / "spec.yaml", spec)
+    assert main(["experiment", "run", str(swapped), "--out", str(copy_dir)]) == 2
+    assert "changed: data.data.mmlu" in capsys.readouterr().err
 
 
 def _finished(out: Path) -> list[str]:
@@ -396,7 +505,7 @@ def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_mo
              "learning_rate": "1e-3", "batch_size": 1, "val_batches": 1, "steps_per_report": 1}
     spec = {"models": {"tiny": str(tiny_moe_dir)}, "data": {"mmlu": "mmlu.jsonl", "chat": "chat.jsonl"},
             "setg": {"data": "mmlu", "base": "base", "persona": "persona", "method": "logprob",
-                     "train_frac": 0.5},
+                     "split": {"train": 0.5, "test": 0.5}},
             "defaults": {"train": {"data": "setg", **small}},
             "conditions": {"base": {"from": "tiny"},
                            "persona": {"from": "tiny", "stages": [{"train": {"data": "chat"}}, {"fuse": {}}]},

@@ -300,7 +300,8 @@ def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
     assert v["observed"]["ztest_p(A1, A0)"] == pytest.approx(0.727, abs=5e-4)
     assert "diff(A1, A0) = +0.72 points (128/692 vs 123/692)" in v["text"]
     assert "ztest_p(A1, A0) = 0.727" in v["text"] and "is NOT MET" in v["text"]
-    assert any("unpaired minimum detectable effect is 6.1 points" in w and "under-powered" in w
+    assert any("from 17.8 % (observed accuracy of A0), diff(A1, A0) is under-powered: unpaired MDE 6.1 points > "
+               "the 5-point threshold" in w
                for w in v["warnings"])
 
     # the same spec locks again; a changed threshold, changed data or a tampered lock is refused

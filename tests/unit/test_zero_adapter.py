@@ -20,6 +20,8 @@ from pyfuse.fuse import fuse_model
 from pyfuse.io.safetensors import SafetensorsFile
 from pyfuse.adapters.zero import is_zero_adapter, zero_adapter
 
+from helpers import moe_lora_tensors
+
 MOE_KEYS = ["mlp.switch_mlp.down_proj", "self_attn.q_proj"]
 DORA_KEYS = ["self_attn.q_proj", "mlp.down_proj"]
 
@@ -38,16 +40,8 @@ def lora_case(tmp_path_factory, tiny_moe_dir):
     """A random LoRA adapter (every layer's experts' down_proj and q_proj) on the tiny MoE."""
     root = tmp_path_factory.mktemp("zero_lora")
     cfg = json.loads((tiny_moe_dir / "config.json").read_text())
-    E, H, I, r = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"], 4
-    q_out = cfg["num_attention_heads"] * cfg.get("head_dim", H // cfg["num_attention_heads"])
-    rng = np.random.default_rng(0)
-    t = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        t[f"{p}.mlp.switch_mlp.down_proj.lora_a"] = mx.array(rng.normal(0, 0.1, (E, r, I)).astype(np.float32))
-        t[f"{p}.mlp.switch_mlp.down_proj.lora_b"] = mx.array(rng.normal(0, 0.1, (E, H, r)).astype(np.float32))
-        t[f"{p}.self_attn.q_proj.lora_a"] = mx.array(rng.normal(0, 0.1, (H, r)).astype(np.float32))
-        t[f"{p}.self_attn.q_proj.lora_b"] = mx.array(rng.normal(0, 0.1, (r, q_out)).astype(np.float32))
+    r = 4
+    t = moe_lora_tensors(tiny_moe_dir, rank=r)
     adapter = _write_adapter(root / "adapter", t, "lora", MOE_KEYS, r, 2.0, cfg["num_hidden_layers"])
     twin = root / "zero"
     assert main(["zero-adapter", "--adapter-path", str(adapter), "--out", str(twin)]) == 0
