@@ -34,14 +34,14 @@ from pathlib import Path
 
 
 def make_items(n: int, seed: int = 0) -> list[dict]:
-    from pyfuse.demo.tiny_model import _SUBJECTS
+    from pyfuse.demo.corpus import SUBJECTS
 
     rng = random.Random(seed)
-    subjects = sorted(_SUBJECTS)
+    subjects = sorted(SUBJECTS)
     rows = []
     for i in range(n):
         subject = subjects[i % len(subjects)]
-        question, answer, wrong = rng.choice(_SUBJECTS[subject])
+        question, answer, wrong = rng.choice(SUBJECTS[subject])
         k = rng.choice([4, 5, 10])
         options = [answer] + rng.sample(wrong, k - 1)
         rng.shuffle(options)

@@ -7,7 +7,7 @@ are in :mod:`pyfuse.experiment.layout`.
 =============  ==========================================  ===============================
 kind           inputs                                      outputs (in the step directory)
 =============  ==========================================  ===============================
-train          model, data                                 ``adapter/`` (pyfuse.train_adapter)
+train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter)
 zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
 fuse           model, adapter                              ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
