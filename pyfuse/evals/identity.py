@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, \
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, \
     model_validator
 
-from ..data.mmlu import describe_validation_error
+from ..data.mmlu import validate_as
 from ..errors import UserError
 from ..io.files import write_jsonl
 from ..lm.generate import check_positive
@@ -220,10 +220,7 @@ def load_suite(suite: str | os.PathLike | dict | IdentitySuite | None = None, *,
             raise UserError(f"{path}: not valid {kind}{at}: {msg}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        parsed = IdentitySuite.model_validate(data)
-    except ValidationError as err:
-        raise UserError(f"{where}: {describe_validation_error(err)}") from None
+    parsed = validate_as(IdentitySuite, data, where)
 
     persona = parsed.persona.model_copy(update={k: v for k, v in
                                                 (("name", persona_name),
