@@ -108,14 +108,16 @@ def write_adapter_dir(path: Path, tensors: dict, *, keys, rank: int, scale: floa
                       fine_tune_type: str = "lora") -> Path:
     """An mlx-lm adapter directory (``adapters.safetensors`` with the given
     ``{name: array}`` and ``adapter_config.json``), as ``mlx_lm lora``
-    lays it out."""
+    lays it out. ``keys=None``: no ``keys`` entry (mlx-lm's default modules)."""
     import mlx.core as mx
 
     path = Path(path)
     path.mkdir(parents=True)
+    params = {"rank": rank, "scale": scale, "dropout": 0.0}
+    if keys is not None:
+        params["keys"] = list(keys)
     (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": fine_tune_type, "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}}, indent=2))
+        "fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params}, indent=2))
     mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
     return path
 
@@ -155,13 +157,8 @@ def make_adapter(model_dir, out, *, keys=None, num_layers=2, rank=4, scale=20.0,
         if k.endswith(".m"):
             weights[k] = weights[k] * (1 + m_jitter * mx.random.normal(weights[k].shape))
     weights = {k: v for k, v in weights.items() if not any(d in k for d in drop)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "dora" if dora else "lora", "num_layers": num_layers,
-         "lora_parameters": params}, indent=4))
-    return out
+    return write_adapter_dir(out, weights, keys=keys, rank=rank, scale=scale, num_layers=num_layers,
+                             fine_tune_type="dora" if dora else "lora")
 
 
 def mlx_fuse(model, adapter, out, *extra) -> Path:
