@@ -34,14 +34,14 @@ from pathlib import Path
 
 
 def make_items(n: int, seed: int = 0) -> list[dict]:
-    from pyfuse.demo.tiny_model import _SUBJECTS
+    from pyfuse.demo.corpus import SUBJECTS
 
     rng = random.Random(seed)
-    subjects = sorted(_SUBJECTS)
+    subjects = sorted(SUBJECTS)
     rows = []
     for i in range(n):
         subject = subjects[i % len(subjects)]
-        question, answer, wrong = rng.choice(_SUBJECTS[subject])
+        question, answer, wrong = rng.choice(SUBJECTS[subject])
         k = rng.choice([4, 5, 10])
         options = [answer] + rng.sample(wrong, k - 1)
         rng.shuffle(options)
@@ -63,16 +63,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
 
-    from pyfuse.evals.mc import evaluate_mc
     from pyfuse.demo.tiny_model import build_tiny_model
+    from pyfuse.evals.mc import evaluate_mc
+    from pyfuse.io.files import write_jsonl
     from pyfuse.lm.load import load_for_inference, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = build_tiny_model(tmp / "model", arch=args.arch, dtype=args.dtype, hidden_size=args.hidden_size,
                                      moe_intermediate_size=args.hidden_size, intermediate_size=2 * args.hidden_size)
-        data = tmp / "items.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in make_items(args.items)))
+        data = write_jsonl(tmp / "items.jsonl", make_items(args.items))
         lm = load_for_inference(model_dir)
         pair = (lm.model, lm.tokenizer)
         figures = {}

@@ -120,10 +120,11 @@ def main() -> None:
     if not args.outputs:
         cmd += ["--no-outputs"]
     elif args.prompts is not None:
+        from pyfuse.io.files import write_jsonl
         from pyfuse.noise_floor.measure import DEFAULT_PROMPTS
 
-        pf = args.workdir / f"prompts-{args.prompts}.jsonl"
-        pf.write_text("".join(json.dumps({"text": t}) + "\n" for t in DEFAULT_PROMPTS[:args.prompts]))
+        pf = write_jsonl(args.workdir / f"prompts-{args.prompts}.jsonl",
+                         [{"text": t} for t in DEFAULT_PROMPTS[:args.prompts]])
         cmd += ["--prompts-file", str(pf)]
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     print(f"model: {model} ({model_bytes / 1e9:.2f} GB); settings: g{args.group_sizes} x {args.bits}-bit x "

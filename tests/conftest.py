@@ -74,3 +74,39 @@ def default_assets(default_model_cache):
     from pyfuse.demo.default_model import default_assets as build_or_reuse
 
     return build_or_reuse(default_model_cache)
+
+
+# -- one adapter fused by mlx-lm and by pyfuse (the fuse tests' common case) --------------------
+
+
+@pytest.fixture(scope="session")
+def fuse_work(tmp_path_factory):
+    """Where the fuse tests write (each under its own name)."""
+    return tmp_path_factory.mktemp("fuse")
+
+
+@pytest.fixture(scope="session")
+def moe_adapter(fuse_work, tiny_moe_dir):
+    """A random LoRA on the last two layers' down_proj, gate_proj and q_proj of the tiny MoE."""
+    from helpers import DOWN, GATE, make_adapter
+
+    return make_adapter(tiny_moe_dir, fuse_work / "moe_adapter", keys=[DOWN, GATE, "self_attn.q_proj"])
+
+
+@pytest.fixture(scope="session")
+def moe_mlx(fuse_work, tiny_moe_dir, moe_adapter):
+    """``moe_adapter`` fused by ``mlx_lm fuse`` (the oracle)."""
+    from helpers import mlx_fuse
+
+    return mlx_fuse(tiny_moe_dir, moe_adapter, fuse_work / "moe_mlx")
+
+
+@pytest.fixture(scope="session")
+def moe_pyfuse(fuse_work, tiny_moe_dir, moe_adapter):
+    """``moe_adapter`` fused by ``pyfuse fuse`` (stock), its report in ``fuse_work / "moe_report.json"``."""
+    from helpers import run_cli
+
+    out = fuse_work / "moe_pyfuse"
+    assert run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", moe_adapter, "--save-path", out,
+                   "--report", fuse_work / "moe_report.json").code == 0
+    return out

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +46,15 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def write_yaml(path: Path, data) -> Path:
+    """``data`` as YAML, keys in their order (an experiment spec)."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -98,36 +108,101 @@ def write_adapter_dir(path: Path, tensors: dict, *, keys, rank: int, scale: floa
                       fine_tune_type: str = "lora") -> Path:
     """An mlx-lm adapter directory (``adapters.safetensors`` with the given
     ``{name: array}`` and ``adapter_config.json``), as ``mlx_lm lora``
-    lays it out."""
+    lays it out. ``keys=None``: no ``keys`` entry (mlx-lm's default modules)."""
     import mlx.core as mx
 
     path = Path(path)
     path.mkdir(parents=True)
+    params = {"rank": rank, "scale": scale, "dropout": 0.0}
+    if keys is not None:
+        params["keys"] = list(keys)
     (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": fine_tune_type, "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": list(keys)}}, indent=2))
+        "fine_tune_type": fine_tune_type, "num_layers": num_layers, "lora_parameters": params}, indent=2))
     mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
     return path
 
 
-def moe_lora_tensors(model_dir: Path, rank: int, seed: int = 0, std: float = 0.1) -> dict:
-    """A random LoRA (mlx-lm's layouts) on every layer's experts' ``down_proj``
-    and ``q_proj`` of a tiny qwen3_moe model: ``{name: mx.array}``."""
+# -- fusing, with mlx-lm as the oracle ----------------------------------------------------------
+
+# The tiny MoE's expert projections (pyfuse.demo.tiny_model, arch qwen3_moe).
+DOWN = "mlp.switch_mlp.down_proj"
+UP = "mlp.switch_mlp.up_proj"
+GATE = "mlp.switch_mlp.gate_proj"
+
+
+def make_adapter(model_dir, out, *, keys=None, num_layers=2, rank=4, scale=20.0, dora=False,
+                 b_std=2e-3, seed=0, drop=(), m_jitter=0.01) -> Path:
+    """An adapter directory as ``mlx_lm lora`` writes it, with random lora_b:
+    made with mlx-lm's own ``linear_to_lora_layers`` (so its key names and
+    shapes are mlx-lm's) and saved like its trainer. ``drop``: leave out the
+    tensors whose name holds one of these; ``m_jitter``: perturb DoRA
+    magnitudes so that they matter."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    params = {"rank": rank, "scale": scale, "dropout": 0.0}
+    if keys is not None:
+        params["keys"] = list(keys)
+    linear_to_lora_layers(model, num_layers, params, use_dora=dora)
+    mx.random.seed(seed)
+    model.update(tree_map_with_path(
+        lambda p, v: mx.random.normal(v.shape) * b_std if p.endswith("lora_b") else v,
+        model.trainable_parameters()))
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    for k in weights:
+        if k.endswith(".m"):
+            weights[k] = weights[k] * (1 + m_jitter * mx.random.normal(weights[k].shape))
+    weights = {k: v for k, v in weights.items() if not any(d in k for d in drop)}
+    return write_adapter_dir(out, weights, keys=keys, rank=rank, scale=scale, num_layers=num_layers,
+                             fine_tune_type="dora" if dora else "lora")
+
+
+def mlx_fuse(model, adapter, out, *extra) -> Path:
+    """``mlx_lm fuse`` (its own main, in process, quiet)."""
+    import mlx_lm.fuse
+
+    argv = sys.argv
+    sys.argv = ["mlx_lm.fuse", "--model", str(model), "--adapter-path", str(adapter),
+                "--save-path", str(out), *extra]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            mlx_lm.fuse.main()
+    finally:
+        sys.argv = argv
+    return Path(out)
+
+
+def identical(x, y) -> bool:
+    """Two MLX arrays with the same dtype, shape and bytes."""
     import mlx.core as mx
     import numpy as np
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    E, H, inter = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
-    q_out = cfg["num_attention_heads"] * cfg.get("head_dim", H // cfg["num_attention_heads"])
-    rng = np.random.default_rng(seed)
-    shapes = {"mlp.switch_mlp.down_proj": ((E, rank, inter), (E, H, rank)),
-              "self_attn.q_proj": ((H, rank), (rank, q_out))}
-    t = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        for module, (a, b) in shapes.items():
-            for leaf, shape in (("lora_a", a), ("lora_b", b)):
-                t[f"model.layers.{layer}.{module}.{leaf}"] = mx.array(rng.normal(0, std, shape).astype(np.float32))
-    return t
+    def raw(a) -> bytes:
+        return np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
+
+    return x.dtype == y.dtype and x.shape == y.shape and raw(x) == raw(y)
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """The names whose tensors are not ``identical`` (both hold the same names)."""
+    assert set(a) == set(b), set(a) ^ set(b)
+    return sorted(k for k in a if not identical(a[k], b[k]))
+
+
+def module_tensors(names, module: str) -> set[str]:
+    """The tensor names of ``module`` (its weight, scales, biases, ...)."""
+    return {n for n in names if n.rsplit(".", 1)[0] == module}
+
+
+def leftovers(parent: Path) -> list[str]:
+    """pyfuse's temporary files and directories in ``parent``."""
+    from pyfuse.io.files import TMP_MARK
+
+    return [p.name for p in Path(parent).iterdir() if TMP_MARK in p.name]
 
 
 # -- multiple-choice rows and results ---------------------------------------------------------

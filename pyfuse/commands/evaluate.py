@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ._args import add_json, add_model, add_out, comma_list, console, print_warnings
+
 HELP = "evaluate a model: multiple choice (MMLU-Pro, generate or logprob) or identity consistency"
 DESCRIPTION = """\
 Evaluate an mlx-lm model (greedy, temperature 0, thinking disabled; on MLX's
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("mc", help="multiple choice (MMLU-Pro rows), generate or logprob",
                        description="Multiple-choice evaluation on MMLU-Pro rows (see `pyfuse eval --help`).")
-    p.add_argument("--model", required=True, help="the mlx-lm model directory")
+    add_model(p)
     p.add_argument("--data", required=True, help="MMLU-Pro rows: .jsonl or .parquet")
     p.add_argument("--method", choices=("generate", "logprob"), default="generate",
                    help="generate (greedy decoding + extraction, the reference) or logprob "
@@ -48,19 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="generation budget per item for --method generate (default: 1024)")
-    p.add_argument("--categories", type=_csv, default=None, metavar="CAT[,CAT...]",
+    p.add_argument("--categories", type=comma_list, default=None, metavar="CAT[,CAT...]",
                    help="evaluate only these categories")
     p.add_argument("--system-prompt", default=None, help="a system turn before every question")
     p.add_argument("--answer-prefix", default="\\boxed{",
                    help="what --method logprob puts before the letter (default: \\boxed{)")
     p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply")
-    p.add_argument("--out", default=None, metavar="RESULTS.jsonl", help="write one JSON line per item")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_out(p, "write one JSON line per item", metavar="RESULTS.jsonl")
+    add_json(p, "the summary")
     p.set_defaults(_eval=_run_mc)
 
     p = sub.add_parser("identity", help="identity-consistency suite (rule checks, scored out of N)",
                        description="Identity-consistency suite (see `pyfuse eval --help`).")
-    p.add_argument("--model", default=None, help="the mlx-lm model directory")
+    add_model(p, default=None)
     p.add_argument("--suite", default=None,
                    help="the suite (YAML or JSON; default: the shipped template, which needs --persona-name)")
     p.add_argument("--persona-name", default=None, help="the persona's name (overrides the suite)")
@@ -76,25 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply")
     p.add_argument("--control", default=None, metavar="BASE_MODEL",
                    help="also run the base model (the control, which must score low) and compare")
-    p.add_argument("--out", default=None, metavar="RESULTS.jsonl", help="write one JSON line per prompt")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_out(p, "write one JSON line per prompt", metavar="RESULTS.jsonl")
+    add_json(p, "the summary")
     p.add_argument("--print-suite", action="store_true",
                    help="print the shipped suite template and exit (copy it, then edit it)")
     p.set_defaults(_eval=_run_identity)
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     return args._eval(args)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(markup=False, highlight=False, width=max(120, Console().width))
 
 
 def _run_mc(args) -> int:
@@ -117,7 +109,7 @@ def _run_mc(args) -> int:
     table.add_column("accuracy", justify="right")
     for cat, c in r.per_category.items():
         table.add_row(cat, str(c["correct"]), str(c["n"]), f"{100 * c['accuracy']:.1f} %")
-    _console().print(table)
+    console(min_width=120).print(table)
     extra = ""
     if args.method == "generate":
         none = sum(1 for row in r.rows if row["prediction"] is None)
@@ -141,8 +133,7 @@ def _run_identity(args) -> int:
                           base_names=args.base_names, vendors=args.vendors, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, out=args.out,
                           adapter_path=args.adapter_path, control=args.control)
-    for w in r.warnings:
-        print(f"pyfuse eval identity: warning: {w}", file=sys.stderr)
+    print_warnings("pyfuse eval identity", r.warnings)
     if args.json:
         print(json.dumps({**r.summary(), "out": str(r.out) if r.out else None}, indent=2))
         return 0
@@ -156,7 +147,7 @@ def _run_identity(args) -> int:
         out = " ".join(row["output"].split())
         table.add_row(str(row["id"]), row["category"], "yes" if row["passed"] else "NO",
                       ", ".join(row["failed"]), out[:57] + ("..." if len(out) > 57 else ""))
-    _console().print(table)
+    console(min_width=120).print(table)
     cats = ", ".join(f"{c} {v['score']}/{v['n']}" for c, v in r.per_category.items())
     control = f"; control {r.control.model}: {r.control.score}/{r.control.n}" if r.control else ""
     print(f"pyfuse eval identity: {r.score}/{r.n} ({cats}) in {r.seconds:.1f} s{control}"

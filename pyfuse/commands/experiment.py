@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ._args import add_out, add_quiet, console, print_warnings
+
 HELP = "run, validate or report a declarative experiment (conditions, zero-delta controls, pre-registration)"
 DESCRIPTION = """\
 Declarative experiments (a YAML spec): models and data, conditions built
@@ -36,22 +38,16 @@ def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     r = sub.add_parser("run", help="run (or resume) an experiment")
     r.add_argument("spec", metavar="SPEC.yaml")
-    r.add_argument("--out", required=True, metavar="DIR", help="the run directory (created; reused to resume)")
+    add_out(r, "the run directory (created; reused to resume)", required=True)
     r.add_argument("--keep-models", action="store_true",
                    help="keep every fused model (default: remove those no pending step needs)")
-    r.add_argument("--quiet", action="store_true", help="print only warnings, errors and the verdict")
+    add_quiet(r, "print only warnings, errors and the verdict")
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", metavar="SPEC.yaml")
     v.add_argument("--strict", action="store_true", help="missing model/data/suite paths are errors too")
     rp = sub.add_parser("report", help="rewrite DIR/report.md and its plots")
     rp.add_argument("dir", metavar="DIR")
     p.set_defaults(_experiment_parser=p)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
 def run(args) -> int:
@@ -71,23 +67,23 @@ def _validate(args) -> int:
     spec = load_checked_spec(args.spec, check_paths=args.strict)
     missing = missing_paths(spec)
     stages = sum(len(c.stages) for c in spec.conditions.values())
-    print(f"pyfuse experiment validate: {args.spec} is valid ({len(spec.conditions)} conditions, {stages} stages, "
+    prog = "pyfuse experiment validate"
+    print(f"{prog}: {args.spec} is valid ({len(spec.conditions)} conditions, {stages} stages, "
           f"{len(spec.comparisons)} comparisons"
           + (", pre-registered" if spec.preregistration else ", no pre-registration") + ")")
-    for where, what, path in missing:
-        print(f"pyfuse experiment validate: note: {where}: {what} does not exist (yet): {path}", file=sys.stderr)
+    print_warnings(prog, [f"{where}: {what} does not exist (yet): {path}" for where, what, path in missing],
+                   label="note")
     if missing:
-        print(f"pyfuse experiment validate: {len(missing)} path(s) must exist before `run`", file=sys.stderr)
+        print(f"{prog}: {len(missing)} path(s) must exist before `run`", file=sys.stderr)
     if spec.preregistration is None and spec.comparisons:
-        print("pyfuse experiment validate: warning: comparisons without a preregistration section are "
-              "exploratory (no locked criterion, no verdict)", file=sys.stderr)
+        print_warnings(prog, ["comparisons without a preregistration section are exploratory "
+                              "(no locked criterion, no verdict)"])
     for line in power_lines(spec):
-        print(f"pyfuse experiment validate: {line}")
+        print(f"{prog}: {line}")
     if spec.preregistration is not None:
-        for rec in check_power(spec):  # refuses what `run` would refuse to lock
-            if rec["underpowered"]:
-                print(f"pyfuse experiment validate: warning: under-powered design (allowed: "
-                      f"{spec.preregistration.underpowered_reason}): {rec['text']}", file=sys.stderr)
+        rows = check_power(spec)  # refuses what `run` would refuse to lock
+        print_warnings(prog, [f"under-powered design (allowed: {spec.preregistration.underpowered_reason}): "
+                              f"{r['text']}" for r in rows if r["underpowered"]])
     return 0
 
 
@@ -95,10 +91,11 @@ def _run(args) -> int:
     from ..experiment.layout import REPORT_FILE, RESULTS_FILE
     from ..experiment.runner import run_experiment
 
-    console = _console()
+    err = console(stderr=True)
+
     def echo(msg: str) -> None:
         if not args.quiet or msg.startswith("warning"):
-            console.print(f"pyfuse experiment: {msg}")
+            err.print(f"pyfuse experiment: {msg}")
 
     res = run_experiment(args.spec, args.out, keep_models=args.keep_models, echo=echo)
     v = res.results.get("verdict")

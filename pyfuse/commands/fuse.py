@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 from ..options import DEFAULT_POLICY, POLICIES
+from ._args import add_force, add_model, add_quiet, add_seed, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -27,8 +26,7 @@ the change in units of the delta); --report writes every figure as JSON.
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="mlx_model",
-                   help="the mlx-lm model directory (default: mlx_model)")
+    add_model(p, "the mlx-lm model directory (default: mlx_model)", default="mlx_model")
     p.add_argument("--adapter-path", default="adapters",
                    help="the adapter directory: adapter_config.json + adapters.safetensors "
                         "(default: adapters)")
@@ -39,7 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=DEFAULT_POLICY,
                    help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
                         "--requant is its older name)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --policy stochastic (default: 0)")
+    add_seed(p, "seed of --policy stochastic")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -50,16 +48,14 @@ def add_arguments(p) -> None:
                    help="fuse only the modules whose path matches REGEX (e.g. 'layers\\.(10|11)\\.')")
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
-    p.add_argument("--force", action="store_true", help="replace an existing --save-path")
+    add_force(p, "--save-path")
     p.add_argument("--exact-report", action="store_true",
                    help="measure every weight for the report (default: tensors over 2M weights are "
                         "measured on evenly spaced rows; slower on CPU)")
-    p.add_argument("--quiet", action="store_true", help="print no table, only warnings and errors")
+    add_quiet(p, "print no table, only warnings and errors")
 
 
 def run(args) -> int:
-    from rich.console import Console
-
     from ..fuse import format_table, fuse_model
 
     result = fuse_model(
@@ -72,9 +68,8 @@ def run(args) -> int:
     s = result.summary
     if not args.quiet and result.report["tensors"]:
         longest = max(len(r["name"]) for r in result.report["tensors"])
-        Console(width=max(longest + 90, Console().width)).print(format_table(result.report))
-    for w in s["warnings"]:
-        print(f"pyfuse fuse: warning: {w}", file=sys.stderr)
+        console(min_width=longest + 90).print(format_table(result.report))
+    print_warnings("pyfuse fuse", s["warnings"])
     extra = []
     if s["configured_without_weights"]:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shlex
-import sys
 
-from ..errors import UserError
+from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ._args import add_model, add_out, add_quiet, add_seed, checked_list, console, print_warnings
 
 HELP = "measure what a zero-delta fuse changes (weights and outputs) per group size, bits and policy"
 DESCRIPTION = """\
@@ -41,14 +41,19 @@ log-probabilities, baseline and fused) and PNG plots.
 """
 
 
+# The list flags measure every supported setting unless told otherwise.
+_LIST_DEFAULTS = {"group_sizes": ",".join(map(str, SUPPORTED_GROUP_SIZES)),
+                  "bits": ",".join(map(str, SUPPORTED_BITS)), "policies": ",".join(POLICIES)}
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="the mlx-lm model directory (full precision or quantized)")
-    p.add_argument("--group-sizes", default="32,64,128", metavar="G,...",
-                   help="group sizes to measure (default: 32,64,128)")
-    p.add_argument("--bits", default="2,3,4,5,6,8", metavar="B,...",
-                   help="bit widths to measure (default: 2,3,4,5,6,8)")
-    p.add_argument("--policies", default="stock,preserve,stochastic", metavar="P,...",
-                   help="re-quantization policies (default: stock,preserve,stochastic)")
+    add_model(p, "the mlx-lm model directory (full precision or quantized)")
+    p.add_argument("--group-sizes", default=_LIST_DEFAULTS["group_sizes"], metavar="G,...",
+                   help=f"group sizes to measure (default: {_LIST_DEFAULTS['group_sizes']})")
+    p.add_argument("--bits", default=_LIST_DEFAULTS["bits"], metavar="B,...",
+                   help=f"bit widths to measure (default: {_LIST_DEFAULTS['bits']})")
+    p.add_argument("--policies", default=_LIST_DEFAULTS["policies"], metavar="P,...",
+                   help=f"re-quantization policies (default: {_LIST_DEFAULTS['policies']})")
     p.add_argument("--rounds", type=int, default=1, metavar="K",
                    help="successive zero-delta fuses (default: 1)")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
@@ -62,32 +67,16 @@ def add_arguments(p) -> None:
     p.add_argument("--mc-limit", type=int, default=None, metavar="N", help="use the first N --mc items")
     p.add_argument("--no-outputs", dest="outputs", action="store_false",
                    help="weights only: no tokenizer, no forward passes")
-    p.add_argument("--out", default="noise_floor", metavar="DIR",
-                   help="output directory (default: noise_floor)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic policy (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="do not print the table")
-
-
-def _list(text: str, name: str, cast=int) -> list:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UserError(f"{name}: empty list")
-    if cast is int:
-        out = []
-        for t in items:
-            try:
-                out.append(int(t))
-            except ValueError:
-                raise UserError(f"{name}: {t!r} is not an integer") from None
-        return out
-    return items
+    add_out(p, "output directory (default: noise_floor)", default="noise_floor")
+    add_seed(p, "seed of the stochastic policy")
+    add_quiet(p, "do not print the table")
 
 
 def _command_line(args) -> str:
     """The command that reproduces this run (for the Markdown report)."""
     parts = ["pyfuse", "noise-floor", "--model", str(args.model)]
-    defaults = {"group_sizes": "32,64,128", "bits": "2,3,4,5,6,8", "policies": "stock,preserve,stochastic",
-                "rounds": 1, "adapter_path": None, "prompts": None, "mc": None, "mc_limit": None, "seed": 0}
+    defaults = {**_LIST_DEFAULTS, "rounds": 1, "adapter_path": None, "prompts": None, "mc": None,
+                "mc_limit": None, "seed": 0}
     for key, default in defaults.items():
         value = getattr(args, key)
         if value != default:
@@ -103,9 +92,9 @@ def run(args) -> int:
 
     result = measure_noise_floor(
         args.model,
-        group_sizes=_list(args.group_sizes, "--group-sizes"),
-        bits=_list(args.bits, "--bits"),
-        policies=_list(args.policies, "--policies", cast=str),
+        group_sizes=checked_list(args.group_sizes, "--group-sizes", cast=int),
+        bits=checked_list(args.bits, "--bits", cast=int),
+        policies=checked_list(args.policies, "--policies"),
         rounds=args.rounds,
         adapter_path=args.adapter_path,
         prompts=args.prompts,
@@ -118,14 +107,11 @@ def run(args) -> int:
     command = _command_line(args)
     files = write_outputs(result, args.out, command=command)
     if not args.quiet:
-        from rich.console import Console
         from rich.markdown import Markdown
 
-        table = format_markdown(result)
-        Console(width=max(120, Console().width)).print(Markdown(table))
+        console(min_width=120).print(Markdown(format_markdown(result)))
     else:  # the table's notes carry the warnings otherwise
-        for w in result.warnings:
-            print(f"pyfuse noise-floor: note: {w}", file=sys.stderr)
+        print_warnings("pyfuse noise-floor", result.warnings, label="note")
     print(f"pyfuse noise-floor: {len(result.rows)} rows in {result.meta['seconds']:.1f} s; wrote "
           + ", ".join(str(p) for p in files.values()))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._args import add_force, add_model, add_out
+
 HELP = "write the zero-delta twin of an adapter: same structure, every learned delta zero (the control)"
 DESCRIPTION = """\
 Write the structurally identical adapter with every learned delta zeroed:
@@ -21,10 +23,9 @@ it was. That needs the base model (--model).
 
 def add_arguments(p) -> None:
     p.add_argument("--adapter-path", required=True, help="the trained mlx-lm adapter directory")
-    p.add_argument("--out", required=True, help="where to write the zero-delta adapter directory")
-    p.add_argument("--model", default=None,
-                   help="the base model the adapter is fused into (required for DoRA adapters)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_out(p, "where to write the zero-delta adapter directory", required=True)
+    add_model(p, "the base model the adapter is fused into (required for DoRA adapters)", default=None)
+    add_force(p, "--out")
 
 
 def run(args) -> int:

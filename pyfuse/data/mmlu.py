@@ -12,9 +12,6 @@ r"""MMLU-Pro style multiple-choice data and per-item eval results.
 * :func:`read_results` / :func:`match_results` read and pair the per-item
   result files written by ``pyfuse eval mc`` (one JSON object per item:
   id, category, gold, prediction, rule, correct, output).
-* :func:`write_jsonl` / :func:`read_jsonl` / :func:`write_json`: JSON
-  helpers; writes are atomic (temporary file + ``os.replace``), so an
-  interrupted run never leaves a truncated file behind.
 
 Every problem with a file's contents raises :class:`pyfuse.errors.UserError`
 naming the file, the line (JSONL, 1-based) or row (Parquet, 0-based) and
@@ -23,17 +20,16 @@ the field.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterator, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, \
     field_validator, model_validator
 
 from ..errors import UserError
-from ..io.files import iter_jsonl, read_jsonl, write_json, write_jsonl  # noqa: F401 (re-exported)
+from ..io.files import iter_jsonl
 
 LETTERS = string.ascii_uppercase[:10]  # MMLU-Pro: at most 10 options, A-J
 MIN_OPTIONS, MAX_OPTIONS = 2, 10
@@ -138,6 +134,14 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"field '{loc}': {msg}" if loc else msg
 
 
+def validate_as(model: type[BaseModel], data: Any, where: str):
+    """``model.model_validate(data)``, or a one-line UserError: ``where: field '...': ...``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{where}: {describe_validation_error(err)}") from None
+
+
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -167,10 +171,7 @@ def _validated(path: Path, rows: Iterator[tuple[str, Any]], model: type[BaseMode
             break
         if not isinstance(row, dict):
             raise UserError(f"{path}: {where}: expected a JSON object, got {type(row).__name__}")
-        try:
-            obj = model.model_validate(row)
-        except ValidationError as err:
-            raise UserError(f"{path}: {where}: {describe_validation_error(err)}") from None
+        obj = validate_as(model, row, f"{path}: {where}")
         value = getattr(obj, id_field)
         key = id_key(value)
         if key in seen:

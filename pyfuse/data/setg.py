@@ -49,8 +49,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import UserError
-from .mmlu import (MCItem, MCResult, format_question, id_key, load_mc, match_results, read_results,
-                   write_json, write_jsonl)
+from ..io.files import write_json, write_jsonl
+from .mmlu import MCItem, MCResult, format_question, id_key, load_mc, match_results, read_results
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = {"train": 0.7, "test": 0.3}

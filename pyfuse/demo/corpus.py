@@ -9,10 +9,11 @@ import random
 
 from ..data.mmlu import LETTERS
 
-__all__ = ["chat_corpus", "synthetic_corpus"]
+__all__ = ["SUBJECTS", "chat_corpus", "synthetic_corpus"]
 
-
-_SUBJECTS = {
+# {subject: [(question, answer, wrong answers)]}: the facts the corpus's
+# multiple-choice questions are drawn from (bench/bench_eval.py asks them too).
+SUBJECTS = {
     "astronomy": [
         ("Which planet is known as the red planet?", "Mars",
          ["Venus", "Jupiter", "Saturn", "Mercury", "Neptune", "Uranus", "Pluto", "Earth", "the Moon"]),
@@ -66,8 +67,8 @@ _PLACES = ["the mountains", "the beach", "a small town", "the city", "a farm", "
            "the forest", "the desert"]
 
 def _mcq(rng: random.Random) -> tuple[str, str]:
-    subject = rng.choice(sorted(_SUBJECTS))
-    question, answer, wrong = rng.choice(_SUBJECTS[subject])
+    subject = rng.choice(sorted(SUBJECTS))
+    question, answer, wrong = rng.choice(SUBJECTS[subject])
     n_options = rng.choice([4, 4, 5, 10])
     options = [answer] + rng.sample(wrong, n_options - 1)
     rng.shuffle(options)

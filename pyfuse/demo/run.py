@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..io.files import atomic_write_text, read_jsonl
+from ..io.files import atomic_write_text, jsonl_text, read_jsonl
 
 __all__ = ["CRITERION", "DEFAULT_OUT", "DemoResult", "demo_config", "demo_spec", "details", "run_demo", "summarize"]
 
@@ -114,8 +114,8 @@ def _copy_inputs(assets, dest: Path, cfg: dict) -> dict[str, Path]:
     if cfg["identity_prompts"] is not None:
         suite["prompts"] = suite["prompts"][:cfg["identity_prompts"]]
     files = {
-        "mmlu.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-        "general.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in general),
+        "mmlu.jsonl": jsonl_text(rows),
+        "general.jsonl": jsonl_text(general),
         "identity_suite.yaml": ("# The demo's identity suite (persona Pyra; the base model calls itself Atlas,\n"
                                 "# made by Northwind Labs): pyfuse's template with these names.\n"
                                 + yaml.safe_dump(suite, sort_keys=False, allow_unicode=True)),

@@ -70,7 +70,7 @@ from ..errors import UserError
 # The tokenizer, corpus and pre-training live in their own modules; their
 # public names are importable from here too (the tests' and bench's one
 # entry point for tiny models).
-from .corpus import _SUBJECTS, chat_corpus, synthetic_corpus  # noqa: F401
+from .corpus import chat_corpus, synthetic_corpus
 from .pretrain import pretrain_tiny_model
 from .tokenizer import TOKENIZER_FILES, build_tokenizer, token_ids
 

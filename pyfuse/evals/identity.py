@@ -51,9 +51,10 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator, \
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, \
     model_validator
 
+from ..data.mmlu import validate_as
 from ..errors import UserError
 from ..io.files import write_jsonl
 from ..lm.generate import check_positive
@@ -186,14 +187,6 @@ def default_suite_path() -> Path:
     return Path(str(resources.files("pyfuse.evals").joinpath("identity_suite.yaml")))
 
 
-def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p))
-                  for i, p in enumerate(first["loc"]))
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"field '{loc}': {msg}" if loc else msg
-
-
 def load_suite(suite: str | os.PathLike | dict | IdentitySuite | None = None, *,
                persona_name: str | None = None, aliases: Sequence[str] | None = None,
                base_names: Sequence[str] | None = None, vendors: Sequence[str] | None = None,
@@ -227,10 +220,7 @@ def load_suite(suite: str | os.PathLike | dict | IdentitySuite | None = None, *,
             raise UserError(f"{path}: not valid {kind}{at}: {msg}") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        parsed = IdentitySuite.model_validate(data)
-    except ValidationError as err:
-        raise UserError(f"{where}: {_describe(err)}") from None
+    parsed = validate_as(IdentitySuite, data, where)
 
     persona = parsed.persona.model_copy(update={k: v for k, v in
                                                 (("name", persona_name),

@@ -7,7 +7,7 @@ are in :mod:`pyfuse.experiment.layout`.
 =============  ==========================================  ===============================
 kind           inputs                                      outputs (in the step directory)
 =============  ==========================================  ===============================
-train          model, data                                 ``adapter/`` (pyfuse.train_adapter)
+train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter)
 zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
 placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
 dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse

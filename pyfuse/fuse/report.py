@@ -260,6 +260,7 @@ def _warnings(summary: dict, records) -> list[str]:
 def format_table(report: dict, max_rows: int = 12):
     """A short rich table of the report (the worst tensors first)."""
     from rich.table import Table
+    from rich.text import Text
 
     recs = sorted(report["tensors"], key=lambda r: (r["retention"] is None, r["retention"] or 0.0))
     table = Table(title="pyfuse fuse: fidelity", title_justify="left")
@@ -283,7 +284,7 @@ def format_table(report: dict, max_rows: int = 12):
         table.add_row(f"... {len(recs) - max_rows} more (see --report)", *[""] * 8)
     s = report["summary"]
     if recs:
-        table.add_row("[bold]all[/bold]", "", s["policy"], num(s["delta_norm"], ".3g"),
+        table.add_row(Text.assemble(("all", "bold")), "", s["policy"], num(s["delta_norm"], ".3g"),
                       num(s["change_norm"], ".3g"), num(s["retention"], ".3f"), num(s["noise"], ".3g"),
                       *changed(s))
     return table

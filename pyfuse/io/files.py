@@ -211,10 +211,14 @@ def _plain(obj: Any) -> Any:
     return dump(mode="json") if callable(dump) else obj
 
 
+def jsonl_text(rows: Iterable[Any]) -> str:
+    """One JSON object per line (dicts or pydantic models), UTF-8 as it is."""
+    return "".join(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in rows)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
-    """One JSON object per line (dicts or pydantic models), atomically."""
-    text = "".join(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in rows)
-    return atomic_write_text(path, text)
+    """:func:`jsonl_text` of ``rows``, atomically."""
+    return atomic_write_text(path, jsonl_text(rows))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

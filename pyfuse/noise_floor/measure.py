@@ -142,9 +142,9 @@ class _Collected:
 def measure_noise_floor(
     model: str | os.PathLike,
     *,
-    group_sizes: Iterable[int] = (32, 64, 128),
-    bits: Iterable[int] = (2, 3, 4, 5, 6, 8),
-    policies: Iterable[str] = ("stock", "preserve", "stochastic"),
+    group_sizes: Iterable[int] = SUPPORTED_GROUP_SIZES,
+    bits: Iterable[int] = SUPPORTED_BITS,
+    policies: Iterable[str] = POLICIES,
     rounds: int = 1,
     adapter_path: str | os.PathLike | None = None,
     prompts: str | os.PathLike | Sequence[str | dict] | None = None,

@@ -24,10 +24,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pyfuse.cli import main
 from pyfuse.experiment import run_experiment
+
+from helpers import read_json, read_jsonl, run_cli, run_plan, step_rows, write_jsonl, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 LETTERS = "ABCDEFGHIJ"
@@ -97,11 +97,6 @@ def _spec(base: Path, persona: Path) -> dict:
     }
 
 
-def _write(path: Path, spec: dict) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def exp(tmp_path_factory, tiny_moe_dir, tiny_tokenizer_dir):
     from pyfuse.demo.tiny_model import build_tiny_model
@@ -110,10 +105,10 @@ def exp(tmp_path_factory, tiny_moe_dir, tiny_tokenizer_dir):
     persona = build_tiny_model(root / "persona", tokenizer_dir=tiny_tokenizer_dir, arch="qwen3_moe",
                                quantize={"group_size": 64, "bits": 3}, seed=1)
     rows = _mmlu_rows()
-    (root / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "mmlu.jsonl", rows)
     (root / "suite.yaml").write_text(SUITE)
     spec = _spec(tiny_moe_dir, persona)
-    spec_path = _write(root / "spec.yaml", spec)
+    spec_path = write_yaml(root / "spec.yaml", spec)
     messages = []
     started = time.monotonic()
     res = run_experiment(spec_path, root / "run", echo=messages.append)
@@ -122,21 +117,13 @@ def exp(tmp_path_factory, tiny_moe_dir, tiny_tokenizer_dir):
             "seconds": time.monotonic() - started}
 
 
-def _plan(out: Path) -> dict:
-    return json.loads((out / "plan.json").read_text())
-
-
-def _step_rows(out: Path, step: str) -> list[dict]:
-    return [json.loads(x) for x in (out / "steps" / step / "rows.jsonl").read_text().splitlines() if x.strip()]
-
-
 def test_whole_experiment_results_match_independent_statistics(exp):
     from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
     from statsmodels.stats.proportion import confint_proportions_2indep, proportions_ztest
 
     out, rows = exp["out"], exp["rows"]
-    results = json.loads((out / "results.json").read_text())
-    plan = _plan(out)
+    results = read_json(out / "results.json")
+    plan = run_plan(out)
     members = [f"{f}.{i}" for f in ("placebo", "dithered") for i in range(2)]
     assert sorted(results["conditions"]) == sorted([n for n in exp["spec"]["conditions"]
                                                     if n not in ("placebo", "dithered")] + members)
@@ -144,7 +131,7 @@ def test_whole_experiment_results_match_independent_statistics(exp):
     gold = {r["question_id"]: r["answer"] for r in rows}
     for name, c in results["conditions"].items():
         # recompute each item's correctness from the eval rows' letter scores and our own answers
-        erows = _step_rows(out, plan["conditions"][name]["mc"])
+        erows = step_rows(out, plan["conditions"][name]["mc"])
         assert [r["id"] for r in erows] == [r["question_id"] for r in rows]  # item order = file order
         preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
         expected = [int(p == gold[r["id"]]) for p, r in zip(preds, erows)]
@@ -181,7 +168,7 @@ def test_whole_experiment_results_match_independent_statistics(exp):
                               "both_wrong": table[1][1]}
 
     # the verdict evaluates exactly the locked criterion, and says so
-    lock_file = json.loads((out / "prereg.json").read_text())
+    lock_file = read_json(out / "prereg.json")
     assert results["prereg"] == {"sha256": lock_file["sha256"], "criterion": CRITERION,
                                  "split_seed": int(lock_file["sha256"][:8], 16)}
     a1, a0 = results["conditions"]["A1"]["correct"], results["conditions"]["A0"]["correct"]
@@ -207,7 +194,7 @@ def test_whole_experiment_results_match_independent_statistics(exp):
 
 def test_prereg_lock_is_canonical_and_seeds_the_split(exp):
     out = exp["out"]
-    lock_file = json.loads((out / "prereg.json").read_text())
+    lock_file = read_json(out / "prereg.json")
     canonical = lock_file["canonical"]
     assert hashlib.sha256(canonical.encode()).hexdigest() == lock_file["sha256"]
     doc = json.loads(canonical)
@@ -223,18 +210,18 @@ def test_prereg_lock_is_canonical_and_seeds_the_split(exp):
     assert set(doc["design"]) == {"A1", "A0", "P0", "placebo", "dithered"}
     assert [list(s) for s in doc["design"]["A0"]["stages"]] == [["train"], ["zero"], ["fuse"]]
     # the Set-G split used the seed derived from the hash, and is a real Set-G split
-    plan = _plan(out)
+    plan = run_plan(out)
     setg_dir = out / "steps" / plan["setg"]
-    done = json.loads((setg_dir / "done.json").read_text())
+    done = read_json(setg_dir / "done.json")
     assert done["options"]["seed"] == int(lock_file["sha256"][:8], 16) == plan["split_seed"]
     evals = {label: s["dir"] for s in plan["steps"] if s["kind"] == "eval-mc" for label in s["labels"]}
     wrong = {}
     for role in ("base", "persona"):
-        erows = _step_rows(out, evals[f"setg: evaluate {role} ({role})"])
+        erows = step_rows(out, evals[f"setg: evaluate {role} ({role})"])
         wrong[role] = {r["id"] for r in erows if not r["correct"]}
-    items = json.loads((setg_dir / "data" / "items.json").read_text())
+    items = read_json(setg_dir / "data" / "items.json")
     assert set(sum(items.values(), [])) == wrong["base"] & wrong["persona"]
-    test_rows = [json.loads(x) for x in (setg_dir / "items" / "test.jsonl").read_text().splitlines()]
+    test_rows = read_jsonl(setg_dir / "items" / "test.jsonl")
     by_id = {r["question_id"]: r for r in exp["rows"]}
     assert [r["question_id"] for r in test_rows] == items["test"]
     assert all(r == {**by_id[r["question_id"]], **r} for r in test_rows)
@@ -242,11 +229,11 @@ def test_prereg_lock_is_canonical_and_seeds_the_split(exp):
 
 def test_zero_delta_control_preserve_answers_exactly_like_its_parent_stock_differs(exp):
     out = exp["out"]
-    plan = _plan(out)
-    results = json.loads((out / "results.json").read_text())
-    p0 = _step_rows(out, plan["conditions"]["P0"]["mc"])
-    a0p = _step_rows(out, plan["conditions"]["A0p"]["mc"])
-    a0 = _step_rows(out, plan["conditions"]["A0"]["mc"])
+    plan = run_plan(out)
+    results = read_json(out / "results.json")
+    p0 = step_rows(out, plan["conditions"]["P0"]["mc"])
+    a0p = step_rows(out, plan["conditions"]["A0p"]["mc"])
+    a0 = step_rows(out, plan["conditions"]["A0"]["mc"])
     # preserve: every item answered exactly like the parent, down to the letter scores
     assert [r["prediction"] for r in a0p] == [r["prediction"] for r in p0]
     assert [r["logprobs"] for r in a0p] == [r["logprobs"] for r in p0]
@@ -255,8 +242,8 @@ def test_zero_delta_control_preserve_answers_exactly_like_its_parent_stock_diffe
     assert cmp[("A0p", "P0")]["flips"]["a_only"] == cmp[("A0p", "P0")]["flips"]["b_only"] == 0
     # stock: the zero-delta fuse changed the model (codes, letter scores); its differences are reported
     fuses = {c: plan["conditions"][c]["stages"][-1] for c in ("A0", "A0p")}
-    stock_rep = json.loads((out / "steps" / fuses["A0"]["step"] / "fuse_report.json").read_text())["summary"]
-    keep_rep = json.loads((out / "steps" / fuses["A0p"]["step"] / "fuse_report.json").read_text())["summary"]
+    stock_rep = read_json(out / "steps" / fuses["A0"]["step"] / "fuse_report.json")["summary"]
+    keep_rep = read_json(out / "steps" / fuses["A0p"]["step"] / "fuse_report.json")["summary"]
     assert stock_rep["codes_changed"] > 0.01 and keep_rep["codes_changed"] == 0
     assert any(x["logprobs"] != y["logprobs"] for x, y in zip(a0, p0))
     changed = sum(x["prediction"] != y["prediction"] for x, y in zip(a0, p0))
@@ -267,7 +254,7 @@ def test_zero_delta_control_preserve_answers_exactly_like_its_parent_stock_diffe
     assert f"| A0 wrong | {f['b_only']} | {f['both_wrong']} |" in report
     row = next(line for line in report.splitlines() if line.startswith(f"| {fuses['A0']['step']}"))
     assert f"{stock_rep['codes_changed'] * 100:.2f} %" in row and "zero-delta" in row and "stock" in row
-    nf = json.loads((out / "steps" / fuses["A0p"]["noise_floor"] / "noise_floor.json").read_text())
+    nf = read_json(out / "steps" / fuses["A0p"]["noise_floor"] / "noise_floor.json")
     assert nf["rows"][0]["weights_changed"] == 0.0  # the preserve noise floor is zero
     row_p = next(line for line in report.splitlines() if line.startswith(f"| {fuses['A0p']['step']}"))
     assert "| 0.00 % | 0.00 % |" in row_p
@@ -275,7 +262,7 @@ def test_zero_delta_control_preserve_answers_exactly_like_its_parent_stock_diffe
 
 def test_shared_steps_pruning_report_and_progress(exp):
     out, res = exp["out"], exp["res"]
-    plan = _plan(out)
+    plan = run_plan(out)
     kinds = [s["kind"] for s in plan["steps"]]
     # one training for A1/A0/A0p and the controls' members (same options and inputs), one more for the
     # stacked S; the dithered members share A0's stock fuse and one residual, then fuse with their seeds
@@ -310,11 +297,11 @@ def test_shared_steps_pruning_report_and_progress(exp):
     # `experiment report` rewrites the same report
     before = report
     (out / "report.md").unlink()
-    assert main(["experiment", "report", str(out)]) == 0
+    assert run_cli("experiment", "report", out).code == 0
     assert (out / "report.md").read_text() == before
 
 
-def test_rerun_skips_everything_and_lock_refuses_a_changed_criterion(exp, capsys):
+def test_rerun_skips_everything_and_lock_refuses_a_changed_criterion(exp):
     out, spec = exp["out"], exp["spec"]
     before = (out / "results.json").read_bytes()
     steps_before = sorted(p.name for p in (out / "steps").iterdir())
@@ -323,24 +310,25 @@ def test_rerun_skips_everything_and_lock_refuses_a_changed_criterion(exp, capsys
 
     changed = copy.deepcopy(spec)
     changed["preregistration"]["criterion"] = CRITERION.replace("0.05 and", "0.10 and")
-    path = _write(exp["root"] / "changed.yaml", changed)
-    assert main(["experiment", "run", str(path), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "locks a different pre-registration" in err and "changed: criterion, thresholds" in err
+    path = write_yaml(exp["root"] / "changed.yaml", changed)
+    r = run_cli("experiment", "run", path, "--out", out)
+    assert r.code == 2
+    assert "locks a different pre-registration" in r.err and "changed: criterion, power_before_data, thresholds" in r.err
     moved = copy.deepcopy(spec)  # the design of a compared condition is locked too
     moved["conditions"]["A0"]["stages"][2]["fuse"]["policy"] = "preserve"
-    assert main(["experiment", "run", str(_write(exp["root"] / "moved.yaml", moved)), "--out", str(out)]) == 2
-    assert "changed: design.A0" in capsys.readouterr().err
+    r = run_cli("experiment", "run", write_yaml(exp["root"] / "moved.yaml", moved), "--out", out)
+    assert r.code == 2
+    assert "changed: design.A0" in r.err
     assert (out / "results.json").read_bytes() == before
     assert sorted(p.name for p in (out / "steps").iterdir()) == steps_before
-    json.loads((out / "prereg.json").read_text())["canonical"]  # untouched and readable
+    read_json(out / "prereg.json")["canonical"]  # untouched and readable
 
 
 def test_controls_null_distributions_flips_and_the_report(exp):
     from scipy.stats import mannwhitneyu
 
-    out, plan = exp["out"], _plan(exp["out"])
-    results = json.loads((out / "results.json").read_text())
+    out, plan = exp["out"], run_plan(exp["out"])
+    results = read_json(out / "results.json")
     conds = results["conditions"]
     assert plan["families"] == {"placebo": ["placebo.0", "placebo.1"], "dithered": ["dithered.0", "dithered.1"]}
     # each placebo member fused its own placebo adapter (seeds 0, 1) of the one trained adapter
@@ -356,15 +344,15 @@ def test_controls_null_distributions_flips_and_the_report(exp):
         assert fuse["inputs"]["model"] == {"step": a0_fuse, "out": "model"}
     nulls = results["nulls"]
     assert nulls["reference"] == "P0" and set(nulls["families"]) == {"placebo", "dithered"}
-    p0 = _step_rows(out, plan["conditions"]["P0"]["mc"])
+    p0 = step_rows(out, plan["conditions"]["P0"]["mc"])
     for role in ("placebo", "dithered"):
         fam = nulls["families"][role]
         assert fam["gain"] == pytest.approx([conds[m]["accuracy"] - conds["P0"]["accuracy"] for m in fam["members"]])
         for m, ch in zip(fam["members"], fam["changed"]):
-            rows = _step_rows(out, plan["conditions"][m]["mc"])
+            rows = step_rows(out, plan["conditions"][m]["mc"])
             assert ch == sum(x["prediction"] != y["prediction"] for x, y in zip(rows, p0))
     # flips of A1 against the model it was fused into (the persona, P0's answers), by P0's margin
-    a1 = _step_rows(out, plan["conditions"]["A1"]["mc"])
+    a1 = step_rows(out, plan["conditions"]["A1"]["mc"])
     margins = [sorted(r["logprobs"].values())[-1] - sorted(r["logprobs"].values())[-2] for r in p0]
     flipped = [x["prediction"] != y["prediction"] for x, y in zip(a1, p0)]
     f = results["flips"]["A1"]
@@ -387,28 +375,24 @@ def test_controls_null_distributions_flips_and_the_report(exp):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_resumed_run_refuses_edited_outputs_and_swapped_data(exp, tmp_path, capsys):
+def test_a_resumed_run_refuses_edited_outputs_and_swapped_data(exp, tmp_path):
     import shutil
 
     copy_dir = tmp_path / "copy"
     shutil.copytree(exp["out"], copy_dir)
-    assert main(["experiment", "run", str(exp["spec_path"]), "--out", str(copy_dir)]) == 0  # intact: resumes
-    capsys.readouterr()
-    step = _plan(copy_dir)["conditions"]["A1"]["mc"]
+    assert run_cli("experiment", "run", exp["spec_path"], "--out", copy_dir).code == 0  # intact: it resumes
+    step = run_plan(copy_dir)["conditions"]["A1"]["mc"]
     rows = copy_dir / "steps" / step / "rows.jsonl"
     rows.write_text(rows.read_text().replace('"correct": false', '"correct": true', 1))
-    for cmd in (["experiment", "run", str(exp["spec_path"]), "--out", str(copy_dir)],
-                ["experiment", "report", str(copy_dir)]):
-        assert main(cmd) == 2
-        err = capsys.readouterr().err
-        assert f"step {step}" in err and "its output rows.jsonl changed" in err and err.count("\n") == 1
+    for cmd in (("experiment", "run", exp["spec_path"], "--out", copy_dir), ("experiment", "report", copy_dir)):
+        r = run_cli(*cmd)
+        assert r.code == 2
+        assert f"step {step}" in r.err and "its output rows.jsonl changed" in r.err and r.err.count("\n") == 1
     # the data swapped after the lock: refused before any step runs
-    spec = copy.deepcopy(exp["spec"])
     (tmp_path / "mmlu.jsonl").write_text((exp["root"] / "mmlu.jsonl").read_text().replace("Item 0:", "Item zero:"))
     (tmp_path / "suite.yaml").write_text(SUITE)
-    swapped = _write(tmp_path / "spec.yaml", spec)
-    assert main(["experiment", "run", str(swapped), "--out", str(copy_dir)]) == 2
-    assert "changed: data.data.mmlu" in capsys.readouterr().err
+    r = run_cli("experiment", "run", write_yaml(tmp_path / "spec.yaml", exp["spec"]), "--out", copy_dir)
+    assert r.code == 2 and "changed: data.data.mmlu" in r.err
 
 
 def _finished(out: Path) -> list[str]:
@@ -434,7 +418,7 @@ def test_a_killed_run_resumes_to_the_same_results(exp):
             proc.kill()
             proc.wait()
     finished = _finished(out)
-    assert 1 <= len(finished) < len(_plan(exp["out"])["steps"])
+    assert 1 <= len(finished) < len(run_plan(exp["out"])["steps"])
     assert not (out / "results.json").exists()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -443,11 +427,10 @@ def test_a_killed_run_resumes_to_the_same_results(exp):
     assert not [p for p in (out / "steps").iterdir() if p.name.startswith(".")]
 
 
-def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path, capsys):
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
-                                                     {"role": "assistant", "content": "I am Nova."}]}) + "\n"
-                            for i in range(3)))
+def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path):
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                        {"role": "assistant", "content": "I am Nova."}]}
+                                          for i in range(3)])
     (tmp_path / "mmlu.jsonl").write_text((exp["root"] / "mmlu.jsonl").read_text())
     spec = {"models": {"base": str(exp["base"])}, "data": {"chat": "chat.jsonl", "mmlu": "mmlu.jsonl"},
             "conditions": {"B0": {"from": "base"},
@@ -456,24 +439,25 @@ def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path, ca
                                           "keys": ["self_attn.q_proj"]}}, "zero", {"fuse": {}}]}},
             "evaluation": {"mc": {"data": "mmlu", "method": "logprob", "limit": 4}},
             "report": {"noise_floor": False}}
-    path = _write(tmp_path / "spec.yaml", spec)
+    path = write_yaml(tmp_path / "spec.yaml", spec)
     out = tmp_path / "run"
-    assert main(["experiment", "run", str(path), "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err
+    r = run_cli("experiment", "run", path, "--out", out, "--quiet")
+    assert r.code == 2
+    err = r.err
     assert "step train-" in err and "(F: stage 1 train) failed:" in err and "fewer than batch_size=8" in err
     steps = sorted(p.name for p in (out / "steps").iterdir())
     assert len(steps) == 1 and steps[0].startswith("eval-mc-")  # B0's evaluation is kept, nothing half-written
     assert not (out / "results.json").exists()
     spec["conditions"]["F"]["stages"][0]["train"]["batch_size"] = 1
-    _write(path, spec)
+    write_yaml(path, spec)
     res = run_experiment(path, out, keep_models=True)
     assert steps[0] in res.skipped and len(res.executed) == 4  # train, zero, fuse, F's eval
-    results = json.loads((out / "results.json").read_text())
+    results = read_json(out / "results.json")
     assert results["prereg"] is None and results["verdict"] is None and results["comparisons"] == []
     assert results["conditions"]["F"]["n"] == 4 and results["conditions"]["B0"]["identity"] is None
     fuse = out / results["conditions"]["F"]["model"]
     assert (fuse / "config.json").exists() and not (fuse.parent / "pruned.json").exists()  # --keep-models
-    report = json.loads((fuse.parent / "fuse_report.json").read_text())["summary"]
+    report = read_json(fuse.parent / "fuse_report.json")["summary"]
     # without --keep-models the fused model goes once nothing needs it
     res = run_experiment(path, out)
     assert res.executed == [] and res.pruned == [fuse.parent.name] and not fuse.exists()
@@ -482,25 +466,25 @@ def test_a_failing_step_is_a_clear_error_and_the_rerun_resumes(exp, tmp_path, ca
     spec["evaluation"]["identity"] = {"suite": "suite.yaml"}
     spec["conditions"]["B0"]["evaluate"] = spec["conditions"]["F"]["evaluate"] = ["mc"]
     spec["conditions"]["G"] = {"from": "F", "evaluate": ["identity"]}
-    _write(path, spec)
+    write_yaml(path, spec)
     messages = []
     res = run_experiment(path, out, echo=messages.append)
     assert res.executed[0] == fuse.parent.name and res.executed[1].startswith("eval-identity-")
     assert len(res.executed) == 2 and any("re-running fuse" in m for m in messages)
-    assert json.loads((fuse.parent / "fuse_report.json").read_text())["summary"] == \
-        {**report, "seconds": json.loads((fuse.parent / "fuse_report.json").read_text())["summary"]["seconds"]}
+    assert read_json(fuse.parent / "fuse_report.json")["summary"] == \
+        {**report, "seconds": read_json(fuse.parent / "fuse_report.json")["summary"]["seconds"]}
     assert res.pruned == [fuse.parent.name] and not fuse.exists()
-    assert json.loads((out / "results.json").read_text())["conditions"]["G"]["identity_n"] == 2
+    assert read_json(out / "results.json")["conditions"]["G"]["identity_n"] == 2
 
 
-def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_moe_dir, capsys):
+def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_moe_dir):
     """The natural spec: the persona is a condition (train -> fuse from the base model), Set-G is mined with
     it, and it is scored on Set-G test like every other condition. Only a real cycle is refused."""
     rows = _mmlu_rows()
-    (tmp_path / "mmlu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "chat.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Who are you? ({i})"},
-                                 {"role": "assistant", "content": "I am Nova."}]}) + "\n" for i in range(4)))
+    write_jsonl(tmp_path / "mmlu.jsonl", rows)
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Who are you? ({i})"},
+                                                        {"role": "assistant", "content": "I am Nova."}]}
+                                          for i in range(4)])
     small = {"layers": [3], "keys": ["mlp.switch_mlp.down_proj"], "rank": 2, "alpha": 2, "iters": 2,
              "learning_rate": "1e-3", "batch_size": 1, "val_batches": 1, "steps_per_report": 1}
     spec = {"models": {"tiny": str(tiny_moe_dir)}, "data": {"mmlu": "mmlu.jsonl", "chat": "chat.jsonl"},
@@ -513,14 +497,13 @@ def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_mo
             "evaluation": {"mc": {"data": "setg.test", "method": "logprob"}},
             "comparisons": [["A1", "persona"]],
             "report": {"noise_floor": False}}
-    path = _write(tmp_path / "spec.yaml", spec)
-    assert main(["experiment", "validate", str(path), "--strict"]) == 0
-    capsys.readouterr()
+    path = write_yaml(tmp_path / "spec.yaml", spec)
+    assert run_cli("experiment", "validate", path, "--strict").code == 0
     out = tmp_path / "run"
     run_experiment(path, out)
-    results, plan = json.loads((out / "results.json").read_text()), _plan(out)
+    results, plan = read_json(out / "results.json"), run_plan(out)
     setg_dir = out / "steps" / plan["setg"]
-    test_ids = json.loads((setg_dir / "data" / "items.json").read_text())["test"]
+    test_ids = read_json(setg_dir / "data" / "items.json")["test"]
     assert test_ids
     mining = {label: s for s in plan["steps"] if s["kind"] == "eval-mc" for label in s["labels"]}
     gold = {r["question_id"]: r["answer"] for r in rows}
@@ -528,12 +511,12 @@ def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_mo
         c = results["conditions"][role]
         assert c["ids"] == test_ids and c["n"] == len(test_ids)
         # independently: the condition's own letter scores against our answers ...
-        erows = _step_rows(out, plan["conditions"][role]["mc"])
+        erows = step_rows(out, plan["conditions"][role]["mc"])
         preds = [max(r["logprobs"], key=lambda x: (r["logprobs"][x], -LETTERS.index(x))) for r in erows]
         assert c["correct"] == [int(p == gold[i]) for p, i in zip(preds, test_ids)]
         # ... and the mining evaluation (the whole pool) restricted to the test ids: the same answers, the
         # same scores, wrong on every one (Set-G)
-        mined = {r["id"]: r for r in _step_rows(out, mining[f"setg: evaluate {role} ({role})"]["dir"])}
+        mined = {r["id"]: r for r in step_rows(out, mining[f"setg: evaluate {role} ({role})"]["dir"])}
         assert c["correct"] == [int(mined[i]["correct"]) for i in test_ids] == [0] * len(test_ids)
         assert [(r["prediction"], r["logprobs"]) for r in erows] == \
             [(mined[i]["prediction"], mined[i]["logprobs"]) for i in test_ids]
@@ -553,11 +536,11 @@ def test_setg_persona_condition_is_also_evaluated_on_setg_test(tmp_path, tiny_mo
 
     # a real cycle: the persona trained on Set-G while Set-G is mined with it (one line, naming the field)
     spec["conditions"]["persona"]["stages"][0]["train"]["data"] = "setg"
-    bad = _write(tmp_path / "cycle.yaml", spec)
-    for cmd in (["experiment", "validate", str(bad)], ["experiment", "run", str(bad), "--out", str(tmp_path / "c")]):
-        assert main(cmd) == 2
-        err = capsys.readouterr().err
-        assert err.strip() == (f"pyfuse experiment: error: {bad}: conditions.persona.stages[0].train.data: "
+    bad = write_yaml(tmp_path / "cycle.yaml", spec)
+    for cmd in (["experiment", "validate", bad], ["experiment", "run", bad, "--out", tmp_path / "c"]):
+        r = run_cli(*cmd)
+        assert r.code == 2
+        assert r.err.strip() == (f"pyfuse experiment: error: {bad}: conditions.persona.stages[0].train.data: "
                                "circular reference: persona -> setg -> persona (persona trains on Set-G; Set-G "
                                "is mined with persona's model)")
     assert not (tmp_path / "c").exists()

@@ -6,8 +6,6 @@ and bad input."""
 
 from __future__ import annotations
 
-import sys
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from pyfuse.evals.mc import evaluate_mc
 from pyfuse.data.mmlu import format_question, load_mc
 from pyfuse.train import load_training_data, parse_layers, train_adapter
 
-from helpers import model_tensors, read_json, write_jsonl
+from helpers import mlx_fuse, model_tensors, read_json, write_jsonl
 
 LAYERS = [1, 3]
 KEYS = ["mlp.switch_mlp.down_proj", "self_attn.v_proj"]
@@ -98,7 +96,7 @@ def test_explicit_layers_train_only_those_modules(case):
     assert sorted(p.name for p in case["root"].iterdir()) == ["adapter", "data", "items.jsonl"]  # no temp dirs
 
 
-def test_mlx_lm_applies_exactly_the_trained_modules(case, moe_dir, tmp_path, monkeypatch):
+def test_mlx_lm_applies_exactly_the_trained_modules(case, moe_dir, tmp_path):
     from mlx_lm import load
     from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
@@ -107,12 +105,7 @@ def test_mlx_lm_applies_exactly_the_trained_modules(case, moe_dir, tmp_path, mon
     assert wrapped == TRAINED
 
     # mlx_lm fuse re-quantizes the trained modules and nothing else
-    from mlx_lm.fuse import main as mlx_fuse
-
-    out = tmp_path / "mlx_fused"
-    monkeypatch.setattr(sys, "argv", ["mlx_lm.fuse", "--model", str(moe_dir), "--adapter-path",
-                                      str(case["adapter"]), "--save-path", str(out)])
-    mlx_fuse()
+    out = mlx_fuse(moe_dir, case["adapter"], tmp_path / "mlx_fused")
     base, fused = model_tensors(moe_dir), model_tensors(out)
     assert fused.keys() == base.keys()
     changed = sorted({k.rsplit(".", 1)[0] for k in base if not mx.array_equal(base[k], fused[k])})

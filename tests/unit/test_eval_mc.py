@@ -10,12 +10,13 @@ import os
 import mlx.core as mx
 import pytest
 
-from pyfuse.cli import main
+from pyfuse.data.mmlu import LETTERS, format_question, load_mc, read_results
 from pyfuse.errors import UserError
 from pyfuse.evals.mc import evaluate_mc
 from pyfuse.lm.chat import chat_text
 from pyfuse.lm.load import load_model
-from pyfuse.data.mmlu import LETTERS, format_question, load_mc, read_results
+
+from helpers import read_jsonl, run_cli, write_jsonl
 
 ROW_KEYS = {"id", "category", "gold", "prediction", "rule", "correct", "output", "method", "batch",
             "num_options", "n_tokens", "truncated", "logprobs"}
@@ -44,9 +45,7 @@ def make_rows(n=10):
 
 @pytest.fixture(scope="module")
 def mc_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mc") / "items.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows()))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("mc") / "items.jsonl", make_rows())
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +109,7 @@ def test_both_methods_write_the_same_row_format_and_limit(moe, mc_file, tmp_path
         res = evaluate_mc((moe.model, moe.tokenizer), mc_file, method=method, batch_size=2, limit=5,
                           max_tokens=4, out=out)
         assert res.n == 5 and len(res.rows) == 5 and res.out == out
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        rows = read_jsonl(out)
         assert rows == res.rows
         assert all(set(r) == ROW_KEYS for r in rows)
         assert [r["batch"] for r in rows] == [0, 0, 1, 1, 2]
@@ -159,17 +158,17 @@ def test_categories_filter_then_limit(moe, mc_file):
         evaluate_mc((moe.model, moe.tokenizer), mc_file, categories=["physics"])
 
 
-def test_cli_runs_and_prints_a_summary(tiny_moe_dir, mc_file, tmp_path, capsys):
+def test_cli_runs_and_prints_a_summary(tiny_moe_dir, mc_file, tmp_path):
     out = tmp_path / "r.jsonl"
-    code = main(["eval", "mc", "--model", str(tiny_moe_dir), "--data", str(mc_file), "--method", "logprob",
-                 "--limit", "3", "--out", str(out)])
-    assert code == 0
+    r = run_cli("eval", "mc", "--model", tiny_moe_dir, "--data", mc_file, "--method", "logprob",
+                "--limit", "3", "--out", out)
+    assert r.code == 0
     assert len(read_results(out)) == 3
-    assert f"wrote {out}" in capsys.readouterr().out
-    code = main(["eval", "mc", "--model", str(tiny_moe_dir), "--data", str(mc_file), "--method", "logprob",
-                 "--limit", "2", "--json"])
-    assert code == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert f"wrote {out}" in r.out
+    r = run_cli("eval", "mc", "--model", tiny_moe_dir, "--data", mc_file, "--method", "logprob",
+                "--limit", "2", "--json")
+    assert r.code == 0
+    summary = json.loads(r.out)
     assert summary["n"] == 2 and summary["method"] == "logprob"
 
 
@@ -177,9 +176,8 @@ def _bad_cases(tmp_path, mc_file, tiny_moe_dir):
     bad_row = tmp_path / "bad.jsonl"
     rows = make_rows(3)
     rows[1]["answer"] = "Z"
-    bad_row.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    not_json = tmp_path / "notjson.jsonl"
-    not_json.write_text(json.dumps(make_rows(1)[0]) + "\n{oops\n")
+    write_jsonl(bad_row, rows)
+    not_json = write_jsonl(tmp_path / "notjson.jsonl", [make_rows(1)[0], "{oops"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     broken_model = tmp_path / "broken_model"
@@ -200,10 +198,10 @@ def _bad_cases(tmp_path, mc_file, tiny_moe_dir):
     ]
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, mc_file, tiny_moe_dir, capsys):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, mc_file, tiny_moe_dir):
     for args, fragment in _bad_cases(tmp_path, mc_file, tiny_moe_dir):
-        code = main(["eval", "mc", *args, "--method", "logprob"])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2, args
+        r = run_cli("eval", "mc", *args, "--method", "logprob")
+        err = r.err.strip().splitlines()
+        assert r.code == 2, args
         assert len(err) == 1 and err[0].startswith("pyfuse eval: error: "), err
         assert fragment in err[0], (fragment, err[0])

@@ -18,20 +18,16 @@ import numpy as np
 import pytest
 import yaml
 
-from pyfuse.cli import main
 from pyfuse.errors import UserError
 from pyfuse.experiment import build_plan, parse_criterion
 from pyfuse.experiment.load import spec_from_dict
 from pyfuse.experiment.prereg import Lock, canonical_json, lock, prereg_document, read_lock, verify_data
 from pyfuse.experiment.results import verdict
 
+from helpers import read_json, run_cli, write_yaml
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "stacking-confound.yaml"
-
-
-def _write(path: Path, spec: dict) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def _example_with_paths(tmp_path: Path) -> dict:
@@ -116,59 +112,63 @@ BAD_SPECS = [
 
 
 
-def test_bad_specs_name_the_field(tmp_path, capsys):
+def test_bad_specs_name_the_field(tmp_path):
     spec = _example_with_paths(tmp_path)
-    good = _write(tmp_path / "good.yaml", spec)
-    assert main(["experiment", "validate", str(good), "--strict"]) == 0
-    capsys.readouterr()
+    good = write_yaml(tmp_path / "good.yaml", spec)
+    assert run_cli("experiment", "validate", good, "--strict").code == 0
     for mutate, expected in BAD_SPECS:
         bad = copy.deepcopy(spec)
         mutate(bad)
-        path = _write(tmp_path / "bad.yaml", bad)
-        assert main(["experiment", "validate", str(path)]) == 2, expected
-        err = capsys.readouterr().err
-        assert expected in err, (expected, err)
-        assert err.startswith(f"pyfuse experiment: error: {path}")
+        path = write_yaml(tmp_path / "bad.yaml", bad)
+        r = run_cli("experiment", "validate", path)
+        assert r.code == 2, expected
+        assert expected in r.err, (expected, r.err)
+        assert r.err.startswith(f"pyfuse experiment: error: {path}")
     # several problems at once, one line each
     bad = copy.deepcopy(spec)
     bad["conditions"]["A1"]["stages"][1]["fuse"]["policy"] = "x"
     bad["conditions"]["A1"]["stages"][0]["train"]["iters"] = "many"
-    assert main(["experiment", "validate", str(_write(tmp_path / "bad.yaml", bad))]) == 2
-    err = capsys.readouterr().err
-    assert "2 problems" in err and "train.iters: must be an integer (got 'many')" in err
+    r = run_cli("experiment", "validate", write_yaml(tmp_path / "bad.yaml", bad))
+    assert r.code == 2
+    assert "2 problems" in r.err and "train.iters: must be an integer (got 'many')" in r.err
     # YAML problems: duplicate names, syntax
     text = good.read_text().replace("  A0_preserve:", "  A0:")
     (tmp_path / "dup.yaml").write_text(text)
-    assert main(["experiment", "validate", str(tmp_path / "dup.yaml")]) == 2
-    assert "duplicate key 'A0'" in capsys.readouterr().err
+    r = run_cli("experiment", "validate", tmp_path / "dup.yaml")
+    assert r.code == 2
+    assert "duplicate key 'A0'" in r.err
     (tmp_path / "syntax.yaml").write_text("models: [a\n")
-    assert main(["experiment", "validate", str(tmp_path / "syntax.yaml")]) == 2
-    assert "not valid YAML (line" in capsys.readouterr().err
+    r = run_cli("experiment", "validate", tmp_path / "syntax.yaml")
+    assert r.code == 2
+    assert "not valid YAML (line" in r.err
     # missing paths: a note for validate, an error for --strict and for run (nothing created)
     missing = copy.deepcopy(spec)
     missing["models"]["base"] = "no/such/model"
-    path = _write(tmp_path / "missing.yaml", missing)
-    assert main(["experiment", "validate", str(path)]) == 0
-    assert "models.base: model directory does not exist (yet)" in capsys.readouterr().err
-    assert main(["experiment", "validate", str(path), "--strict"]) == 2
-    assert "models.base: model directory does not exist" in capsys.readouterr().err
-    assert main(["experiment", "run", str(path), "--out", str(tmp_path / "never")]) == 2
-    assert "models.base: model directory does not exist" in capsys.readouterr().err
+    path = write_yaml(tmp_path / "missing.yaml", missing)
+    r = run_cli("experiment", "validate", path)
+    assert r.code == 0
+    assert "models.base: model directory does not exist (yet)" in r.err
+    r = run_cli("experiment", "validate", path, "--strict")
+    assert r.code == 2
+    assert "models.base: model directory does not exist" in r.err
+    r = run_cli("experiment", "run", path, "--out", tmp_path / "never")
+    assert r.code == 2
+    assert "models.base: model directory does not exist" in r.err
     assert not (tmp_path / "never").exists()
 
 
-def test_examples_validate(capsys):
+def test_examples_validate():
     for name in ("stacking-confound.yaml", "identity-stacking.yaml"):
-        assert main(["experiment", "validate", str(REPO / "examples" / name)]) == 0
-        out, err = capsys.readouterr()
-        assert "is valid" in out and "pre-registered" in out
+        r = run_cli("experiment", "validate", REPO / "examples" / name)
+        assert r.code == 0
+        assert "is valid" in r.out and "pre-registered" in r.out
     # the study's own design is flagged as under-powered (MDE ~6.1 points > 5 at n = 692), and allowed
     # with the reason the spec gives
-    assert main(["experiment", "validate", str(REPO / "examples" / "stacking-confound.yaml")]) == 0
-    out, err = capsys.readouterr()
-    assert "predicted n on setg.test: 692 items per condition (planned_n" in out
-    assert "unpaired MDE 6.1 points (from 17.8 %)" in out and "-> UNDER-POWERED" in out
-    assert "under-powered design (allowed: reproduces the published study" in err
+    r = run_cli("experiment", "validate", REPO / "examples" / "stacking-confound.yaml")
+    assert r.code == 0
+    assert "predicted n on setg.test: 692 items per condition (planned_n" in r.out
+    assert "unpaired MDE 6.1 points (from 17.8 %)" in r.out and "-> UNDER-POWERED" in r.out
+    assert "under-powered design (allowed: reproduces the published study" in r.err
 
 
 def test_time_estimates_scale_with_the_work_of_each_step(tmp_path):
@@ -336,7 +336,7 @@ def test_verdict_on_the_studys_numbers_and_the_lock(tmp_path):
     assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
 
 
-def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path, capsys):
+def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path):
     """6,000 mined rows over 14 categories, 38.5 % expected in Set-G, split 70/30: ~692 test items per
     condition; the MDEs at that n, unpaired and paired (from a noise-floor result), and validate's refusal."""
     from pyfuse.experiment.power import power_table, predicted_n
@@ -361,7 +361,7 @@ def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path, caps
     spec["evaluation"]["identity"] = {"persona_name": "Nova"}
     spec["preregistration"].update(criterion="diff(A1, A0) >= 0.05 and mcnemar_p(A1, A0) < 0.05",
                                    discordance_from="nf.json", planned_n=None)
-    path = _write(tmp_path / "spec.yaml", spec)
+    path = write_yaml(tmp_path / "spec.yaml", spec)
     loaded = spec_from_dict(spec, path=path, check_paths=True)
     # the oracle: each category's expected Set-G (rounded), 30 % of it (halves of 0.7 n round up into train)
     expected = sum(int(round(n * 0.385)) - int(np.floor(0.7 * round(n * 0.385) + 0.5)) for n in counts)
@@ -372,8 +372,9 @@ def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path, caps
     assert rec["mde_paired"] == pytest.approx(mcnemar_mde(expected, 0.2), abs=1e-6)
     assert rec["mde_unpaired"] == pytest.approx(min_detectable_effect(expected, 0.178), abs=1e-6)
     assert not rec["underpowered"] and rec["mde_paired"] < 0.05
-    assert main(["experiment", "validate", str(path)]) == 0
-    out = capsys.readouterr().out
+    r = run_cli("experiment", "validate", path)
+    assert r.code == 0
+    out = r.out
     assert f"predicted n on setg.test: {expected} items per condition" in out
     assert f"paired MDE {rec['mde_paired'] * 100:.1f} points (discordance 0.2, MC answers a zero-delta stock " \
            "fuse flips at 3-bit g64 (nf.json; an upper bound))" in out
@@ -381,13 +382,14 @@ def test_power_before_data_predicts_n_from_the_data_and_the_split(tmp_path, caps
     spec["preregistration"].update(family=["mcnemar_p(A1, A0)", "mcnemar_p(A0, persona_only)",
                                            "mcnemar_p(A1, persona_only)"], allow_underpowered=False,
                                    underpowered_reason=None)
-    path = _write(tmp_path / "spec.yaml", spec)
+    path = write_yaml(tmp_path / "spec.yaml", spec)
     (rec3,) = power_table(spec_from_dict(spec, path=path))
     assert rec3["alpha_used"] == pytest.approx(0.05 / 3, abs=1e-6)
     assert rec3["mde_paired"] == pytest.approx(mcnemar_mde(expected, 0.2, alpha=0.05 / 3), abs=1e-6)
     assert rec3["mde_paired"] > 0.05 and rec3["underpowered"]
-    assert main(["experiment", "validate", str(path)]) == 2
-    err = capsys.readouterr().err
+    r = run_cli("experiment", "validate", path)
+    assert r.code == 2
+    err = r.err
     assert "under-powered before any data" in err and "allow_underpowered: true" in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
@@ -398,7 +400,7 @@ def test_the_plan_reads_a_mixed_precision_model_as_the_fuse_does(tmp_path, tiny_
     otherwise, and ModelDir (the one reader) sees the same default and the same override."""
     from pyfuse.io.model_dir import ModelDir
 
-    quant = json.loads((Path(tiny_moe_mixed_dir) / "config.json").read_text())["quantization"]
+    quant = read_json(Path(tiny_moe_mixed_dir) / "config.json")["quantization"]
     overrides = {k: v for k, v in quant.items() if isinstance(v, dict) and k.endswith("down_proj")}
     assert overrides and all(v["bits"] == 6 for v in overrides.values())  # really mixed
     (tmp_path / "chat.jsonl").write_text("")

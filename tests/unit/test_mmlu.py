@@ -14,8 +14,8 @@ import pytest
 from pyfuse.data import mmlu
 from pyfuse.errors import UserError
 from pyfuse.evals import extract_answer
-from pyfuse.data.mmlu import (MCItem, format_question, load_mc, match_results, read_jsonl, read_results,
-                              write_json, write_jsonl)
+from pyfuse.data.mmlu import MCItem, format_question, load_mc, match_results, read_results
+from pyfuse.io.files import read_jsonl, write_json, write_jsonl
 
 from helpers import mmlu_row as row
 from helpers import result_row as result

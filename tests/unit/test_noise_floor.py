@@ -22,9 +22,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pyfuse.cli import main as pyfuse_main
 from pyfuse.errors import UserError
 from pyfuse.noise_floor.measure import ROW_FIELDS, measure_noise_floor
+
+from helpers import model_tensors, read_json, read_jsonl, run_cli, write_adapter_dir, write_jsonl
 
 PROMPTS = [
     {"text": "The capital of France is Paris. The capital of Italy is Rome."},
@@ -98,13 +99,6 @@ class Agg:
         assert row_or_drift["max_abs"] == pytest.approx(self.max_abs, rel=1e-4, abs=1e-9)
 
 
-def fp_weights(model_dir: Path) -> dict[str, mx.array]:
-    out = {}
-    for f in sorted(model_dir.glob("model*.safetensors")):
-        out.update(mx.load(str(f)))
-    return out
-
-
 def linear_weights(weights: dict, group_size: int) -> dict[str, mx.array]:
     """The tensors a llama quantizes at ``group_size``: every 2-D weight
     (Linear or Embedding: llama has no 2-D norm) whose input dim divides."""
@@ -113,18 +107,13 @@ def linear_weights(weights: dict, group_size: int) -> dict[str, mx.array]:
 
 
 def write_adapter(out: Path, modules: dict[str, tuple[np.ndarray, np.ndarray]], scale: float) -> Path:
-    """An mlx-lm adapter directory: ``{module: (lora_a, lora_b)}`` in mlx-lm's layout."""
-    out.mkdir(parents=True)
+    """A rank-2 mlx-lm adapter directory from ``{module: (lora_a, lora_b)}``."""
     tensors = {}
     for m, (a, b) in modules.items():
         tensors[f"{m}.lora_a"] = mx.array(a.astype(np.float32))
         tensors[f"{m}.lora_b"] = mx.array(b.astype(np.float32))
-    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
     keys = sorted({m.split(".", 3)[-1] for m in modules})
-    (out / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": "lora", "num_layers": 2,
-        "lora_parameters": {"rank": 2, "scale": scale, "dropout": 0.0, "keys": keys}}))
-    return out
+    return write_adapter_dir(out, tensors, keys=keys, rank=2, scale=scale, num_layers=2)
 
 
 def lora_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -169,7 +158,7 @@ def weights_run(fp_llama):
 @pytest.fixture(scope="module")
 def llama_adapter(fp_llama, tmp_path_factory):
     rng = np.random.default_rng(0)
-    w = fp_weights(fp_llama)
+    w = model_tensors(fp_llama)
     mods = {}
     for m in ("model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
         out_dims, in_dims = w[f"{m}.weight"].shape
@@ -180,10 +169,8 @@ def llama_adapter(fp_llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def output_run(fp_llama, llama_adapter, tmp_path_factory):
     d = tmp_path_factory.mktemp("nf_out")
-    prompts = d / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    mc = d / "mc.jsonl"
-    mc.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    prompts = write_jsonl(d / "prompts.jsonl", PROMPTS)
+    mc = write_jsonl(d / "mc.jsonl", MC_ROWS)
     res = measure_noise_floor(fp_llama, group_sizes=[64], bits=[3, 4], adapter_path=llama_adapter[0],
                               prompts=prompts, mc=mc, out=d / "out")
     return res, d / "out"
@@ -207,7 +194,7 @@ def test_stock_rows_match_mlx_round_trip(weights_run, fp_llama):
     """Stock rows equal an independent mx.quantize/mx.dequantize round trip of
     a baseline quantized here; non-zero exactly where that round trip is not
     idempotent (and it is not, at realistic weights)."""
-    weights = fp_weights(fp_llama)
+    weights = model_tensors(fp_llama)
     nonzero = []
     for g in (32, 64, 128):
         tensors = linear_weights(weights, g)
@@ -243,8 +230,8 @@ def test_quantized_model_at_own_and_other_settings(tiny_moe_dir, tmp_path):
     "model", the per-module 8-bit gates at their setting), and "requantized"
     rows from its dequantized weights. A rank-2 adapter on the experts'
     down_proj goes through the 3-D (all experts at once) kernel path."""
-    stored = fp_weights(tiny_moe_dir)
-    config = json.loads((tiny_moe_dir / "config.json").read_text())
+    stored = model_tensors(tiny_moe_dir)
+    config = read_json(tiny_moe_dir / "config.json")
     q = config["quantization"]
     rng = np.random.default_rng(1)
     down = "model.layers.3.mlp.switch_mlp.down_proj"
@@ -298,7 +285,7 @@ def test_quantized_model_at_own_and_other_settings(tiny_moe_dir, tmp_path):
 
 
 def test_zero_adapter_retention_is_undefined(fp_llama, tmp_path):
-    w = fp_weights(fp_llama)
+    w = model_tensors(fp_llama)
     m = "model.layers.0.self_attn.q_proj"
     out_dims, in_dims = w[f"{m}.weight"].shape
     adapter = write_adapter(tmp_path / "zero", {m: (np.random.default_rng(0).normal(size=(in_dims, 2)),
@@ -308,7 +295,7 @@ def test_zero_adapter_retention_is_undefined(fp_llama, tmp_path):
     for r in res.rows:
         assert r["retention"] is None and r["noise"] is None
         assert r["adapter_delta_norm"] == 0.0
-    data = json.loads((tmp_path / "out" / "noise_floor.json").read_text())
+    data = read_json(tmp_path / "out" / "noise_floor.json")
     assert all(r["retention"] is None and r["noise"] is None for r in data["rows"])
     assert data["meta"]["adapter"]["zero"] is True
     md = (tmp_path / "out" / "noise_floor.md").read_text()
@@ -376,7 +363,7 @@ def test_adapter_retention_on_dense_model(output_run, fp_llama, llama_adapter):
     keep each group's scale and bias, round the codes) at 3 and 4 bits."""
     res, _ = output_run
     _, mods, scale = llama_adapter
-    weights = fp_weights(fp_llama)
+    weights = model_tensors(fp_llama)
     for bits in (3, 4):
         deq0, deq_stock, deq_pres, deltas = [], [], [], []
         refits = 0
@@ -418,7 +405,7 @@ def test_adapter_retention_on_dense_model(output_run, fp_llama, llama_adapter):
 
 def test_output_files(output_run):
     res, out = output_run
-    data = json.loads((out / "noise_floor.json").read_text())
+    data = read_json(out / "noise_floor.json")
     assert len(data["rows"]) == 6
     for r in data["rows"]:
         assert set(ROW_FIELDS) <= set(r)
@@ -451,8 +438,8 @@ def stock_fused_dir(model_dir: Path, out: Path) -> Path:
     import shutil
 
     shutil.copytree(model_dir, out)
-    config = json.loads((model_dir / "config.json").read_text())
-    stored = fp_weights(model_dir)
+    config = read_json(model_dir / "config.json")
+    stored = model_tensors(model_dir)
     for m in [k[: -len(".scales")] for k in stored if k.endswith(".scales")]:
         base = (stored[f"{m}.weight"], stored[f"{m}.scales"], stored[f"{m}.biases"])
         fused = stock_round_trip(base, *own_quant(config, m))
@@ -468,7 +455,7 @@ def test_mixed_precision_model_is_measured_module_by_module(tiny_moe_mixed_dir):
     (and config.json states), against MLX's round trip at that setting."""
     from mlx_lm import load
 
-    config = json.loads((tiny_moe_mixed_dir / "config.json").read_text())
+    config = read_json(tiny_moe_mixed_dir / "config.json")
     res = measure_noise_floor(tiny_moe_mixed_dir, group_sizes=[64], bits=[3], policies=["stock"], outputs=False)
     assert [(r["source"], r["group_size"], r["bits"]) for r in res.rows] == [("model", 64, 3)]
     loaded, _ = load(str(tiny_moe_mixed_dir))
@@ -480,7 +467,7 @@ def test_mixed_precision_model_is_measured_module_by_module(tiny_moe_mixed_dir):
     assert len(downs) == 4 and all(measured[m] == (64, 6) for m in downs)
     row = res.row(64, 3, "stock")
     assert row["other_settings"] == {"6-bit g64": 4, "8-bit g64": 4}  # down_proj, router gates
-    stored = fp_weights(tiny_moe_mixed_dir)
+    stored = model_tensors(tiny_moe_mixed_dir)
     agg = Agg()
     for m in measured:
         base = (stored[f"{m}.weight"], stored[f"{m}.scales"], stored[f"{m}.biases"])
@@ -531,12 +518,11 @@ def test_mc_answers_are_those_of_eval_mc(model, request, tmp_path):
     from pyfuse.evals.mc import evaluate_mc
 
     model_dir = request.getfixturevalue(model)
-    mc = tmp_path / "mc.jsonl"
-    mc.write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
-    bits = json.loads((model_dir / "config.json").read_text())["quantization"]["bits"]
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    bits = read_json(model_dir / "config.json")["quantization"]["bits"]
     res = measure_noise_floor(model_dir, group_sizes=[64], bits=[bits], policies=["stock"], mc=mc,
                               prompts=[PROMPTS[0]], out=tmp_path / "out")
-    written = [json.loads(line) for line in (tmp_path / "out" / "noise_floor_mc.jsonl").read_text().splitlines()]
+    written = read_jsonl(tmp_path / "out" / "noise_floor_mc.jsonl")
     assert written == res.mc_items
 
     def answers(policy):
@@ -600,17 +586,19 @@ def test_no_quantizable_tensor(tiny_models_root, tiny_tokenizer_dir):
         measure_noise_floor(d, group_sizes=[128], bits=[4], outputs=False)
 
 
-def test_cli(fp_llama, tmp_path, capsys):
+def test_cli(fp_llama, tmp_path):
     out = tmp_path / "nf"
-    code = pyfuse_main(["noise-floor", "--model", str(fp_llama), "--group-sizes", "64", "--bits", "2,4",
-                        "--policies", "stock,preserve", "--no-outputs", "--out", str(out), "--quiet"])
-    assert code == 0
-    data = json.loads((out / "noise_floor.json").read_text())
+    r = run_cli("noise-floor", "--model", fp_llama, "--group-sizes", "64", "--bits", "2,4",
+                "--policies", "stock,preserve", "--no-outputs", "--out", out, "--quiet")
+    assert r.code == 0
+    data = read_json(out / "noise_floor.json")
     assert [(r["bits"], r["policy"]) for r in data["rows"]] == [(2, "stock"), (2, "preserve"),
                                                                (4, "stock"), (4, "preserve")]
     assert (out / "noise_floor_weights.png").exists()
-    assert "4 rows" in capsys.readouterr().out
-    assert pyfuse_main(["noise-floor", "--model", str(fp_llama), "--bits", "4,x", "--out", str(out)]) == 2
-    assert "--bits: 'x' is not an integer" in capsys.readouterr().err
-    assert pyfuse_main(["noise-floor", "--model", str(fp_llama), "--bits", "7", "--out", str(out)]) == 2
-    assert "bits: 7 is not supported" in capsys.readouterr().err
+    assert "4 rows" in r.out
+    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "4,x", "--out", out)
+    assert r.code == 2
+    assert "--bits: 'x' is not an integer" in r.err
+    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "7", "--out", out)
+    assert r.code == 2
+    assert "bits: 7 is not supported" in r.err

@@ -20,18 +20,17 @@ from pyfuse.errors import UserError
 from pyfuse.fuse import fuse_model
 from pyfuse.io.safetensors import SafetensorsFile
 
-from helpers import moe_lora_tensors, write_adapter_dir
+from helpers import make_adapter, write_adapter_dir
 
 KEYS = ["mlp.switch_mlp.down_proj", "self_attn.q_proj"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_moe_dir):
-    """A random rank-3 LoRA on every layer's experts' down_proj and q_proj of the tiny MoE."""
+    """A random rank-3 LoRA (mlx-lm's layers) on every layer's experts' down_proj and q_proj of the tiny MoE."""
     root = tmp_path_factory.mktemp("placebo")
-    t = moe_lora_tensors(tiny_moe_dir, rank=3)
-    path = write_adapter_dir(root / "adapter", t, keys=KEYS, rank=3, scale=2.0, num_layers=4)
-    return {"root": root, "path": path, "tensors": {k: np.asarray(v) for k, v in t.items()}, "scale": 2.0}
+    path = make_adapter(tiny_moe_dir, root / "adapter", keys=KEYS, num_layers=4, rank=3, scale=2.0, b_std=0.1)
+    return {"root": root, "path": path, "tensors": _load(path), "scale": 2.0}
 
 
 def _deltas(tensors: dict, scale: float) -> dict[str, np.ndarray]:

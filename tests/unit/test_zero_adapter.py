@@ -7,44 +7,42 @@ packed codes)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from pyfuse.cli import main
+from pyfuse.adapters.zero import is_zero_adapter, zero_adapter
 from pyfuse.errors import UserError
 from pyfuse.fuse import fuse_model
 from pyfuse.io.safetensors import SafetensorsFile
-from pyfuse.adapters.zero import is_zero_adapter, zero_adapter
 
-from helpers import moe_lora_tensors
+from helpers import read_json, run_cli, write_adapter_dir
 
 MOE_KEYS = ["mlp.switch_mlp.down_proj", "self_attn.q_proj"]
 DORA_KEYS = ["self_attn.q_proj", "mlp.down_proj"]
-
-
-def _write_adapter(path, tensors: dict, fine_tune_type: str, keys, rank: int, scale: float, n_layers=4):
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "fine_tune_type": fine_tune_type, "num_layers": n_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys}}, indent=2))
-    mx.save_safetensors(str(path / "adapters.safetensors"), tensors, metadata={"format": "mlx"})
-    return path
 
 
 @pytest.fixture(scope="module")
 def lora_case(tmp_path_factory, tiny_moe_dir):
     """A random LoRA adapter (every layer's experts' down_proj and q_proj) on the tiny MoE."""
     root = tmp_path_factory.mktemp("zero_lora")
-    cfg = json.loads((tiny_moe_dir / "config.json").read_text())
-    r = 4
-    t = moe_lora_tensors(tiny_moe_dir, rank=r)
-    adapter = _write_adapter(root / "adapter", t, "lora", MOE_KEYS, r, 2.0, cfg["num_hidden_layers"])
+    cfg = read_json(tiny_moe_dir / "config.json")
+    E, H, I, r = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"], 4
+    q_out = cfg["num_attention_heads"] * cfg.get("head_dim", H // cfg["num_attention_heads"])
+    rng = np.random.default_rng(0)
+    t = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        t[f"{p}.mlp.switch_mlp.down_proj.lora_a"] = mx.array(rng.normal(0, 0.1, (E, r, I)).astype(np.float32))
+        t[f"{p}.mlp.switch_mlp.down_proj.lora_b"] = mx.array(rng.normal(0, 0.1, (E, H, r)).astype(np.float32))
+        t[f"{p}.self_attn.q_proj.lora_a"] = mx.array(rng.normal(0, 0.1, (H, r)).astype(np.float32))
+        t[f"{p}.self_attn.q_proj.lora_b"] = mx.array(rng.normal(0, 0.1, (r, q_out)).astype(np.float32))
+    adapter = write_adapter_dir(root / "adapter", t, keys=MOE_KEYS, rank=r, scale=2.0,
+                                num_layers=cfg["num_hidden_layers"])
     twin = root / "zero"
-    assert main(["zero-adapter", "--adapter-path", str(adapter), "--out", str(twin)]) == 0
+    assert run_cli("zero-adapter", "--adapter-path", adapter, "--out", twin).code == 0
     return {"root": root, "adapter": adapter, "twin": twin, "tensors": t}
 
 
@@ -62,7 +60,7 @@ def test_lora_twin_has_the_parents_structure_and_a_zero_delta(lora_case):
                 assert not after.any()
             else:
                 assert np.array_equal(before, after)
-    prov = json.loads((twin / "zero_adapter.json").read_text())
+    prov = read_json(twin / "zero_adapter.json")
     assert prov["zero_delta_of"] == str(adapter.resolve()) and prov["modules"] == 8
     assert is_zero_adapter(twin) and not is_zero_adapter(adapter)
 
@@ -118,8 +116,8 @@ def _np_dequantize_4bit(w, s, b, group_size=64):
     return codes * np.repeat(s, group_size, axis=-1) + np.repeat(b, group_size, axis=-1)
 
 
-def test_dora_twin_sets_magnitudes_to_the_base_rows_norms(tiny_llama_dir, tmp_path, capsys):
-    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+def test_dora_twin_sets_magnitudes_to_the_base_rows_norms(tiny_llama_dir, tmp_path):
+    cfg = read_json(tiny_llama_dir / "config.json")
     H, inter, r = cfg["hidden_size"], cfg["intermediate_size"], 4
     rng = np.random.default_rng(1)
     t = {}
@@ -129,12 +127,14 @@ def test_dora_twin_sets_magnitudes_to_the_base_rows_norms(tiny_llama_dir, tmp_pa
             t[f"{p}.lora_a"] = mx.array(rng.normal(0, 0.1, (n_in, r)).astype(np.float32))
             t[f"{p}.lora_b"] = mx.array(rng.normal(0, 0.1, (r, n_out)).astype(np.float32))
             t[f"{p}.m"] = mx.array(rng.uniform(0.5, 2.0, (n_out,)).astype(np.float32))
-    adapter = _write_adapter(tmp_path / "dora", t, "dora", DORA_KEYS, r, 1.0, n_layers=2)
+    adapter = write_adapter_dir(tmp_path / "dora", t, keys=DORA_KEYS, rank=r, scale=1.0, num_layers=2,
+                                fine_tune_type="dora")
 
     with pytest.raises(UserError, match="DoRA adapter.*--model"):
         zero_adapter(adapter, tmp_path / "nomodel")
-    assert main(["zero-adapter", "--adapter-path", str(adapter), "--out", str(tmp_path / "x")]) == 2
-    assert "needs the base model (--model)" in capsys.readouterr().err
+    r = run_cli("zero-adapter", "--adapter-path", adapter, "--out", tmp_path / "x")
+    assert r.code == 2
+    assert "needs the base model (--model)" in r.err
     assert not (tmp_path / "x").exists() and not (tmp_path / "nomodel").exists()
 
     res = zero_adapter(adapter, tmp_path / "zero", model=tiny_llama_dir)
@@ -161,24 +161,28 @@ def test_dora_twin_sets_magnitudes_to_the_base_rows_norms(tiny_llama_dir, tmp_pa
     assert not mx.allclose(lb, lp, atol=1e-2).item()
 
 
-def test_bad_input_is_one_line_and_leaves_nothing(lora_case, tmp_path, capsys):
+def test_bad_input_is_one_line_and_leaves_nothing(lora_case, tmp_path):
     adapter, twin = lora_case["adapter"], lora_case["twin"]
-    assert main(["zero-adapter", "--adapter-path", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    r = run_cli("zero-adapter", "--adapter-path", tmp_path / "nope", "--out", tmp_path / "o")
+    assert r.code == 2
+    assert "does not exist" in r.err
     # --out exists: refused without --force, replaced with it
-    assert main(["zero-adapter", "--adapter-path", str(adapter), "--out", str(twin)]) == 2
-    assert "exists" in capsys.readouterr().err
+    r = run_cli("zero-adapter", "--adapter-path", adapter, "--out", twin)
+    assert r.code == 2
+    assert "exists" in r.err
     copy = tmp_path / "twin"
     shutil.copytree(twin, copy)
     (copy / "stale.txt").write_text("x")
-    assert main(["zero-adapter", "--adapter-path", str(adapter), "--out", str(copy), "--force"]) == 0
-    assert "lora_b zeroed in 8 module(s)" in capsys.readouterr().out
+    r = run_cli("zero-adapter", "--adapter-path", adapter, "--out", copy, "--force")
+    assert r.code == 0
+    assert "lora_b zeroed in 8 module(s)" in r.out
     assert not (copy / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["twin"]  # no temporary directories left
     # a corrupt adapter file: a clear error, nothing written
     bad = tmp_path / "bad"
     shutil.copytree(adapter, bad)
     (bad / "adapters.safetensors").write_bytes(b"\x00" * 4)
-    assert main(["zero-adapter", "--adapter-path", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "adapters.safetensors" in capsys.readouterr().err
+    r = run_cli("zero-adapter", "--adapter-path", bad, "--out", tmp_path / "o")
+    assert r.code == 2
+    assert "adapters.safetensors" in r.err
     assert not (tmp_path / "o").exists()
