@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from .criterion import P_STATS, parse, parse_pvalue
+from .criterion import parse, parse_pvalue
 from .resolve import condition_stages, ends_with_adapter, evaluated_suites
 from .spec import NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec
 

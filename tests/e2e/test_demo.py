@@ -225,7 +225,7 @@ def test_report_and_screen(demo):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     prereg = report.split("## Pre-registration")[1]
-    assert "None" not in prereg and "- Power before data: diff(A1, A0) >= 5pp:" in prereg
+    assert "None" not in prereg and "- Power before data: diff(A1, A0) >= 5 points at n = " in prereg
     assert "- Locked although under-powered, because: a demonstration on a tiny model" in prereg
     spec = (out / "demo.yaml").read_text()
     assert "quick, reduced" in spec and (out / "inputs" / "mmlu.jsonl").is_file()

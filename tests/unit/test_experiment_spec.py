@@ -21,7 +21,7 @@ import yaml
 from pyfuse.errors import UserError
 from pyfuse.experiment import build_plan, parse_criterion
 from pyfuse.experiment.load import spec_from_dict
-from pyfuse.experiment.prereg import Lock, canonical_json, lock, prereg_document, read_lock, verify_data
+from pyfuse.experiment.prereg import Lock, canonical_json, lock, read_lock, verify_data
 from pyfuse.experiment.results import verdict
 
 from helpers import read_json, run_cli, write_yaml

@@ -406,3 +406,25 @@ def test_empirical_p_counts_the_draws_at_least_as_large():
         assert np.mean(np.array(ps) <= j / 11 + 1e-12) == pytest.approx(j / 11, abs=0.02)
     with pytest.raises(UserError):
         empirical_p(0.1, [])
+
+
+def test_cli_paired_power_from_a_discordance_or_a_noise_floor(tmp_path, capsys):
+    from pyfuse.stats import mcnemar_mde, mcnemar_power, mcnemar_sample_size
+
+    assert main(["stats", "paired", "--n", "692", "--discordance", "0.1", "--effect", "0.03", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mde"] == pytest.approx(mcnemar_mde(692, 0.1))
+    assert data["power_at_effect"] == pytest.approx(mcnemar_power(692, 0.1, 0.03))
+    assert data["n_needed"] == mcnemar_sample_size(0.1, 0.03) and data["underpowered"] is True
+    # the discordance from a noise-floor result: the MC answers a zero-delta fuse flips at the model's setting
+    (tmp_path / "nf.json").write_text(json.dumps({"rows": [
+        {"policy": "stock", "source": "model", "bits": 3, "group_size": 64, "mc_flip": 0.15},
+        {"policy": "preserve", "source": "model", "bits": 3, "group_size": 64, "mc_flip": 0.0}]}))
+    assert main(["stats", "paired", "--effect", "0.05", "--noise-floor", str(tmp_path / "nf.json")]) == 0
+    out = capsys.readouterr().out
+    assert "items needed for +5.00 pp" in out and str(mcnemar_sample_size(0.15, 0.05)) in out
+    assert main(["stats", "paired", "--effect", "0.05", "--noise-floor", str(tmp_path / "nf.json"),
+                 "--policy", "preserve"]) == 2
+    assert "no discordance to plan with" in capsys.readouterr().err
+    assert main(["stats", "paired", "--discordance", "0.1"]) == 2
+    assert "give --n" in capsys.readouterr().err
