@@ -73,13 +73,15 @@ class Run:
             conds[name] = {"model": {"source": f"/models/{name}"}, "adapter": None, "mc_sets": {},
                            "identity": d, "family": None, "seed": None, "from": "persona",
                            "flip_reference": None, "margins": None}
-        if margins is not None:
-            ref_preds, logprobs = margins
-            d = _step(self.out, "eval-mc-reference", {"rows.jsonl": _rows(ids, [0] * n, ref_preds, logprobs)})
-            steps.append({"dir": d, "labels": ["reference"], "kind": "eval-mc"})
+        if margins is not None:  # (answers, logprobs) of one logprob step, or (answers, None, logprobs) of two
+            ref_preds, logprobs = margins[0], margins[-1]
+            d = _step(self.out, "eval-mc-reference", {"rows.jsonl": _rows(ids, [0] * n, ref_preds, margins[1])})
+            m = d if len(margins) == 2 else _step(self.out, "eval-mc-margins", {"rows.jsonl": _rows(
+                ids, [0] * n, [max(lp, key=lp.get) for lp in logprobs], logprobs)})
+            steps += [{"dir": x, "labels": ["reference"], "kind": "eval-mc"} for x in dict.fromkeys((d, m))]
             for name, o in outcomes.items():
                 if o.get("fused"):
-                    conds[name].update(flip_reference=d, margins=d)
+                    conds[name].update(flip_reference=d, margins=m)
         self.plan = {"name": "hand-made", "condition_order": list(conds), "conditions": conds, "steps": steps,
                      "datasets": ["items"], "comparisons": [("A1", "A0")] if {"A1", "A0"} <= set(conds) else [],
                      "families": families or {}, "analysis": analysis}
@@ -205,7 +207,7 @@ def test_flips_by_margin_bins_and_mann_whitney(tmp_path):
     run = Run(tmp_path, o, margins=(ref, logprobs))
     res = run.results()
     f = res["flips"]["A1"]
-    m = np.array([lp["A"] - lp["B"] for lp in logprobs])
+    m = np.array([b - a for a, b in (sorted(lp.values())[-2:] for lp in logprobs)])  # top two letters
     assert f["flipped"] == int(flip_a1.sum()) and f["n"] == n
     ref_test = sps.mannwhitneyu(m[flip_a1], m[~flip_a1], alternative="less")
     assert f["test"]["pvalue"] == pytest.approx(ref_test.pvalue, rel=1e-12) and f["test"]["pvalue"] < 1e-6
@@ -218,6 +220,28 @@ def test_flips_by_margin_bins_and_mann_whitney(tmp_path):
     write_report(run.out)
     assert "## Flips by margin" in (run.out / "report.md").read_text()
     assert (run.out / "flips_by_margin.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flips_of_generated_answers_take_the_margins_of_a_logprob_pass(tmp_path):
+    """With ``generate`` the answers come from generation (no letter scores): flips compare the generated
+    answers, the margins come from the reference's own logprob step."""
+    rng = np.random.default_rng(8)
+    n = 120
+    margins = rng.exponential(1.0, n)
+    logprobs = [{"A": -0.2, "B": -0.2 - m, "C": -4.0, "D": -5.0} for m in margins]
+    ref = [LETTERS[rng.integers(4)] for _ in range(n)]  # generated: not the logprob argmax
+    flip = rng.random(n) < 0.3
+    o = {"A1": {"correct": [0] * n, "fused": True,
+                "preds": [LETTERS[(LETTERS.index(p) + 1) % 4] if f else p for p, f in zip(ref, flip)]},
+         "persona": {"correct": [0] * n, "preds": ref}}
+    run = Run(tmp_path, o, margins=(ref, None, logprobs), criterion="diff(A1, persona) > 0.5")
+    f = run.results()["flips"]["A1"]
+    assert f["flipped"] == int(flip.sum())
+    top2 = [sorted(lp.values())[-2:] for lp in logprobs]
+    m = np.array([b - a for a, b in top2])  # the margin between the top two letters (C when B is far below)
+    assert (m < margins).any()
+    ref_test = sps.mannwhitneyu(m[flip], m[~flip], alternative="less")
+    assert f["test"]["pvalue"] == pytest.approx(ref_test.pvalue, rel=1e-9)
 
 
 @pytest.mark.parametrize("n,counts", [(1, (0, 1, 0)), (14, (0, 14, 0)), (7, (0, 7, 3)), (300, (0, 300, 1))])
