@@ -49,6 +49,10 @@ def add_arguments(p) -> None:
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
     add_force(p, "--save-path")
+    p.add_argument("--lenient", action="store_true",
+                   help="fuse adapter modules mlx-lm's loader refuses (outside the adapter config's "
+                        "num_layers/keys, DoRA on SwitchLinear without m) instead of refusing the "
+                        "adapter; they are listed in a warning and the report")
     p.add_argument("--exact-report", action="store_true",
                    help="measure every weight for the report (default: tensors over 2M weights are "
                         "measured on evenly spaced rows; slower on CPU)")
@@ -62,7 +66,7 @@ def run(args) -> int:
         args.model, args.adapter_path, args.save_path,
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
-        only=args.only, link_unchanged=args.link_unchanged, force=args.force,
+        only=args.only, link_unchanged=args.link_unchanged, force=args.force, lenient=args.lenient,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary

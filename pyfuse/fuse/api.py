@@ -92,6 +92,7 @@ def fuse_model(
     only: str | None = None,
     link_unchanged: bool = False,
     force: bool = False,
+    lenient: bool = False,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
@@ -114,6 +115,11 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path``.
+        lenient: fuse adapter modules that ``mlx_lm.load(model,
+            adapter_path=...)`` refuses (outside the config's ``num_layers`` /
+            ``keys``; DoRA on a SwitchLinear without ``m``) instead of refusing
+            the adapter; they are listed in the report's ``incompatible`` and
+            a warning.
         report_sample: measure the report's figures on about this many
             weights of each larger tensor (evenly spaced output rows of every
             expert; norms are scaled to whole-tensor estimates, ``sampled`` in
@@ -137,7 +143,7 @@ def fuse_model(
         if report is not None:
             _check_report_path(Path(report), save_path)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
-                         requant_group_size=requant_group_size, only_re=only_re)
+                         requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample)
         with sigterm_as_interrupt():

@@ -21,7 +21,8 @@ from ..errors import UserError
 from ..io.adapter_dir import Adapter, AdapterModule
 from ..io.model_dir import FLOAT_DTYPES, MX_MODES, ModelDir, QParams
 from ..io.names import natural_key
-from .mapping import ModuleMatch, configured_modules, kernel_factors, match_module
+from .mapping import (ModuleMatch, configured_modules, incompatible_modules, kernel_factors, match_module,
+                      refusal)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Plan:
     zero_modules: list[str]  # lora_a without lora_b: a zero delta, nothing to fuse
     excluded_by_only: list[str]
     outside_config: list[str]
+    incompatible: dict[str, str]  # module -> why mlx-lm's loader refuses it (fused: --lenient)
     config_changes: dict | None  # new config.json dict, or None to copy it
     is_dora: bool
     scale: float
@@ -61,16 +63,21 @@ class Plan:
 
 def make_plan(mdir: ModelDir, adapter: Adapter, *, policy: str, dequantize: bool,
               requant_bits: int | None, requant_group_size: int | None,
-              only_re: re.Pattern | None) -> Plan:
-    """The plan of fusing ``adapter`` into ``mdir`` (UserError when it cannot work)."""
+              only_re: re.Pattern | None, lenient: bool = False) -> Plan:
+    """The plan of fusing ``adapter`` into ``mdir`` (UserError when it cannot
+    work, or when mlx-lm's loader would refuse the adapter and not ``lenient``)."""
     jobs, zero, excluded = _fuse_jobs(mdir, adapter, policy=policy, dequantize=dequantize,
                                       requant_bits=requant_bits, requant_group_size=requant_group_size,
                                       only_re=only_re)
+    kinds = {p: "switch" if len(mdir.tensors[f"{p}.weight"].shape) == 3 else "2d" for p in adapter.modules}
+    incompatible = incompatible_modules(adapter, mdir.tensors, mdir.num_hidden_layers, kinds)
+    if incompatible and not lenient:
+        raise refusal(adapter, incompatible)
     if dequantize:  # every other quantized module is written in full precision too
         jobs += _dequantize_jobs(mdir, {j.path for j in jobs})
     without, outside = _coverage(mdir, adapter)
     return Plan(jobs=jobs, configured_without_weights=without, zero_modules=zero,
-                excluded_by_only=excluded, outside_config=outside,
+                excluded_by_only=excluded, outside_config=outside, incompatible=incompatible,
                 config_changes=_config_changes(mdir, jobs, dequantize),
                 is_dora=adapter.is_dora, scale=adapter.scale)
 

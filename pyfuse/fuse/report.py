@@ -214,6 +214,7 @@ def build_report(plan: Plan, records, *, policy, seed, dequantize, requant_bits,
         "zero_modules": plan.zero_modules,
         "excluded_by_only": plan.excluded_by_only,
         "outside_config": plan.outside_config,
+        "incompatible": plan.incompatible,
         "dequantized_modules": sum(1 for j in plan.jobs if j.kind == "dequantize"),
         "sampled_tensors": sum(1 for r in records if r.get("sampled", 1.0) < 1.0),
         "shards": written["shards"],
@@ -250,6 +251,10 @@ def _warnings(summary: dict, records) -> list[str]:
         elif summary["min_retention"] is not None and summary["min_retention"] < LOW_RETENTION:
             out.append(f"{summary['min_retention_tensor']} keeps only "
                        f"{summary['min_retention']:.2f} of its delta after re-quantization{hint}")
+    if summary["incompatible"]:
+        first = ", ".join(list(summary["incompatible"])[:3])
+        out.append(f"--lenient: fused {len(summary['incompatible'])} module(s) mlx-lm's loader refuses "
+                   f"(first: {first}); the output matches no model mlx-lm builds from this adapter")
     if summary["configured_without_weights"]:
         k = len(summary["configured_without_weights"])
         out.append(f"{k} module(s) named by the adapter config have no adapter weights and were "
