@@ -22,6 +22,13 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 POLICIES = ("stock", "preserve", "stochastic")
 DEFAULT_POLICY = "stock"
 DEFAULT_SEED = 0
+# The policies that keep every group's grid (scale and bias), and what they
+# do with a group whose fused values leave the grid's range: re-fit it
+# (MLX's affine rule; the group loses its grid), clip its codes to the range
+# (the grid is kept, the out-of-range weights saturate) or refuse the fuse.
+GRID_KEEPING_POLICIES = ("preserve", "stochastic")
+RANGE_OVERFLOW_ACTIONS = ("refit", "clip", "error")
+DEFAULT_RANGE_OVERFLOW = "refit"
 
 # MLX's microscaling modes: (bits, group size) each. pyfuse reads and
 # re-quantizes them the stock way only.

@@ -54,7 +54,8 @@ from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.files import sigterm_as_interrupt
 from ..io.model_dir import ModelDir
-from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import (DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES, RANGE_OVERFLOW_ACTIONS,
+                       SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
 from . import compute, report as reporting
 from .plan import Job, Plan, make_plan
 from .writer import write_model
@@ -93,6 +94,7 @@ def fuse_model(
     link_unchanged: bool = False,
     force: bool = False,
     lenient: bool = False,
+    on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
@@ -115,6 +117,12 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path``.
+        on_range_overflow: under ``preserve`` / ``stochastic``, what a group
+            whose fused values leave its grid's range gets: ``refit`` (MLX's
+            affine rule on its fused values: that group loses its scale and
+            bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
+            and bias kept) or ``error`` (UserError naming the module). The
+            report counts those groups per module.
         lenient: fuse adapter modules that ``mlx_lm.load(model,
             adapter_path=...)`` refuses (outside the config's ``num_layers`` /
             ``keys``; DoRA on a SwitchLinear without ``m``) instead of refusing
@@ -135,6 +143,7 @@ def fuse_model(
     started = time.monotonic()
     model_path, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
+    _check_range_overflow(on_range_overflow, policy)
     only_re = _compile_only(only)
     mdir = ModelDir(model_path)
     try:
@@ -145,7 +154,8 @@ def fuse_model(
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
                          requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
         records: list[dict] = []
-        run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample)
+        run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
+                          on_range_overflow=on_range_overflow)
         with sigterm_as_interrupt():
             try:
                 written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged)
@@ -158,19 +168,20 @@ def fuse_model(
 
     rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
                                  requant_bits=requant_bits, requant_group_size=requant_group_size,
-                                 only=only, written=written, seconds=time.monotonic() - started)
+                                 only=only, written=written, seconds=time.monotonic() - started,
+                                 on_range_overflow=on_range_overflow)
     report_path = None if report is None else _write_report(Path(report), rep, save_path)
     return FuseResult(save_path=save_path, report=rep, report_path=report_path,
                       fused=[j.path for j in plan.jobs if j.fuses])
 
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
-                report_sample: int | None):
+                report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
-        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed)
+        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow)
         if job.fuses:
             records.append(reporting.record(job, fused, scale=plan.scale, sample=report_sample))
         return fused.tensors
@@ -204,6 +215,15 @@ def _check_options(policy, seed, requant_bits, requant_group_size, dequantize):
     if dequantize and (requant_bits is not None or requant_group_size is not None):
         raise UserError("--dequantize writes full precision: it cannot be combined with "
                         "--requant-bits/--requant-group-size")
+
+
+def _check_range_overflow(on_range_overflow, policy):
+    if on_range_overflow not in RANGE_OVERFLOW_ACTIONS:
+        raise UserError(f"--on-range-overflow must be one of {', '.join(RANGE_OVERFLOW_ACTIONS)}, "
+                        f"got {on_range_overflow!r}")
+    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
+        raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
+                        f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
 
 
 def _compile_only(only: str | None) -> re.Pattern | None:
