@@ -20,11 +20,15 @@ What it does, in order (one module each):
    ``save_path`` at the end (:mod:`~pyfuse.fuse.writer`).
 5. Reports, per fused tensor, what really changed (:mod:`~pyfuse.fuse.report`).
 
-Policies (``policy``): ``stock`` is ``mlx_lm fuse``'s algorithm (bit-identical
-per fused tensor for float32 adapters, which is what ``mlx_lm lora`` writes);
-``preserve`` keeps each group's scale and bias (a zero adapter gives a
-byte-identical model); ``stochastic`` rounds stochastically (the delta
-survives in expectation). See :func:`pyfuse.fuse_requant`.
+Policies (``policy``): ``stock`` is ``mlx_lm fuse``'s algorithm (the same
+bytes per fused tensor, but for the two deviations below: DoRA on bf16/fp16
+models, f16/bf16 adapter tensors); ``preserve`` keeps each group's scale and
+bias (a zero adapter gives a byte-identical model) except in groups whose
+fused values leave the grid's range (``on_range_overflow``: re-fitted by
+default, counted per module in the report); ``stochastic`` rounds
+stochastically (the delta survives in expectation). See
+:func:`pyfuse.fuse_requant` (tests/unit/test_fuse_deviations.py checks the
+deviations against ``mlx_lm fuse``).
 
 Deviations from ``mlx_lm fuse``, on purpose:
 
