@@ -40,6 +40,13 @@ DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
 
 
+def mode_defaults(mode: str = "affine") -> tuple[int, int]:
+    """(bits, group size) MLX uses for ``mode`` when a quantization leaves
+    them null (``mlx_lm convert --quant-predicate mixed_*`` per-module
+    entries; mlx-lm's QuantizedSwitchLinear then keeps ``group_size=None``)."""
+    return MX_MODES.get(mode, (DEFAULT_BITS, DEFAULT_GROUP_SIZE))
+
+
 def joined(values) -> str:
     """``2, 3, 4`` for error messages."""
     return ", ".join(map(str, values))
