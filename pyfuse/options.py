@@ -30,6 +30,9 @@ GRID_KEEPING_POLICIES = ("preserve", "stochastic")
 RANGE_OVERFLOW_ACTIONS = ("refit", "clip", "error")
 DEFAULT_RANGE_OVERFLOW = "refit"
 
+# mlx_lm fuse's default --gguf-path (inside --save-path).
+DEFAULT_GGUF_PATH = "ggml-model-f16.gguf"
+
 # MLX's microscaling modes: (bits, group size) each. pyfuse reads and
 # re-quantizes them the stock way only.
 MX_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..options import DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
+from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
 from ._args import add_force, add_model, add_quiet, add_seed, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
@@ -44,7 +44,8 @@ the change in units of the delta); --report writes every figure as JSON.
 
 
 def add_arguments(p) -> None:
-    add_model(p, "the mlx-lm model directory (default: mlx_model)", default="mlx_model")
+    add_model(p, "the mlx-lm model directory, or a Hugging Face repo id resolved like mlx-lm does "
+                 "(the local cache first) (default: mlx_model)", default="mlx_model")
     p.add_argument("--adapter-path", default="adapters",
                    help="the adapter directory: adapter_config.json + adapters.safetensors "
                         "(default: adapters)")
@@ -52,6 +53,16 @@ def add_arguments(p) -> None:
                    help="where to write the fused model (default: fused_model)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a full-precision model (every quantized module), as mlx_lm fuse --dequantize")
+    p.add_argument("--export-gguf", action="store_true",
+                   help="also write the fused model as GGUF with mlx-lm's export (llama, mixtral, mistral; "
+                        "full precision: add --dequantize for a quantized model)")
+    p.add_argument("--gguf-path", default=DEFAULT_GGUF_PATH,
+                   help=f"the GGUF file, inside --save-path (default: {DEFAULT_GGUF_PATH})")
+    p.add_argument("--upload-repo", default=None, metavar="REPO",
+                   help="then upload --save-path to this Hugging Face repo (mlx-lm's upload_to_hub)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept a model whose config.json names a custom architecture module "
+                        "(model_file), as mlx_lm fuse does with this flag (pyfuse runs none of it)")
     p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=DEFAULT_POLICY,
                    help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
                         "--requant is its older name)")
@@ -90,7 +101,8 @@ def run(args) -> int:
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
         only=args.only, link_unchanged=args.link_unchanged, force=args.force, lenient=args.lenient,
-        on_range_overflow=args.on_range_overflow,
+        on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
+        upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
@@ -103,9 +115,13 @@ def run(args) -> int:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")
     if s["excluded_by_only"]:
         extra.append(f"{len(s['excluded_by_only'])} excluded by --only")
+    if s.get("replaced"):
+        extra.append(f"{len(s['replaced'])} tensor(s) replaced by the full fine-tune")
     if s["dequantized_modules"]:
         extra.append(f"{s['dequantized_modules']} more dequantized")
     print(f"pyfuse fuse: wrote {result.save_path} ({s['modules_fused']} module(s) fused, "
           f"--policy {s['policy']}" + "".join(f", {e}" for e in extra) + f", {s['seconds']:.1f} s)"
-          + (f"; report: {result.report_path}" if result.report_path else ""))
+          + (f"; report: {result.report_path}" if result.report_path else "")
+          + (f"; GGUF: {result.gguf_path}" if result.gguf_path else "")
+          + (f"; uploaded to {args.upload_repo}" if args.upload_repo else ""))
     return 0

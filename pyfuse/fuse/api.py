@@ -57,10 +57,11 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.files import sigterm_as_interrupt
+from ..io.hub import resolve_model_dir
 from ..io.model_dir import ModelDir
-from ..options import (DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES, RANGE_OVERFLOW_ACTIONS,
-                       SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
-from . import compute, report as reporting
+from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
+                       RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
+from . import compute, export, report as reporting
 from .plan import Job, Plan, make_plan
 from .writer import write_model
 
@@ -73,6 +74,7 @@ class FuseResult:
     report: dict
     report_path: Path | None = None
     fused: list[str] = field(default_factory=list)  # module paths
+    gguf_path: Path | None = None
 
     @property
     def summary(self) -> dict:
@@ -99,6 +101,10 @@ def fuse_model(
     force: bool = False,
     lenient: bool = False,
     on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
+    export_gguf: bool = False,
+    gguf_path: str = DEFAULT_GGUF_PATH,
+    upload_repo: str | None = None,
+    trust_remote_code: bool = False,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
@@ -127,6 +133,15 @@ def fuse_model(
             bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
             and bias kept) or ``error`` (UserError naming the module). The
             report counts those groups per module.
+        export_gguf, gguf_path: also write ``save_path / gguf_path`` with
+            mlx-lm's GGUF export (llama, mixtral, mistral; full precision:
+            with ``dequantize`` for a quantized model), as ``mlx_lm fuse``.
+        upload_repo: then upload ``save_path`` to this Hugging Face repo with
+            mlx-lm's ``upload_to_hub`` (UserError when it fails; the fused
+            model stays).
+        trust_remote_code: accept a model whose config.json names a custom
+            architecture module (``model_file``), which ``mlx_lm fuse`` refuses
+            without it; pyfuse itself runs none of that code.
         lenient: fuse adapter modules that ``mlx_lm.load(model,
             adapter_path=...)`` refuses (outside the config's ``num_layers`` /
             ``keys``; DoRA on a SwitchLinear without ``m``) instead of refusing
@@ -145,12 +160,16 @@ def fuse_model(
             nothing is left behind.
     """
     started = time.monotonic()
-    model_path, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
+    model_path = resolve_model_dir(model)  # a Hub repo id: its cached snapshot, as mlx-lm
+    adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
     only_re = _compile_only(only)
     mdir = ModelDir(model_path)
     try:
+        _check_remote_code(mdir, trust_remote_code)
+        if export_gguf:
+            export.check_gguf(mdir, dequantize)
         adapter = read_adapter(adapter_path)
         _check_save_path(save_path, model_path, adapter_path, force)
         if report is not None:
@@ -175,8 +194,11 @@ def fuse_model(
                                  only=only, written=written, seconds=time.monotonic() - started,
                                  on_range_overflow=on_range_overflow)
     report_path = None if report is None else _write_report(Path(report), rep, save_path)
+    gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
+    if upload_repo is not None:
+        export.upload(save_path, upload_repo)
     return FuseResult(save_path=save_path, report=rep, report_path=report_path,
-                      fused=[j.path for j in plan.jobs if j.fuses])
+                      fused=[j.path for j in plan.jobs if j.fuses], gguf_path=gguf)
 
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
@@ -219,6 +241,14 @@ def _check_options(policy, seed, requant_bits, requant_group_size, dequantize):
     if dequantize and (requant_bits is not None or requant_group_size is not None):
         raise UserError("--dequantize writes full precision: it cannot be combined with "
                         "--requant-bits/--requant-group-size")
+
+
+def _check_remote_code(mdir: ModelDir, trust_remote_code: bool) -> None:
+    model_file = mdir.config.get("model_file")
+    if model_file is not None and not trust_remote_code:
+        raise UserError(f"the model at {mdir.path} needs a custom module ({model_file!r}) to build its "
+                        "architecture, which mlx_lm fuse refuses without --trust-remote-code (pyfuse runs "
+                        "none of it); pass --trust-remote-code if you trust this model")
 
 
 def _check_range_overflow(on_range_overflow, policy):

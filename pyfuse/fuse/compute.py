@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..io.model_dir import ModelDir, QParams
 from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
-from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups
+from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups, requant_to_reference
 from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES
 from .plan import Job, Plan
 
@@ -99,7 +99,11 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
             on_range_overflow: str = DEFAULT_RANGE_OVERFLOW) -> Fused:
     """Read the job's base tensors and compute its outputs (UserError when a
     group leaves its grid's range under ``on_range_overflow="error"``)."""
+    if job.kind == "replace":  # a full fine-tune's trained tensors, as they are
+        return Fused(dict(job.replacement), (None, None, None), None, "none")
     w, s, bi = mdir.read_module(job.path)
+    if job.kind == "requantize":
+        return _run_requantize_job(job, (w, s, bi), policy=policy, seed=seed, on_range_overflow=on_range_overflow)
     if not job.quantized:
         return _run_float_job(job, w, plan)
     q_in, q_out = job.q_in, job.q_out
@@ -192,6 +196,30 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
     if mc is not None:
         fused = dora_rescale(fused, mc).astype(_MX_DTYPE[job.dtype])
     return (fused,) if q_out is None else quantize(fused, q_out)
+
+
+def _run_requantize_job(job: Job, base: tuple, *, policy: str, seed: int, on_range_overflow: str) -> Fused:
+    """A full fine-tune's float weight for a quantized module: quantized at
+    the module's (or --requant-*) precision, by the policy: ``stock``
+    quantizes it afresh (``mx.quantize`` of the weight in the scales' dtype);
+    ``preserve`` / ``stochastic`` move the base's codes towards it on the
+    base's grid (the pure-MLX reference; ``--on-range-overflow`` applies)."""
+    (name, trained), = job.replacement.items()
+    q_in, q_out = job.q_in, job.q_out
+    weight = trained.astype(_MX_DTYPE[job.dtype])
+    if q_out is None:
+        parts = (weight,)
+    elif policy in GRID_KEEPING_POLICIES and q_out.mode == "affine" and q_in.mode == "affine":
+        grid = base if q_out == q_in else quantize(dequantize(*base, q_in), q_out)
+        parts = requant_to_reference(*grid, trained, group_size=q_out.group_size, bits=q_out.bits, policy=policy,
+                                     seed=seed, on_range_overflow="clip" if on_range_overflow == "clip" else "refit")
+    else:
+        parts = quantize(weight, q_out)
+    mx.eval(*parts)
+    names = [f"{job.path}.weight", f"{job.path}.scales", f"{job.path}.biases"][: len(parts)]
+    results = dict(zip(names, parts))
+    _check_planned(job, results)
+    return Fused(results, base, None, policy if q_out is not None else "none")
 
 
 def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:

@@ -224,6 +224,7 @@ def build_report(plan: Plan, records, *, policy, seed, dequantize, requant_bits,
         "excluded_by_only": plan.excluded_by_only,
         "outside_config": plan.outside_config,
         "incompatible": plan.incompatible,
+        "replaced": [n for j in plan.jobs if j.kind in ("replace", "requantize") for n in j.replacement],
         "dequantized_modules": sum(1 for j in plan.jobs if j.kind == "dequantize"),
         "sampled_tensors": sum(1 for r in records if r.get("sampled", 1.0) < 1.0),
         "shards": written["shards"],
@@ -266,7 +267,7 @@ def _warnings(summary: dict, records) -> list[str]:
     out = []
     if (range_warning := _range_warning(summary, records)) is not None:
         out.append(range_warning)
-    if not records:
+    if not records and not summary["replaced"]:
         out.append("nothing was fused: the adapter has no weights for any module"
                    + (" matching --only" if summary["only"] else ""))
     r, n = summary["retention"], summary["noise"]

@@ -145,6 +145,17 @@ def fuse_requant_reference(
         )
 
 
+def requant_to_reference(w, scales, biases, target: mx.array, *, group_size: int, bits: int, policy: str,
+                         seed: int = 0, on_range_overflow: str = "refit"):
+    """``preserve`` / ``stochastic`` towards a whole new weight ``target``
+    (a full fine-tune's) instead of a LoRA delta: the delta is ``target``
+    minus the dequantized base, in float32."""
+    base = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
+                         bits=bits)
+    return _preserve_or_stochastic(w, scales, biases, target.astype(mx.float32) - base, group_size, bits,
+                                   policy, seed, None, on_range_overflow)
+
+
 def _grid_codes(w, scales, delta, group_size, bits, policy, seed):
     """The codes ``preserve`` / ``stochastic`` give every weight on its
     group's own grid, before any range check (``[..., groups, group_size]``),
