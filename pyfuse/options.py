@@ -47,6 +47,9 @@ def cpp_header() -> str:
         "",
         "#define PYFUSE_FOR_EACH_BITS(X) " + " ".join(f"X({b})" for b in SUPPORTED_BITS),
         "#define PYFUSE_FOR_EACH_GROUP_SIZE(X) " + " ".join(f"X({g})" for g in SUPPORTED_GROUP_SIZES),
+        # Every (bits, group size) pair, bits outer: the kernel instantiations.
+        "#define PYFUSE_FOR_EACH_BITS_GROUP_SIZE(X) "
+        + " ".join(f"X({b}, {g})" for b in SUPPORTED_BITS for g in SUPPORTED_GROUP_SIZES),
         "#define PYFUSE_FOR_EACH_POLICY(X) " + " ".join(f"X({i}, \"{p}\")" for i, p in enumerate(POLICIES)),
         f'#define PYFUSE_SUPPORTED_BITS "{joined(SUPPORTED_BITS)}"',
         f'#define PYFUSE_SUPPORTED_GROUP_SIZES "{joined(SUPPORTED_GROUP_SIZES)}"',
