@@ -52,6 +52,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
+from ..io.checks import check_finite
 from ..io.files import atomic_write_text, sigterm_as_interrupt
 from ..io.outputs import check_paths
 from ..io.model_dir import ModelDir
@@ -169,6 +170,8 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 
     def run(job: Job):
         fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed)
+        for name, arr in fused.tensors.items():  # an overflow must not reach the output
+            check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
             records.append(reporting.record(job, fused, scale=plan.scale, sample=report_sample))
         return fused.tensors
