@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -284,37 +283,23 @@ def staged_dir(final: PathLike, force: bool, flag: str = "the output") -> Iterat
         tmp.mkdir()
         try:
             os.chmod(tmp, 0o777 & ~_umask())
-            yield tmp
+            try:
+                yield tmp
+            except RuntimeError as err:  # MLX reports a failed write as "[write] Unable to write..."
+                if not str(err).startswith("[write]"):
+                    raise
+                raise OSError(_write_errno(tmp), f"{os.strerror(_write_errno(tmp))} ({err})", os.fspath(final)) \
+                    from None
             publish(tmp, final, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
-def write_new_file(path: PathLike, data: bytes | str, *, force: bool = True) -> Path:
-    """Write a file atomically (fsynced temporary, then :func:`publish`):
-    readers see the old file or the new one; without ``force`` an existing
-    file is never replaced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", suffix=".tmp")
+def _write_errno(path: Path) -> int:
+    """Why a write below ``path`` failed, when the library that failed does not say."""
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        else:
-            publish(tmp, path, force=False)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+        return errno.ENOSPC if os.statvfs(path).f_bavail == 0 else errno.EIO
+    except OSError:
+        return errno.EIO
+
