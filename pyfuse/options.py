@@ -28,6 +28,10 @@ DEFAULT_SEED = 0
 MX_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 QUANT_MODES = ("affine", *MX_MODES)
 
+# The largest LoRA rank a spec may ask for: beyond it a rank is a typo (it
+# would exceed the width of the matrices of today's largest models).
+MAX_LORA_RANK = 4096
+
 # The defaults of the kernel API (pyfuse.fuse_requant), as in mx.quantize.
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
