@@ -32,6 +32,11 @@ experiment spec it ran: copy it to run the same study on your own model with
   pyfuse demo --quick             a reduced configuration (about a minute once the model is built)"""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {}
+OUTPUTS = {"out": "--out", "cache": "--cache"}
+
 def add_arguments(p) -> None:
     add_out(p, "the run directory (created; reused to resume; default: ./pyfuse-demo)", default="pyfuse-demo")
     p.add_argument("--quick", action="store_true",

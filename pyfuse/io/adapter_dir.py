@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import UserError
+from .checks import check_finite, finite_number
 from .safetensors import SafetensorsFile, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -104,10 +105,13 @@ def read_adapter(path: str | Path) -> Adapter:
     if "scale" not in params:
         hint = " (it has 'alpha': mlx-lm's LoRA config uses 'scale')" if "alpha" in params else ""
         raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters has no 'scale'{hint}")
-    try:
-        scale = float(params["scale"])
-    except (TypeError, ValueError):
-        raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters.scale is not a number") from None
+    where = f"{path / ADAPTER_CONFIG}: lora_parameters"
+    scale = finite_number(params["scale"], f"{where}.scale")
+    for key in ("alpha", "dropout"):
+        if params.get(key) is not None:
+            finite_number(params[key], f"{where}.{key}")
+    if params.get("rank") is not None:
+        finite_number(params["rank"], f"{where}.rank", integer=True, positive=True)
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters.keys must be a list of names")
@@ -128,7 +132,8 @@ def read_adapter(path: str | Path) -> Adapter:
                 raise UserError(f"{weights_path}: {name} is a DoRA magnitude but fine_tune_type "
                                 f"is {fine_tune_type!r} (and lora_parameters has no use_dora: true)")
             _check_float(info, weights_path)
-            grouped.setdefault(module, {})[leaf] = f.read(name)
+            grouped.setdefault(module, {})[leaf] = arr = f.read(name)
+            check_finite(arr, f"{weights_path}: {name}", "; the adapter is damaged (or its training diverged)")
     for module, leaves in grouped.items():
         if "lora_b" in leaves and "lora_a" not in leaves:
             raise UserError(f"{weights_path}: {module} has lora_b but no lora_a")
@@ -147,7 +152,8 @@ def _read_full(path: Path, config: dict, num_layers) -> Adapter:
     with SafetensorsFile(weights_path) as f:
         for name, info in f.tensors.items():
             _check_float(info, weights_path)
-            adapter.full_weights[name] = f.read(name)
+            adapter.full_weights[name] = arr = f.read(name)
+            check_finite(arr, f"{weights_path}: {name}", "; the adapter is damaged (or its training diverged)")
     if not adapter.full_weights:
         raise UserError(f"{weights_path}: a full fine-tune with no tensors")
     return adapter
