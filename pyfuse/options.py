@@ -22,6 +22,16 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 POLICIES = ("stock", "preserve", "stochastic")
 DEFAULT_POLICY = "stock"
 DEFAULT_SEED = 0
+# The policies that keep every group's grid (scale and bias), and what they
+# do with a group whose fused values leave the grid's range: re-fit it
+# (MLX's affine rule; the group loses its grid), clip its codes to the range
+# (the grid is kept, the out-of-range weights saturate) or refuse the fuse.
+GRID_KEEPING_POLICIES = ("preserve", "stochastic")
+RANGE_OVERFLOW_ACTIONS = ("refit", "clip", "error")
+DEFAULT_RANGE_OVERFLOW = "refit"
+
+# mlx_lm fuse's default --gguf-path (inside --save-path).
+DEFAULT_GGUF_PATH = "ggml-model-f16.gguf"
 
 # MLX's microscaling modes: (bits, group size) each. pyfuse reads and
 # re-quantizes them the stock way only.
@@ -35,6 +45,13 @@ MAX_LORA_RANK = 4096
 # The defaults of the kernel API (pyfuse.fuse_requant), as in mx.quantize.
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
+
+
+def mode_defaults(mode: str = "affine") -> tuple[int, int]:
+    """(bits, group size) MLX uses for ``mode`` when a quantization leaves
+    them null (``mlx_lm convert --quant-predicate mixed_*`` per-module
+    entries; mlx-lm's QuantizedSwitchLinear then keeps ``group_size=None``)."""
+    return MX_MODES.get(mode, (DEFAULT_BITS, DEFAULT_GROUP_SIZE))
 
 
 def joined(values) -> str:

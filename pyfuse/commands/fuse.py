@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-from ..options import DEFAULT_POLICY, POLICIES
+from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
 from ._args import add_force, add_model, add_quiet, add_seed, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
 Fuse an mlx-lm adapter directory into an mlx-lm model directory, like
-`mlx_lm fuse` (same --model/--adapter-path/--save-path/--dequantize flags),
-tensor by tensor: memory stays near one tensor, untouched tensors are copied
-byte for byte, and the output appears at --save-path only when complete.
+`mlx_lm fuse` (its flags work as there), tensor by tensor: memory stays near
+one tensor, untouched tensors are copied byte for byte, and the output
+appears at --save-path only when complete. An adapter mlx-lm's loader
+refuses (weights outside its config's num_layers or keys; DoRA on a
+SwitchLinear without m) is refused; --lenient fuses it anyway.
 
 Re-quantization policies (--policy):
-  stock       what mlx_lm fuse does (dequantize, add the delta, re-quantize);
-              bit-identical to it for every fused tensor
-  preserve    keep every group's scale and bias; a zero adapter changes nothing
+  stock       mlx_lm fuse's algorithm (dequantize, add the delta, re-quantize
+              with MLX's quantizer): the same bytes for every fused tensor,
+              except (1) DoRA on a bf16/fp16 model, where mlx-lm writes the
+              layer's weight or scales and biases in float32 (its magnitude's
+              dtype) and pyfuse keeps the model's dtype, and (2) bf16/fp16
+              adapter tensors, which pyfuse multiplies in float32 (mlx-lm in
+              their dtype; mlx_lm lora saves float32, where both agree)
+  preserve    keep every group's scale and bias and move its codes by
+              delta/scale: a zero adapter changes nothing. A group whose new
+              codes leave [0, 2^bits-1] cannot keep its grid; --on-range-overflow
+              says what it gets: refit (default: a new scale and bias fitted to
+              its fused values, as stock does), clip (codes clamped, grid kept,
+              the delta saturates) or error (refuse, naming the module). The
+              share of such groups is printed, per module in --report
   stochastic  like preserve, with stochastic rounding seeded by --seed: the
-              delta survives in expectation
+              delta survives in expectation (same range rule)
+
+Where else the output differs from mlx_lm fuse: modules the adapter config
+names but holds no weights for are left byte-identical (mlx-lm re-quantizes
+them with a zero delta); the shard layout, tokenizer files and config.json
+are kept (config.json changes only with --dequantize / --requant-*).
 
 A table of what survived re-quantization is printed (retention = share of
 the adapter's delta that is really in the fused weights, noise = the rest of
@@ -32,7 +50,8 @@ OUTPUTS = {"save_path": "--save-path", "report": "--report"}
 NESTED_OK = [("--report", "--save-path")]  # the report may go into the new model directory
 
 def add_arguments(p) -> None:
-    add_model(p, "the mlx-lm model directory (default: mlx_model)", default="mlx_model")
+    add_model(p, "the mlx-lm model directory, or a Hugging Face repo id resolved like mlx-lm does "
+                 "(the local cache first) (default: mlx_model)", default="mlx_model")
     p.add_argument("--adapter-path", default="adapters",
                    help="the adapter directory: adapter_config.json + adapters.safetensors "
                         "(default: adapters)")
@@ -40,10 +59,25 @@ def add_arguments(p) -> None:
                    help="where to write the fused model (default: fused_model)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a full-precision model (every quantized module), as mlx_lm fuse --dequantize")
+    p.add_argument("--export-gguf", action="store_true",
+                   help="also write the fused model as GGUF with mlx-lm's export (llama, mixtral, mistral; "
+                        "full precision: add --dequantize for a quantized model)")
+    p.add_argument("--gguf-path", default=DEFAULT_GGUF_PATH,
+                   help=f"the GGUF file, inside --save-path (default: {DEFAULT_GGUF_PATH})")
+    p.add_argument("--upload-repo", default=None, metavar="REPO",
+                   help="then upload --save-path to this Hugging Face repo (mlx-lm's upload_to_hub)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept a model whose config.json names a custom architecture module "
+                        "(model_file), as mlx_lm fuse does with this flag (pyfuse runs none of it)")
     p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=DEFAULT_POLICY,
                    help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
                         "--requant is its older name)")
     add_seed(p, "seed of --policy stochastic")
+    p.add_argument("--on-range-overflow", choices=RANGE_OVERFLOW_ACTIONS, default=DEFAULT_RANGE_OVERFLOW,
+                   help="preserve/stochastic: what a group whose fused values leave its grid's range gets: "
+                        "refit (a new scale and bias fitted to its values), clip (codes clamped to "
+                        "[0, 2^bits-1], scale and bias kept) or error (refuse, naming the module) "
+                        f"(default: {DEFAULT_RANGE_OVERFLOW})")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -55,6 +89,10 @@ def add_arguments(p) -> None:
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
     add_force(p, "--save-path")
+    p.add_argument("--lenient", action="store_true",
+                   help="fuse adapter modules mlx-lm's loader refuses (outside the adapter config's "
+                        "num_layers/keys, DoRA on SwitchLinear without m) instead of refusing the "
+                        "adapter; they are listed in a warning and the report")
     p.add_argument("--exact-report", action="store_true",
                    help="measure every weight for the report (default: tensors over 2M weights are "
                         "measured on evenly spaced rows; slower on CPU)")
@@ -68,7 +106,9 @@ def run(args) -> int:
         args.model, args.adapter_path, args.save_path,
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
-        only=args.only, link_unchanged=args.link_unchanged, force=args.force,
+        only=args.only, link_unchanged=args.link_unchanged, force=args.force, lenient=args.lenient,
+        on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
+        upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
@@ -81,9 +121,13 @@ def run(args) -> int:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")
     if s["excluded_by_only"]:
         extra.append(f"{len(s['excluded_by_only'])} excluded by --only")
+    if s.get("replaced"):
+        extra.append(f"{len(s['replaced'])} tensor(s) replaced by the full fine-tune")
     if s["dequantized_modules"]:
         extra.append(f"{s['dequantized_modules']} more dequantized")
     print(f"pyfuse fuse: wrote {result.save_path} ({s['modules_fused']} module(s) fused, "
           f"--policy {s['policy']}" + "".join(f", {e}" for e in extra) + f", {s['seconds']:.1f} s)"
-          + (f"; report: {result.report_path}" if result.report_path else ""))
+          + (f"; report: {result.report_path}" if result.report_path else "")
+          + (f"; GGUF: {result.gguf_path}" if result.gguf_path else "")
+          + (f"; uploaded to {args.upload_repo}" if args.upload_repo else ""))
     return 0

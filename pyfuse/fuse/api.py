@@ -20,11 +20,15 @@ What it does, in order (one module each):
    ``save_path`` at the end (:mod:`~pyfuse.fuse.writer`).
 5. Reports, per fused tensor, what really changed (:mod:`~pyfuse.fuse.report`).
 
-Policies (``policy``): ``stock`` is ``mlx_lm fuse``'s algorithm (bit-identical
-per fused tensor for float32 adapters, which is what ``mlx_lm lora`` writes);
-``preserve`` keeps each group's scale and bias (a zero adapter gives a
-byte-identical model); ``stochastic`` rounds stochastically (the delta
-survives in expectation). See :func:`pyfuse.fuse_requant`.
+Policies (``policy``): ``stock`` is ``mlx_lm fuse``'s algorithm (the same
+bytes per fused tensor, but for the two deviations below: DoRA on bf16/fp16
+models, f16/bf16 adapter tensors); ``preserve`` keeps each group's scale and
+bias (a zero adapter gives a byte-identical model) except in groups whose
+fused values leave the grid's range (``on_range_overflow``: re-fitted by
+default, counted per module in the report); ``stochastic`` rounds
+stochastically (the delta survives in expectation). See
+:func:`pyfuse.fuse_requant` (tests/unit/test_fuse_deviations.py checks the
+deviations against ``mlx_lm fuse``).
 
 Deviations from ``mlx_lm fuse``, on purpose:
 
@@ -54,10 +58,12 @@ from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.checks import check_finite
 from ..io.files import atomic_write_text, sigterm_as_interrupt
+from ..io.hub import resolve_model_dir
 from ..io.outputs import check_paths
 from ..io.model_dir import ModelDir
-from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from . import compute, report as reporting
+from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
+                       RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
+from . import compute, export, report as reporting
 from .plan import Job, Plan, make_plan
 from .writer import write_model
 
@@ -70,6 +76,7 @@ class FuseResult:
     report: dict
     report_path: Path | None = None
     fused: list[str] = field(default_factory=list)  # module paths
+    gguf_path: Path | None = None
 
     @property
     def summary(self) -> dict:
@@ -94,6 +101,12 @@ def fuse_model(
     only: str | None = None,
     link_unchanged: bool = False,
     force: bool = False,
+    lenient: bool = False,
+    on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
+    export_gguf: bool = False,
+    gguf_path: str = DEFAULT_GGUF_PATH,
+    upload_repo: str | None = None,
+    trust_remote_code: bool = False,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
@@ -116,6 +129,26 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path``.
+        on_range_overflow: under ``preserve`` / ``stochastic``, what a group
+            whose fused values leave its grid's range gets: ``refit`` (MLX's
+            affine rule on its fused values: that group loses its scale and
+            bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
+            and bias kept) or ``error`` (UserError naming the module). The
+            report counts those groups per module.
+        export_gguf, gguf_path: also write ``save_path / gguf_path`` with
+            mlx-lm's GGUF export (llama, mixtral, mistral; full precision:
+            with ``dequantize`` for a quantized model), as ``mlx_lm fuse``.
+        upload_repo: then upload ``save_path`` to this Hugging Face repo with
+            mlx-lm's ``upload_to_hub`` (UserError when it fails; the fused
+            model stays).
+        trust_remote_code: accept a model whose config.json names a custom
+            architecture module (``model_file``), which ``mlx_lm fuse`` refuses
+            without it; pyfuse itself runs none of that code.
+        lenient: fuse adapter modules that ``mlx_lm.load(model,
+            adapter_path=...)`` refuses (outside the config's ``num_layers`` /
+            ``keys``; DoRA on a SwitchLinear without ``m``) instead of refusing
+            the adapter; they are listed in the report's ``incompatible`` and
+            a warning.
         report_sample: measure the report's figures on about this many
             weights of each larger tensor (evenly spaced output rows of every
             expert; norms are scaled to whole-tensor estimates, ``sampled`` in
@@ -129,11 +162,16 @@ def fuse_model(
             nothing is left behind.
     """
     started = time.monotonic()
-    model_path, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
+    model_path = resolve_model_dir(model)  # a Hub repo id: its cached snapshot, as mlx-lm
+    adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
+    _check_range_overflow(on_range_overflow, policy)
     only_re = _compile_only(only)
     mdir = ModelDir(model_path)
     try:
+        _check_remote_code(mdir, trust_remote_code)
+        if export_gguf:
+            export.check_gguf(mdir, dequantize)
         adapter = read_adapter(adapter_path)
         check_paths({"--model": model_path, "--adapter-path": adapter_path},
                     {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
@@ -141,9 +179,10 @@ def fuse_model(
         if report is not None:
             _check_report_path(Path(report), save_path)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
-                         requant_group_size=requant_group_size, only_re=only_re)
+                         requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
         records: list[dict] = []
-        run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample)
+        run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
+                          on_range_overflow=on_range_overflow)
         with sigterm_as_interrupt():
             try:
                 written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
@@ -157,19 +196,23 @@ def fuse_model(
 
     rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
                                  requant_bits=requant_bits, requant_group_size=requant_group_size,
-                                 only=only, written=written, seconds=time.monotonic() - started)
+                                 only=only, written=written, seconds=time.monotonic() - started,
+                                 on_range_overflow=on_range_overflow)
     report_path = None if report is None else _write_report(Path(report), rep, save_path)
+    gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
+    if upload_repo is not None:
+        export.upload(save_path, upload_repo)
     return FuseResult(save_path=save_path, report=rep, report_path=report_path,
-                      fused=[j.path for j in plan.jobs if j.fuses])
+                      fused=[j.path for j in plan.jobs if j.fuses], gguf_path=gguf)
 
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
-                report_sample: int | None):
+                report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
-        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed)
+        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow)
         for name, arr in fused.tensors.items():  # an overflow must not reach the output
             check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
@@ -205,6 +248,23 @@ def _check_options(policy, seed, requant_bits, requant_group_size, dequantize):
     if dequantize and (requant_bits is not None or requant_group_size is not None):
         raise UserError("--dequantize writes full precision: it cannot be combined with "
                         "--requant-bits/--requant-group-size")
+
+
+def _check_remote_code(mdir: ModelDir, trust_remote_code: bool) -> None:
+    model_file = mdir.config.get("model_file")
+    if model_file is not None and not trust_remote_code:
+        raise UserError(f"the model at {mdir.path} needs a custom module ({model_file!r}) to build its "
+                        "architecture, which mlx_lm fuse refuses without --trust-remote-code (pyfuse runs "
+                        "none of it); pass --trust-remote-code if you trust this model")
+
+
+def _check_range_overflow(on_range_overflow, policy):
+    if on_range_overflow not in RANGE_OVERFLOW_ACTIONS:
+        raise UserError(f"--on-range-overflow must be one of {', '.join(RANGE_OVERFLOW_ACTIONS)}, "
+                        f"got {on_range_overflow!r}")
+    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
+        raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
+                        f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
 
 
 def _compile_only(only: str | None) -> re.Pattern | None:

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..errors import UserError
 from ..io.model_dir import ModelDir, QParams
 from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
-from ..kernel.reference import delta_f32
+from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups, requant_to_reference
+from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES
 from .plan import Job, Plan
 
 # Work on this many weight elements at a time (rows or experts) so that the
@@ -42,6 +44,10 @@ class Fused:
     old: tuple  # the base (weight, scales, biases) as stored; None where absent
     magnitude: mx.array | None  # the DoRA magnitude applied (given or default)
     policy: str  # the policy applied ("stock" for float weights)
+    # preserve / stochastic: the groups whose fused values left their grid's
+    # range (re-fitted, or clipped under --on-range-overflow clip); else None
+    groups_out_of_range: int | None = None
+    range_overflow: str | None = None  # what those groups got: "refit" | "clip"
 
 
 def row_chunks(lead: tuple, in_dims: int, stochastic: bool, elements: int | None = None):
@@ -89,9 +95,15 @@ def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
     return (job.a[rows] if job.kind == "switch" else job.a), job.b[rows]
 
 
-def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> Fused:
-    """Read the job's base tensors and compute its outputs."""
+def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
+            on_range_overflow: str = DEFAULT_RANGE_OVERFLOW) -> Fused:
+    """Read the job's base tensors and compute its outputs (UserError when a
+    group leaves its grid's range under ``on_range_overflow="error"``)."""
+    if job.kind == "replace":  # a full fine-tune's trained tensors, as they are
+        return Fused(dict(job.replacement), (None, None, None), None, "none")
     w, s, bi = mdir.read_module(job.path)
+    if job.kind == "requantize":
+        return _run_requantize_job(job, (w, s, bi), policy=policy, seed=seed, on_range_overflow=on_range_overflow)
     if not job.quantized:
         return _run_float_job(job, w, plan)
     q_in, q_out = job.q_in, job.q_out
@@ -102,16 +114,29 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> 
     # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
     use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
                   and not (policy == "stock" and magnitude is not None))
+    grid_keeping = use_kernel and policy in GRID_KEEPING_POLICIES
+    clip = grid_keeping and on_range_overflow == "clip"  # the reference's rule: no native clip
     # The native kernel needs no float copies of the tensor: one call. MLX ops
     # (and the reference fallback) go a few experts / rows at a time.
-    whole = use_kernel and (policy == "stochastic" or _kernel_is_native())
+    whole = use_kernel and (policy == "stochastic" or (_kernel_is_native() and not clip))
     outs = []
+    out_of_range = 0
     for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=whole):
         mc = magnitude[rows] if magnitude is not None else None
         base = (w[rows], s[rows], bi[rows] if bi is not None else None)
-        res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed)
+        res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed,
+                              clip=clip)
         mx.eval(*res)
+        if grid_keeping:
+            out_of_range += _count_groups(job, plan, rows, base, res, mc, policy=policy, seed=seed,
+                                          action=on_range_overflow)
         outs.append(res)
+    if grid_keeping and out_of_range and on_range_overflow == "error":
+        groups = math.prod(w.shape[:-1]) * (job.in_dims // q_out.group_size)
+        raise UserError(f"{job.path}: {out_of_range} of {groups} groups ({out_of_range / groups:.1%}) "
+                        f"have fused values outside their grid's range under --policy {policy}; "
+                        "--on-range-overflow error refuses the fuse (refit re-fits those groups, "
+                        "clip clamps their codes); nothing was written")
     parts = [_join([o[i] for o in outs]) for i in range(len(outs[0]))]
     mx.eval(*parts)
     del outs
@@ -122,32 +147,79 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> 
             names.append(f"{job.path}.biases")
     results = dict(zip(names, parts))
     _check_planned(job, results)
-    return Fused(results, (w, s, bi), magnitude, policy)
+    if not grid_keeping:
+        return Fused(results, (w, s, bi), magnitude, policy)
+    return Fused(results, (w, s, bi), magnitude, policy, out_of_range, "clip" if clip else "refit")
+
+
+def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc, *, policy: str,
+                 seed: int, action: str) -> int:
+    """preserve / stochastic, some rows (experts): under ``refit`` without
+    DoRA, the groups that lost their grid (scale or bias changed: a re-fit
+    that lands on the same grid only clamps codes); otherwise the groups whose
+    new codes leave the range, by the reference's rule
+    (:func:`range_overflow_groups`; a DoRA rescale moves every scale by a
+    factor the kernel and MLX round differently, so outputs cannot tell)."""
+    wc, sc, bc = base
+    q = job.q_out
+    grid = (wc, sc, bc) if q == job.q_in else quantize(dequantize(wc, sc, bc, job.q_in), q)
+    if action == "refit" and mc is None:  # no float work: the kept grid is the input's
+        return int(((res[1] != grid[1]) | (res[2] != grid[2])).sum().item())
+    ac, bc_ = job_factors(job, rows)
+    mask = range_overflow_groups(*grid[:2], ac, bc_, scale=plan.scale, group_size=q.group_size,
+                                 bits=q.bits, policy=policy, seed=seed)
+    return int(mask.sum().item())
 
 
 def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_kernel: bool,
-                    policy: str, seed: int) -> tuple:
+                    policy: str, seed: int, clip: bool = False) -> tuple:
     """The outputs of some rows (experts) of a quantized base ``(w, s, b)``."""
     wc, sc, bc = base
     q_in, q_out = job.q_in, job.q_out
     if not job.fuses:  # --dequantize of an untouched module
         return (dequantize(wc, sc, bc, q_in),)
     ac, bc_ = job_factors(job, rows)
+    # --on-range-overflow clip: the reference (only it clips), same rule otherwise
+    fuse = (lambda *t, **kw: fuse_requant_reference(*t, **kw, on_range_overflow="clip")) if clip else fuse_requant
     if use_kernel and q_out == q_in:
-        return fuse_requant(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
-                            bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
+        return fuse(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
+                    bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
     if use_kernel and policy != "stock":
         # another precision with a grid-keeping policy: move the base to
         # the new grid first (a zero-delta stock re-quantization), then fuse
         moved = quantize(dequantize(wc, sc, bc, q_in), q_out)
-        return fuse_requant(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
-                            bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
+        return fuse(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
+                    bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
     # stock through MLX ops (mx modes, other precision, or --dequantize)
     fused = dequantize(wc, sc, bc, q_in)
     fused = fused + delta_f32(ac, bc_, plan.scale).astype(fused.dtype)
     if mc is not None:
         fused = dora_rescale(fused, mc).astype(_MX_DTYPE[job.dtype])
     return (fused,) if q_out is None else quantize(fused, q_out)
+
+
+def _run_requantize_job(job: Job, base: tuple, *, policy: str, seed: int, on_range_overflow: str) -> Fused:
+    """A full fine-tune's float weight for a quantized module: quantized at
+    the module's (or --requant-*) precision, by the policy: ``stock``
+    quantizes it afresh (``mx.quantize`` of the weight in the scales' dtype);
+    ``preserve`` / ``stochastic`` move the base's codes towards it on the
+    base's grid (the pure-MLX reference; ``--on-range-overflow`` applies)."""
+    (name, trained), = job.replacement.items()
+    q_in, q_out = job.q_in, job.q_out
+    weight = trained.astype(_MX_DTYPE[job.dtype])
+    if q_out is None:
+        parts = (weight,)
+    elif policy in GRID_KEEPING_POLICIES and q_out.mode == "affine" and q_in.mode == "affine":
+        grid = base if q_out == q_in else quantize(dequantize(*base, q_in), q_out)
+        parts = requant_to_reference(*grid, trained, group_size=q_out.group_size, bits=q_out.bits, policy=policy,
+                                     seed=seed, on_range_overflow="clip" if on_range_overflow == "clip" else "refit")
+    else:
+        parts = quantize(weight, q_out)
+    mx.eval(*parts)
+    names = [f"{job.path}.weight", f"{job.path}.scales", f"{job.path}.biases"][: len(parts)]
+    results = dict(zip(names, parts))
+    _check_planned(job, results)
+    return Fused(results, base, None, policy if q_out is not None else "none")
 
 
 def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:

@@ -172,3 +172,50 @@ def _is_lora_target(path: str, weight: TensorInfo, tensors) -> bool:
     if len(weight.shape) == 2:
         return True
     return len(weight.shape) == 3 and "conv" not in path.rsplit(".", 1)[-1]
+
+
+# -- what mlx-lm's loader refuses ----------------------------------------------
+
+# How many offending tensors an error names (mlx-lm names them all).
+NAMED_OFFENDERS = 5
+
+
+def incompatible_modules(adapter: Adapter, tensors: dict[str, TensorInfo],
+                         num_hidden_layers: int | None, kinds: dict[str, str]) -> dict[str, str]:
+    """``{module: why}`` for the adapter modules ``mlx_lm.load(model,
+    adapter_path=...)`` refuses ("incompatible tensors" or a DoRA layer it
+    cannot build), by the rule of mlx-lm's ``load_adapters`` and
+    ``linear_to_lora_layers``:
+
+    * every tensor must be a LoRA/DoRA parameter of a layer the config
+      converts: a module in ``keys`` (or every Linear, SwitchLinear and
+      Embedding when there are none) inside the last ``num_layers`` blocks,
+      or a full module path in ``keys``;
+    * ``fine_tune_type: dora`` converts a SwitchLinear into nothing mlx-lm
+      can load (it raises "doesn't support DoRA"); pyfuse fuses DoRA there
+      only when the adapter holds the magnitudes ``m`` it was trained with.
+
+    ``kinds`` is each matched module's kind (:func:`match_module`)."""
+    configured = set(configured_modules(adapter, tensors, num_hidden_layers))
+    out = {}
+    for path in sorted(adapter.modules, key=natural_key):
+        mod = adapter.modules[path]
+        if path not in configured:
+            out[path] = (f"not an adapter parameter of the layers the config converts "
+                         f"(num_layers {adapter.num_layers}, keys "
+                         f"{'default' if adapter.keys is None else adapter.keys})")
+        elif adapter.is_dora and kinds.get(path) == "switch" and mod.magnitude is None:
+            out[path] = "fine_tune_type dora on a SwitchLinear without its magnitude m"
+    return out
+
+
+def refusal(adapter: Adapter, incompatible: dict[str, str]) -> UserError:
+    """The error for adapters mlx-lm's loader refuses: the first offenders by
+    name, the count, and the way out."""
+    first = list(incompatible.items())[:NAMED_OFFENDERS]
+    named = "; ".join(f"{path} ({why})" for path, why in first)
+    more = len(incompatible) - len(first)
+    return UserError(f"adapter {adapter.path} has {len(incompatible)} module(s) mlx-lm's loader refuses "
+                     f"(mlx_lm.load(..., adapter_path=...) reports incompatible tensors): {named}"
+                     + (f"; and {more} more" if more > 0 else "")
+                     + "; pass --lenient to fuse them anyway")

@@ -21,7 +21,9 @@ from ..errors import UserError
 from ..io.adapter_dir import Adapter, AdapterModule
 from ..io.model_dir import FLOAT_DTYPES, MX_MODES, ModelDir, QParams
 from ..io.names import natural_key
-from .mapping import ModuleMatch, configured_modules, kernel_factors, match_module
+from ..io.safetensors import dtype_of
+from .mapping import (ModuleMatch, configured_modules, incompatible_modules, kernel_factors, match_module,
+                      refusal)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Job:
     """One module whose tensors are recomputed (fused or dequantized)."""
 
     path: str
-    kind: str  # linear | switch | embedding | dequantize (untouched, --dequantize)
+    kind: str  # linear | switch | embedding | dequantize (untouched, --dequantize) | replace (full fine-tune)
     quantized: bool
     q_in: QParams | None
     q_out: QParams | None  # None: float output
@@ -41,10 +43,11 @@ class Job:
     in_dims: int = 0
     out: dict[str, tuple[str, tuple]] = field(default_factory=dict)  # name -> (dtype, shape)
     inputs: list[str] = field(default_factory=list)
+    replacement: dict[str, mx.array] | None = None  # kind "replace": the trained tensors
 
     @property
     def fuses(self) -> bool:
-        return self.kind != "dequantize"
+        return self.kind not in ("dequantize", "replace", "requantize")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Plan:
     zero_modules: list[str]  # lora_a without lora_b: a zero delta, nothing to fuse
     excluded_by_only: list[str]
     outside_config: list[str]
+    incompatible: dict[str, str]  # module -> why mlx-lm's loader refuses it (fused: --lenient)
     config_changes: dict | None  # new config.json dict, or None to copy it
     is_dora: bool
     scale: float
@@ -61,16 +65,29 @@ class Plan:
 
 def make_plan(mdir: ModelDir, adapter: Adapter, *, policy: str, dequantize: bool,
               requant_bits: int | None, requant_group_size: int | None,
-              only_re: re.Pattern | None) -> Plan:
-    """The plan of fusing ``adapter`` into ``mdir`` (UserError when it cannot work)."""
+              only_re: re.Pattern | None, lenient: bool = False) -> Plan:
+    """The plan of fusing ``adapter`` into ``mdir`` (UserError when it cannot
+    work, or when mlx-lm's loader would refuse the adapter and not ``lenient``)."""
+    if adapter.is_full:
+        jobs = _replace_jobs(mdir, adapter, dequantize=dequantize, requant_bits=requant_bits,
+                             requant_group_size=requant_group_size)
+        if dequantize:
+            jobs += _dequantize_jobs(mdir, {j.path for j in jobs})
+        return Plan(jobs=jobs, configured_without_weights=[], zero_modules=[], excluded_by_only=[],
+                    outside_config=[], incompatible={}, config_changes=_config_changes(mdir, jobs, dequantize),
+                    is_dora=False, scale=1.0)
     jobs, zero, excluded = _fuse_jobs(mdir, adapter, policy=policy, dequantize=dequantize,
                                       requant_bits=requant_bits, requant_group_size=requant_group_size,
                                       only_re=only_re)
+    kinds = {p: "switch" if len(mdir.tensors[f"{p}.weight"].shape) == 3 else "2d" for p in adapter.modules}
+    incompatible = incompatible_modules(adapter, mdir.tensors, mdir.num_hidden_layers, kinds)
+    if incompatible and not lenient:
+        raise refusal(adapter, incompatible)
     if dequantize:  # every other quantized module is written in full precision too
         jobs += _dequantize_jobs(mdir, {j.path for j in jobs})
     without, outside = _coverage(mdir, adapter)
     return Plan(jobs=jobs, configured_without_weights=without, zero_modules=zero,
-                excluded_by_only=excluded, outside_config=outside,
+                excluded_by_only=excluded, outside_config=outside, incompatible=incompatible,
                 config_changes=_config_changes(mdir, jobs, dequantize),
                 is_dora=adapter.is_dora, scale=adapter.scale)
 
@@ -170,6 +187,43 @@ def _plan_outputs(job: Job, model: ModelDir) -> None:
         job.out[f"{job.path}.biases"] = (sdt, (*lead, job.in_dims // q.group_size))
 
 
+def _replace_jobs(mdir: ModelDir, adapter: Adapter, *, dequantize: bool, requant_bits, requant_group_size
+                  ) -> list[Job]:
+    """A full fine-tune: its tensors replace the model's of the same name and
+    shape, as mlx-lm's loader loads them (which refuses any other tensor).
+    The trained float weight of a module the model stores quantized (a full
+    fine-tune of the float model: mlx-lm cannot train or load it on the
+    quantized one) is quantized at the module's precision by the policy."""
+    bad, by_module, jobs = [], {}, []
+    for name in sorted(adapter.full_weights, key=natural_key):
+        arr, info = adapter.full_weights[name], mdir.tensors.get(name)
+        module = name.rsplit(".", 1)[0]
+        if info is None:
+            bad.append(f"{name} (not a parameter of the model)")
+        elif tuple(info.shape) == tuple(arr.shape):
+            by_module.setdefault(module, []).append(name)
+        elif name.endswith(".weight") and f"{module}.scales" in mdir.tensors \
+                and tuple(arr.shape[:-1]) == tuple(info.shape[:-1]):
+            q_in = mdir.quant_params(module, arr.shape[-1])
+            q_out = None if dequantize else _output_precision(module, q_in, arr.shape[-1], requant_bits,
+                                                              requant_group_size)
+            job = Job(path=module, kind="requantize", quantized=True, q_in=q_in, q_out=q_out,
+                      dtype=mdir.tensors[f"{module}.scales"].dtype if q_in.mode == "affine" else "BF16",
+                      in_dims=arr.shape[-1], replacement={name: arr})
+            _plan_outputs(job, mdir)
+            jobs.append(job)
+        else:
+            bad.append(f"{name} (shape {list(arr.shape)}, the model's {list(info.shape)})")
+    if bad:
+        raise UserError(f"full fine-tune {adapter.path} has {len(bad)} tensor(s) mlx-lm's loader refuses "
+                        f"(incompatible tensors): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else ""))
+    return jobs + [Job(path=module, kind="replace", quantized=False, q_in=None, q_out=None, dtype="",
+                       inputs=names, replacement={n: adapter.full_weights[n] for n in names},
+                       out={n: (dtype_of(adapter.full_weights[n]), tuple(adapter.full_weights[n].shape))
+                            for n in names})
+                   for module, names in by_module.items()]
+
+
 def _dequantize_jobs(mdir: ModelDir, fused: set[str]) -> list[Job]:
     """``--dequantize``: a job for every quantized module that is not fused."""
     jobs = []
@@ -207,7 +261,7 @@ def _config_changes(mdir: ModelDir, jobs: list[Job], dequantize: bool) -> dict |
             return None
         return {k: v for k, v in json.loads(mdir.config_raw).items()
                 if k not in ("quantization", "quantization_config")}
-    changed = [j for j in jobs if j.fuses and j.q_out is not None and j.q_out != j.q_in]
+    changed = [j for j in jobs if j.kind != "dequantize" and j.q_out is not None and j.q_out != j.q_in]
     if not changed:
         return None
     config = json.loads(mdir.config_raw)

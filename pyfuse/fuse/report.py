@@ -18,6 +18,7 @@ import mlx.core as mx
 from ..kernel.fidelity import retention_and_noise, tensor_fidelity
 from ..kernel.ops import native_available
 from ..kernel.reference import delta_f32, unpack_codes
+from ..options import DEFAULT_RANGE_OVERFLOW
 from .compute import Fused, dequantize, dora_rescale, job_factors, row_chunks
 from .plan import Job, Plan
 
@@ -67,6 +68,13 @@ def record(job: Job, fused: Fused, *, scale: float, sample: int | None) -> dict:
             fid["groups"] = int(round(fid["groups"] / fraction))
     rec.update(fid)
     rec["sampled"] = fraction
+    if fused.groups_out_of_range is not None:  # exact, whatever was sampled
+        n = fused.groups_out_of_range
+        rec["groups"] = math.prod(w0.shape[:-1]) * (job.in_dims // q_out.group_size)
+        rec["groups_out_of_range"] = n
+        rec["out_of_range_share"] = n / rec["groups"]
+        rec["groups_refit"] = n if fused.range_overflow == "refit" else 0
+        rec["groups_clipped"] = n if fused.range_overflow == "clip" else 0
     return rec
 
 
@@ -179,7 +187,7 @@ def _add_chunk_sums(sums: dict, job: Job, scale: float, rows: slice, old, new, m
 
 
 def build_report(plan: Plan, records, *, policy, seed, dequantize, requant_bits,
-                 requant_group_size, only, written, seconds) -> dict:
+                 requant_group_size, only, written, seconds, on_range_overflow=DEFAULT_RANGE_OVERFLOW) -> dict:
     """``{"tensors": records, "summary": {...}}``."""
     dd = sum(r["delta_norm"] ** 2 for r in records)
     cd = sum((r["retention"] or 0.0) * r["delta_norm"] ** 2 for r in records)
@@ -210,10 +218,13 @@ def build_report(plan: Plan, records, *, policy, seed, dequantize, requant_bits,
         "codes_changed": (sum(r["codes_changed"] * math.prod(r["shape"]) for r in coded) / n_coded
                           if n_coded else None),
         "groups_refit": sum(r["groups_refit"] for r in coded) if coded else None,
+        **_out_of_range_summary(records, policy, on_range_overflow),
         "configured_without_weights": plan.configured_without_weights,
         "zero_modules": plan.zero_modules,
         "excluded_by_only": plan.excluded_by_only,
         "outside_config": plan.outside_config,
+        "incompatible": plan.incompatible,
+        "replaced": [n for j in plan.jobs if j.kind in ("replace", "requantize") for n in j.replacement],
         "dequantized_modules": sum(1 for j in plan.jobs if j.kind == "dequantize"),
         "sampled_tensors": sum(1 for r in records if r.get("sampled", 1.0) < 1.0),
         "shards": written["shards"],
@@ -223,9 +234,40 @@ def build_report(plan: Plan, records, *, policy, seed, dequantize, requant_bits,
     return {"tensors": records, "summary": summary}
 
 
+def _out_of_range_summary(records, policy: str, on_range_overflow: str) -> dict:
+    """preserve / stochastic: the groups whose fused values left their grid's
+    range, over the whole fuse, and which modules had any."""
+    kept = [r for r in records if r.get("groups_out_of_range") is not None]
+    if not kept:
+        return {}
+    n, groups = sum(r["groups_out_of_range"] for r in kept), sum(r["groups"] for r in kept)
+    return {"on_range_overflow": on_range_overflow, "groups_out_of_range": n, "groups_grid_kept": groups,
+            "out_of_range_share": n / groups if groups else 0.0,
+            "modules_out_of_range": [r["module"] for r in kept if r["groups_out_of_range"]],
+            "modules_grid_kept": len(kept)}
+
+
+def _range_warning(summary: dict, records) -> str | None:
+    n = summary.get("groups_out_of_range")
+    if not n:
+        return None
+    worst = max((r for r in records if r.get("groups_out_of_range")), key=lambda r: r["out_of_range_share"])
+    done = ("lost their grid: their fused values left its range, so they were re-fitted (a new scale and "
+            "bias, MLX's affine rule on their fused values)"
+            if summary["on_range_overflow"] == "refit" else
+            "had fused values outside their grid's range: their codes were clipped to it (scale and bias "
+            "kept, that part of the delta lost)")
+    return (f"--policy {summary['policy']}: {n} of {summary['groups_grid_kept']} groups "
+            f"({summary['out_of_range_share']:.1%}) in {len(summary['modules_out_of_range'])} of "
+            f"{summary['modules_grid_kept']} module(s) {done}; worst {worst['module']} "
+            f"{worst['out_of_range_share']:.1%}; see --on-range-overflow")
+
+
 def _warnings(summary: dict, records) -> list[str]:
     out = []
-    if not records:
+    if (range_warning := _range_warning(summary, records)) is not None:
+        out.append(range_warning)
+    if not records and not summary["replaced"]:
         out.append("nothing was fused: the adapter has no weights for any module"
                    + (" matching --only" if summary["only"] else ""))
     r, n = summary["retention"], summary["noise"]
@@ -250,6 +292,10 @@ def _warnings(summary: dict, records) -> list[str]:
         elif summary["min_retention"] is not None and summary["min_retention"] < LOW_RETENTION:
             out.append(f"{summary['min_retention_tensor']} keeps only "
                        f"{summary['min_retention']:.2f} of its delta after re-quantization{hint}")
+    if summary["incompatible"]:
+        first = ", ".join(list(summary["incompatible"])[:3])
+        out.append(f"--lenient: fused {len(summary['incompatible'])} module(s) mlx-lm's loader refuses "
+                   f"(first: {first}); the output matches no model mlx-lm builds from this adapter")
     if summary["configured_without_weights"]:
         k = len(summary["configured_without_weights"])
         out.append(f"{k} module(s) named by the adapter config have no adapter weights and were "

@@ -5,7 +5,10 @@ uses the same loader), holds
 
 * ``adapter_config.json``: ``fine_tune_type`` (``lora`` | ``dora`` |
   ``full``), ``num_layers`` (the last N transformer blocks; <= 0 means all),
-  ``lora_parameters`` ``{rank, scale, dropout, keys?}``;
+  ``lora_parameters`` ``{rank, scale, dropout, keys?}`` (mlx-lm-lora also
+  marks DoRA with ``use_dora: true`` there);
+* ``full`` (a full fine-tune): ``adapters.safetensors`` holds the trained
+  parameters themselves, under the model's names (they replace the base's);
 * ``adapters.safetensors``: ``<module>.lora_a`` / ``<module>.lora_b`` (and
   ``<module>.m`` for DoRA), ``<module>`` being the base module's path, e.g.
   ``model.layers.3.mlp.switch_mlp.down_proj``.
@@ -48,16 +51,21 @@ class AdapterModule:
 class Adapter:
     path: Path
     config: dict
-    fine_tune_type: str  # "lora" | "dora"
+    fine_tune_type: str  # "lora" | "dora" | "full"
     scale: float
     rank: int | None
     num_layers: int | None
     keys: list[str] | None
     modules: dict[str, AdapterModule] = field(default_factory=dict)
+    full_weights: dict[str, mx.array] = field(default_factory=dict)  # "full": name -> trained tensor
 
     @property
     def is_dora(self) -> bool:
         return self.fine_tune_type == "dora"
+
+    @property
+    def is_full(self) -> bool:
+        return self.fine_tune_type == "full"
 
 
 def _load_json(path: Path, what: str) -> dict:
@@ -84,14 +92,16 @@ def read_adapter(path: str | Path) -> Adapter:
         raise UserError(f"adapter path {path} is not a directory")
     config = _load_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG)
     fine_tune_type = config.get("fine_tune_type", "lora")
+    num_layers = config.get("num_layers", config.get("lora_layers"))
     if fine_tune_type == "full":
-        raise UserError(f"{path}: fine_tune_type 'full' holds whole weights, not a LoRA/DoRA "
-                        "adapter; pyfuse fuses lora and dora adapters only")
+        return _read_full(path, config, num_layers)
     if fine_tune_type not in ("lora", "dora"):
-        raise UserError(f"{path}: unsupported fine_tune_type {fine_tune_type!r} (lora or dora)")
+        raise UserError(f"{path}: unsupported fine_tune_type {fine_tune_type!r} (lora, dora or full)")
     params = config.get("lora_parameters")
     if not isinstance(params, dict):
         raise UserError(f"{path / ADAPTER_CONFIG}: no lora_parameters object")
+    if params.get("use_dora") is True:  # mlx-lm-lora's DoRA marker
+        fine_tune_type = "dora"
     if "scale" not in params:
         hint = " (it has 'alpha': mlx-lm's LoRA config uses 'scale')" if "alpha" in params else ""
         raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters has no 'scale'{hint}")
@@ -102,7 +112,6 @@ def read_adapter(path: str | Path) -> Adapter:
             finite_number(params[key], f"{where}.{key}")
     if params.get("rank") is not None:
         finite_number(params["rank"], f"{where}.rank", integer=True, positive=True)
-    num_layers = config.get("num_layers", config.get("lora_layers"))
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
         raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters.keys must be a list of names")
@@ -121,7 +130,7 @@ def read_adapter(path: str | Path) -> Adapter:
                                 "(expected <module>.lora_a, .lora_b or .m)")
             if leaf == "m" and not adapter.is_dora:
                 raise UserError(f"{weights_path}: {name} is a DoRA magnitude but fine_tune_type "
-                                f"is {fine_tune_type!r}")
+                                f"is {fine_tune_type!r} (and lora_parameters has no use_dora: true)")
             _check_float(info, weights_path)
             grouped.setdefault(module, {})[leaf] = arr = f.read(name)
             check_finite(arr, f"{weights_path}: {name}", "; the adapter is damaged (or its training diverged)")
@@ -130,6 +139,23 @@ def read_adapter(path: str | Path) -> Adapter:
             raise UserError(f"{weights_path}: {module} has lora_b but no lora_a")
         adapter.modules[module] = AdapterModule(module, leaves.get("lora_a"), leaves.get("lora_b"),
                                                 leaves.get("m"))
+    return adapter
+
+
+def _read_full(path: Path, config: dict, num_layers) -> Adapter:
+    """A full fine-tune: every tensor is a trained parameter of the model."""
+    weights_path = path / ADAPTER_WEIGHTS
+    if not weights_path.exists():
+        raise UserError(f"{weights_path}: no adapter weights ({ADAPTER_WEIGHTS})")
+    adapter = Adapter(path=path, config=config, fine_tune_type="full", scale=1.0, rank=None,
+                      num_layers=num_layers, keys=None)
+    with SafetensorsFile(weights_path) as f:
+        for name, info in f.tensors.items():
+            _check_float(info, weights_path)
+            adapter.full_weights[name] = arr = f.read(name)
+            check_finite(arr, f"{weights_path}: {name}", "; the adapter is damaged (or its training diverged)")
+    if not adapter.full_weights:
+        raise UserError(f"{weights_path}: a full fine-tune with no tensors")
     return adapter
 
 

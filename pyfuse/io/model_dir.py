@@ -25,7 +25,10 @@ mlx-lm's loader reads); else an mlx-style ``quantization_config`` (with
 ``quantization_config`` (``quant_method`` without ``bits``: AWQ, GPTQ, ...)
 is refused. Entries of the block whose value is an object are per-module
 overrides (mixed precision: ``"model.layers.0.mlp.down_proj": {"bits": 6,
-"group_size": 32}``); the other entries are the default.
+"group_size": 32}``); the other entries are the default. A null ``bits`` or
+``group_size`` is the mode's default, as MLX reads it (``mlx_lm convert
+--quant-predicate mixed_3_6`` without ``--q-group-size`` writes
+``"group_size": null`` in every per-module entry).
 
 A module is quantized when the directory has ``<path>.scales`` next to
 ``<path>.weight``. Its bits, group size and mode come from its stored
@@ -56,7 +59,7 @@ from types import MappingProxyType
 import mlx.core as mx
 
 from ..errors import UserError
-from ..options import MX_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import MX_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, mode_defaults
 from .checks import stated_quantization_problems
 from .names import natural_key
 from .safetensors import SafetensorsFile, TensorInfo
@@ -328,11 +331,26 @@ class _QuantSpec:
             raise UserError(f"{where / CONFIG_FILE}: quantization is not an object")
         self.present = q is not None
         self.block = q or {}
-        self.default = {k: v for k, v in self.block.items() if not isinstance(v, dict)}
-        self.overrides = {k: v for k, v in self.block.items() if isinstance(v, dict)}
+        self.default = _with_mode_defaults({k: v for k, v in self.block.items() if not isinstance(v, dict)})
+        self.overrides = {k: _with_mode_defaults(v) for k, v in self.block.items() if isinstance(v, dict)}
         mode = self.default.get("mode", "affine")
         if mode not in ("affine", *MX_MODES):
             raise UserError(f"{where / CONFIG_FILE}: unsupported quantization mode {mode!r}")
+
+
+def _with_mode_defaults(entry: dict) -> dict:
+    """An entry with null bits / group size as MLX fills them in for its mode: ``mlx_lm convert --quant-predicate
+    mixed_3_6`` without ``--q-group-size`` writes ``"group_size": null`` per
+    module, and ``nn.quantize`` then uses the mode's default."""
+    if not entry:
+        return entry
+    bits, group_size = mode_defaults(entry.get("mode", "affine"))
+    out = dict(entry)
+    if out.get("bits", 0) is None:
+        out["bits"] = bits
+    if out.get("group_size", 0) is None:
+        out["group_size"] = group_size
+    return out
 
 
 def _is_int(x) -> bool:

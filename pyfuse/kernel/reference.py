@@ -119,9 +119,15 @@ def fuse_requant_reference(
     seed: int = 0,
     magnitude: mx.array | None = None,
     stream=None,
+    on_range_overflow: str = "refit",
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Pure-MLX fuse with the same contract as :func:`pyfuse.fuse_requant`
-    (arguments are assumed valid: :mod:`pyfuse.kernel.ops` checks them)."""
+    (arguments are assumed valid: :mod:`pyfuse.kernel.ops` checks them).
+
+    ``on_range_overflow`` (``preserve`` / ``stochastic``): what a group whose
+    new codes leave ``[0, 2**bits - 1]`` gets: ``refit`` (the kernel's rule,
+    MLX's affine fit of the fused values) or ``clip`` (its codes clamped to
+    the range, its scale and bias kept; the native kernel has no clip)."""
     dtype = scales.dtype
     delta = delta_f32(a, b, scale)
     with mx.stream(stream) if stream is not None else nullcontext():
@@ -135,25 +141,59 @@ def fuse_requant_reference(
         if policy not in ("preserve", "stochastic"):
             raise ValueError(f"[pyfuse.kernel.reference] unknown policy {policy!r}")
         return _preserve_or_stochastic(
-            w, scales, biases, delta, group_size, bits, policy, seed, magnitude
+            w, scales, biases, delta, group_size, bits, policy, seed, magnitude, on_range_overflow
         )
 
 
-def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, seed, magnitude):
+def requant_to_reference(w, scales, biases, target: mx.array, *, group_size: int, bits: int, policy: str,
+                         seed: int = 0, on_range_overflow: str = "refit"):
+    """``preserve`` / ``stochastic`` towards a whole new weight ``target``
+    (a full fine-tune's) instead of a LoRA delta: the delta is ``target``
+    minus the dequantized base, in float32."""
+    base = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
+                         bits=bits)
+    return _preserve_or_stochastic(w, scales, biases, target.astype(mx.float32) - base, group_size, bits,
+                                   policy, seed, None, on_range_overflow)
+
+
+def _grid_codes(w, scales, delta, group_size, bits, policy, seed):
+    """The codes ``preserve`` / ``stochastic`` give every weight on its
+    group's own grid, before any range check (``[..., groups, group_size]``),
+    and the stochastic ``u`` (None for preserve)."""
+    s = scales.astype(mx.float32)[..., None]
+    q = _by_group(unpack_codes(w, group_size, bits), group_size)
+    target = q + _by_group(delta, group_size) / s  # the fused weight in steps of the old grid
+    if policy == "stochastic":
+        u = _by_group(hash_uniform(seed, delta.size).reshape(delta.shape), group_size)
+        return stochastic_round(target, u), u
+    return mx.round(target), None
+
+
+def _out_of_range(codes: mx.array, bits: int) -> mx.array:
+    """Per group: does any code leave ``[0, 2**bits - 1]``?"""
+    return mx.any((codes < 0) | (codes > float((1 << bits) - 1)), axis=-1)
+
+
+def range_overflow_groups(w, scales, a, b, *, scale: float, group_size: int, bits: int, policy: str,
+                          seed: int = 0) -> mx.array:
+    """The groups (bool ``[..., out, in / group_size]``) whose fused values
+    leave their grid's range under ``preserve`` / ``stochastic``: the groups
+    the kernel re-fits (``stochastic``: the whole tensor, the hash is indexed
+    by position). The decision does not depend on a DoRA magnitude."""
+    codes, _ = _grid_codes(w, scales, delta_f32(a, b, scale), group_size, bits, policy, seed)
+    return _out_of_range(codes, bits)
+
+
+def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, seed, magnitude,
+                            on_range_overflow="refit"):
     dtype = scales.dtype
     n_bins = float((1 << bits) - 1)
     s = scales.astype(mx.float32)[..., None]
     bias = biases.astype(mx.float32)[..., None]
     q = _by_group(unpack_codes(w, group_size, bits), group_size)
     d = _by_group(delta, group_size)
-
-    target = q + d / s  # the fused weight measured in steps of the old grid
-    if policy == "stochastic":
-        u = _by_group(hash_uniform(seed, delta.size).reshape(delta.shape), group_size)
-        new_q = stochastic_round(target, u)
-    else:
-        new_q = mx.round(target)
-    refit = mx.any((new_q < 0) | (new_q > n_bins), axis=-1)
+    new_q, u = _grid_codes(w, scales, delta, group_size, bits, policy, seed)
+    refit = _out_of_range(new_q, bits)
 
     k = None
     if magnitude is not None:
@@ -166,6 +206,9 @@ def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, 
         new_b = (bias * k).astype(dtype)
     else:
         new_s, new_b = scales[..., None], biases[..., None]
+    if on_range_overflow == "clip":
+        codes = mx.clip(new_q, 0, n_bins).reshape(delta.shape)
+        return pack_codes(codes, bits), new_s[..., 0], new_b[..., 0]
 
     # Re-fitted groups: MLX's affine rule on the float32 fused values.
     x = q * s + bias + d

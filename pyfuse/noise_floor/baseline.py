@@ -29,7 +29,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..io.model_dir import ModelDir
 from ..io.names import natural_key
-from ..options import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, mode_defaults
 
 __all__ = ["Baseline", "QModule", "Setting", "load_baseline", "model_quantization", "settings_for"]
 
@@ -128,17 +128,27 @@ def _check_stored_quantization(model, model_dir: ModelDir) -> None:
         if not hasattr(m, "scales") or f"{name}.scales" not in model_dir.tensors:
             continue
         stored = model_dir.quant_params(name)
-        loaded = (m.bits, m.group_size, getattr(m, "mode", "affine"))
+        loaded = loaded_quantization(m)
         if (stored.bits, stored.group_size, stored.mode) != loaded:
             raise UserError(f"{model_dir.path}: {name} is {stored.bits}-bit g{stored.group_size} "
                             f"({stored.mode}) by config.json and its stored shapes, but mlx-lm loads it as "
                             f"{loaded[0]}-bit g{loaded[1]} ({loaded[2]})")
 
 
+def loaded_quantization(m) -> tuple[int, int, str]:
+    """(bits, group size, mode) of a quantized module of mlx-lm's graph as
+    MLX computes with it (a null group size is the mode's default)."""
+    mode = getattr(m, "mode", "affine")
+    bits, group_size = mode_defaults(mode)
+    return (bits if m.bits is None else m.bits, group_size if m.group_size is None else m.group_size, mode)
+
+
 def _measurable(m) -> bool:
-    return (hasattr(m, "scales") and getattr(m, "mode", "affine") == "affine"
-            and getattr(m, "biases", None) is not None
-            and m.group_size in SUPPORTED_GROUP_SIZES and m.bits in SUPPORTED_BITS)
+    if not hasattr(m, "scales"):
+        return False
+    bits, group_size, mode = loaded_quantization(m)
+    return (mode == "affine" and getattr(m, "biases", None) is not None
+            and group_size in SUPPORTED_GROUP_SIZES and bits in SUPPORTED_BITS)
 
 
 def _quantized_modules(model) -> list[QModule]:
@@ -147,7 +157,8 @@ def _quantized_modules(model) -> list[QModule]:
         if _measurable(m):
             base = (m.weight, m.scales, m.biases)
             mx.eval(*base)  # one module at a time: no burst of float intermediates
-            mods.append(QModule(name, m, m.group_size, m.bits, base))
+            bits, group_size, _ = loaded_quantization(m)
+            mods.append(QModule(name, m, group_size, bits, base))
     return sorted(mods, key=lambda q: natural_key(q.path))
 
 
@@ -157,11 +168,11 @@ def _skipped(model, setting: Setting) -> list[tuple[str, str]]:
     skipped = []
     for name, m in model.named_modules():
         if hasattr(m, "scales"):
-            mode = getattr(m, "mode", "affine")
+            bits, group_size, mode = loaded_quantization(m)
             if mode != "affine" or getattr(m, "biases", None) is None:
                 skipped.append((name, f"mode {mode} (pyfuse re-quantizes affine tensors only)"))
-            elif m.group_size not in SUPPORTED_GROUP_SIZES or m.bits not in SUPPORTED_BITS:
-                skipped.append((name, f"{m.bits}-bit g{m.group_size} is not supported by the kernel"))
+            elif group_size not in SUPPORTED_GROUP_SIZES or bits not in SUPPORTED_BITS:
+                skipped.append((name, f"{bits}-bit g{group_size} is not supported by the kernel"))
         elif isinstance(m, (nn.Linear, nn.Embedding)) or hasattr(m, "to_quantized"):
             if "weight" not in m or m.weight.ndim < 2:
                 continue
