@@ -23,6 +23,7 @@ COMMANDS = {
     "setg": "setg",
     "stats": "stats",
     "zero-adapter": "zero_adapter",
+    "adapters": "adapters",
     "experiment": "experiment",
     "demo": "demo",
 }
