@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..options import DEFAULT_POLICY, POLICIES
-from ._args import add_force, add_model, add_quiet, add_seed, console, print_warnings
+from ._args import add_force, add_model, add_quiet, add_seed, comma_list, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -46,6 +46,11 @@ def add_arguments(p) -> None:
                    help="re-quantize the fused tensors with group size G")
     p.add_argument("--only", metavar="REGEX", default=None,
                    help="fuse only the modules whose path matches REGEX (e.g. 'layers\\.(10|11)\\.')")
+    p.add_argument("--layers", default=None, metavar="GROUP|RANGE",
+                   help="fuse only these transformer blocks: early, middle, late (thirds), all, or indices "
+                        "like '0-3,8' (negative: from the end)")
+    p.add_argument("--modules", type=comma_list, default=None, metavar="GLOB[,GLOB...]",
+                   help="fuse only modules whose whole path matches a glob (e.g. '*.self_attn.*')")
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
     add_force(p, "--save-path")
@@ -62,7 +67,7 @@ def run(args) -> int:
         args.model, args.adapter_path, args.save_path,
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
-        only=args.only, link_unchanged=args.link_unchanged, force=args.force,
+        only=args.only, layers=args.layers, modules=args.modules, link_unchanged=args.link_unchanged, force=args.force,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
@@ -74,7 +79,7 @@ def run(args) -> int:
     if s["configured_without_weights"]:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")
     if s["excluded_by_only"]:
-        extra.append(f"{len(s['excluded_by_only'])} excluded by --only")
+        extra.append(f"{len(s['excluded_by_only'])} excluded by --only/--layers/--modules")
     if s["dequantized_modules"]:
         extra.append(f"{s['dequantized_modules']} more dequantized")
     print(f"pyfuse fuse: wrote {result.save_path} ({s['modules_fused']} module(s) fused, "

@@ -90,6 +90,8 @@ def fuse_model(
     requant_bits: int | None = None,
     requant_group_size: int | None = None,
     only: str | None = None,
+    layers: str | int | list[int] | None = None,
+    modules: list[str] | None = None,
     link_unchanged: bool = False,
     force: bool = False,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
@@ -110,6 +112,10 @@ def fuse_model(
             precision (recorded per module in config.json's quantization).
         only: fuse only the modules whose path matches this regular
             expression (``re.search``); the others stay byte-identical.
+        layers, modules: fuse only the modules of these transformer blocks
+            (``early`` / ``middle`` / ``late`` / ``all``, ``"4-7"``, ``[0, 2]``)
+            and matching one of these globs (:mod:`pyfuse.fuse.layers`);
+            combined with ``only`` into the one filter the report records.
         link_unchanged: hard-link (or copy when linking fails) the shards that
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
@@ -129,9 +135,10 @@ def fuse_model(
     started = time.monotonic()
     model_path, adapter_path, save_path = Path(model), Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
-    only_re = _compile_only(only)
     mdir = ModelDir(model_path)
     try:
+        only = _layer_selection(mdir, only, layers, modules)
+        only_re = _compile_only(only)
         adapter = read_adapter(adapter_path)
         _check_save_path(save_path, model_path, adapter_path, force)
         if report is not None:
@@ -198,6 +205,18 @@ def _check_options(policy, seed, requant_bits, requant_group_size, dequantize):
     if dequantize and (requant_bits is not None or requant_group_size is not None):
         raise UserError("--dequantize writes full precision: it cannot be combined with "
                         "--requant-bits/--requant-group-size")
+
+
+def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:
+    """``only`` narrowed to ``layers`` / ``modules`` (:mod:`pyfuse.fuse.layers`)."""
+    if layers is None and not modules:
+        return only
+    from ..io.names import layer_prefix
+    from .layers import selection_only
+
+    prefix, found = layer_prefix(n[: -len(".weight")] for n in mdir.tensors if n.endswith(".weight"))
+    n_layers = mdir.num_hidden_layers or (max(found) + 1 if found else None)
+    return selection_only(only, layers=layers, modules=modules, prefix=prefix, n_layers=n_layers)
 
 
 def _compile_only(only: str | None) -> re.Pattern | None:
