@@ -24,6 +24,7 @@ COMMANDS = {
     "stats": "stats",
     "zero-adapter": "zero_adapter",
     "adapters": "adapters",
+    "probe": "probe",
     "experiment": "experiment",
     "demo": "demo",
 }

@@ -159,7 +159,7 @@ def _kind(mod: AdapterModule) -> str:
     return "embedding" if is_embedding_name(mod.path) else "linear"
 
 
-def _factors(mod: AdapterModule) -> tuple[str, np.ndarray, np.ndarray]:
+def kernel_factors_np(mod: AdapterModule) -> tuple[str, np.ndarray, np.ndarray]:
     """``(kind, a, b)`` in the kernel layout, as float32 NumPy arrays."""
     kind = _kind(mod)
     a, b = kernel_factors(mod, kind)
@@ -167,8 +167,8 @@ def _factors(mod: AdapterModule) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 def _compare_module(path: str, ad_a: Adapter, ad_b: Adapter) -> ModuleComparison:
-    kind_a, a1, b1 = _factors(ad_a.modules[path])
-    kind_b, a2, b2 = _factors(ad_b.modules[path])
+    kind_a, a1, b1 = kernel_factors_np(ad_a.modules[path])
+    kind_b, a2, b2 = kernel_factors_np(ad_b.modules[path])
     if kind_a != kind_b or a1.shape[:-2] != a2.shape[:-2] or a1.shape[-1] != a2.shape[-1] \
             or b1.shape[-2] != b2.shape[-2]:
         raise UserError(f"{path}: the two adapters' shapes differ (lora_a {list(a1.shape)} vs {list(a2.shape)}, "
