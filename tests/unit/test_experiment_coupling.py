@@ -86,3 +86,14 @@ def test_behaviour_suite_is_checked(coupling_spec, tmp_path):
     path = write_yaml(tmp_path / "spec.yaml", coupling_spec)
     with pytest.raises(SpecError, match="evaluation.behaviour.suite.*greedy"):
         load_checked_spec(path)
+
+
+def test_example_spec_validates():
+    from pathlib import Path
+
+    from helpers import run_cli
+
+    spec = Path(__file__).resolve().parents[2] / "examples" / "coupling" / "layer-groups.yaml"
+    r = run_cli("experiment", "validate", spec)
+    assert r.code == 0, r.err
+    assert "6 conditions" in r.out  # base, couple, the three swept members, zero-couple
