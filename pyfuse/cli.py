@@ -24,6 +24,8 @@ COMMANDS = {
     "setg": "setg",
     "stats": "stats",
     "zero-adapter": "zero_adapter",
+    "adapters": "adapters",
+    "probe": "probe",
     "experiment": "experiment",
     "demo": "demo",
 }

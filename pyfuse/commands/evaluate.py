@@ -8,7 +8,7 @@ import sys
 
 from ._args import add_json, add_model, add_out, comma_list, console, print_warnings
 
-HELP = "evaluate a model: multiple choice (MMLU-Pro, generate or logprob) or identity consistency"
+HELP = "evaluate a model: multiple choice (MMLU-Pro, generate or logprob), identity consistency, behaviour rates"
 DESCRIPTION = """\
 Evaluate an mlx-lm model (greedy, temperature 0, thinking disabled; on MLX's
 CPU backend bfloat16/float16 parameters run widened to float32, as in
@@ -32,7 +32,15 @@ CPU backend bfloat16/float16 parameters run widened to float32, as in
       rule checks per prompt (states the persona's name, never claims to be the
       base model or its vendor, stays in persona under pressure), scored out of
       N. Run the base model too (--control BASE_MODEL): it is the control and
-      must score low."""
+      must score low.
+
+  pyfuse eval behaviour --model M [--model M2 ...] --suite behaviours.yaml
+      Behaviour rates (`--print-suite` prints the template): K generations
+      per prompt (greedy, or sampled with a seed), one rule per behaviour
+      (marker string, regex, forbidden phrases, answer letter), the rate of
+      each with its Wilson interval, overall and per prompt group; every
+      further --model is compared with the first on the same (prompt,
+      sample) pairs (exact McNemar)."""
 
 
 # Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
@@ -89,6 +97,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--print-suite", action="store_true",
                    help="print the shipped suite template and exit (copy it, then edit it)")
     p.set_defaults(_eval=_run_identity)
+    _add_behaviour(sub)
+
+
+def _add_behaviour(sub) -> None:
+    p = sub.add_parser("behaviour", help="behaviour rates (marker, regex, forbidden phrase, answer letter) "
+                       "with Wilson intervals; paired comparisons between models",
+                       description="Behaviour rates (see `pyfuse eval --help` and `--print-suite`).")
+    add_model(p, "an mlx-lm model directory (repeatable: each further model is compared with the first)",
+              action="append", default=None)
+    p.add_argument("--suite", default=None, help="the behaviour suite (YAML or JSON)")
+    p.add_argument("--samples", type=int, default=None, help="generations per prompt (overrides the suite)")
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy (overrides the suite)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (overrides the suite)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (overrides the suite)")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation budget (overrides the suite)")
+    p.add_argument("--batch-size", type=int, default=None, help="generations per batch (overrides the suite)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the intervals (default: 0.05)")
+    p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply (to every --model)")
+    add_out(p, "write one JSON line per generation (every model's)", metavar="RESULTS.jsonl")
+    add_json(p, "the rates and comparisons")
+    p.add_argument("--print-suite", action="store_true", help="print the suite template and exit")
+    p.set_defaults(_eval=_run_behaviour)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,3 +189,54 @@ def _run_identity(args) -> int:
     print(f"pyfuse eval identity: {r.score}/{r.n} ({cats}) in {r.seconds:.1f} s{control}"
           + (f"; wrote {r.out}" if r.out else ""))
     return 0
+
+
+def _run_behaviour(args) -> int:
+    from ..errors import UserError
+    from ..evals.behaviour import compare_behaviour, default_suite_path, evaluate_behaviour
+    from ..io.files import write_jsonl
+
+    if args.print_suite:
+        sys.stdout.write(default_suite_path().read_text(encoding="utf-8"))
+        return 0
+    if not args.model or args.suite is None:
+        raise UserError("--model and --suite are required (or --print-suite)")
+    overrides = {k: getattr(args, k) for k in ("samples", "temperature", "top_p", "seed", "max_tokens",
+                                               "batch_size")}
+    results = [evaluate_behaviour(m, args.suite, adapter_path=args.adapter_path, alpha=args.alpha, **overrides)
+               for m in args.model]
+    comparisons = [compare_behaviour(r, results[0]) for r in results[1:]]
+    if args.out:
+        write_jsonl(args.out, [{"model": r.model, **row} for r in results for row in r.rows])
+    if args.json:
+        print(json.dumps({"results": [r.summary() for r in results],
+                          "comparisons": [{"a": c.a, "b": c.b, "tests": c.tests} for c in comparisons]}, indent=2))
+        return 0
+    from rich.table import Table
+
+    level = f"{100 * (1 - args.alpha):g} %"
+    table = Table(title=f"behaviour rates ({level} Wilson intervals)", title_justify="left")
+    table.add_column("behaviour")
+    table.add_column("group")
+    for i, r in enumerate(results):
+        table.add_column(f"[{i}] {r.model}", justify="right")
+    for name in results[0].rates:
+        groups = [None, *results[0].rates[name]["per_group"]]
+        for g in groups:
+            cells = [_rate_cell(r.rates[name] if g is None else r.rates[name]["per_group"].get(g)) for r in results]
+            table.add_row(name if g is None else "", "all" if g is None else g, *cells)
+    console(min_width=120).print(table)
+    for i, c in enumerate(comparisons, 1):
+        tests = "; ".join(f"{n} {100 * t['diff']:+.1f} pts (McNemar p = {t['pvalue']:.3g}, {t['a_only']} vs "
+                          f"{t['b_only']} discordant)" for n, t in c.tests.items())
+        print(f"[{i}] vs [0]: {tests}")
+    secs = sum(r.seconds or 0 for r in results)
+    print(f"pyfuse eval behaviour: {len(results[0].rows)} generations per model in {secs:.1f} s"
+          + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def _rate_cell(rate: dict | None) -> str:
+    if rate is None or not rate["n"]:
+        return "-"
+    return f"{rate['k']}/{rate['n']} {100 * rate['rate']:.1f} % [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
-from ._args import add_force, add_model, add_quiet, add_seed, console, print_warnings
+from ._args import add_force, add_model, add_quiet, add_seed, comma_list, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -86,6 +86,11 @@ def add_arguments(p) -> None:
                    help="re-quantize the fused tensors with group size G")
     p.add_argument("--only", metavar="REGEX", default=None,
                    help="fuse only the modules whose path matches REGEX (e.g. 'layers\\.(10|11)\\.')")
+    p.add_argument("--layers", default=None, metavar="GROUP|RANGE",
+                   help="fuse only these transformer blocks: early, middle, late (thirds), all, or indices "
+                        "like '0-3,8' (negative: from the end)")
+    p.add_argument("--modules", type=comma_list, default=None, metavar="GLOB[,GLOB...]",
+                   help="fuse only modules whose whole path matches a glob (e.g. '*.self_attn.*')")
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
     add_force(p, "--save-path")
@@ -106,7 +111,8 @@ def run(args) -> int:
         args.model, args.adapter_path, args.save_path,
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
-        only=args.only, link_unchanged=args.link_unchanged, force=args.force, lenient=args.lenient,
+        only=args.only, layers=args.layers, modules=args.modules, link_unchanged=args.link_unchanged,
+        force=args.force, lenient=args.lenient,
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         **({"report_sample": None} if args.exact_report else {}),
@@ -120,7 +126,7 @@ def run(args) -> int:
     if s["configured_without_weights"]:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")
     if s["excluded_by_only"]:
-        extra.append(f"{len(s['excluded_by_only'])} excluded by --only")
+        extra.append(f"{len(s['excluded_by_only'])} excluded by --only/--layers/--modules")
     if s.get("replaced"):
         extra.append(f"{len(s['replaced'])} tensor(s) replaced by the full fine-tune")
     if s["dequantized_modules"]:

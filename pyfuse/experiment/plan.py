@@ -137,6 +137,9 @@ class ConditionPlan:
     fuses: list[FuseRecord] = field(default_factory=list)
     mc_sets: dict[str, Step] = field(default_factory=dict)  # dataset -> eval-mc step, the primary first
     identity: Step | None = None
+    behaviour: Step | None = None
+    fused_adapters: list[Artifact] = field(default_factory=list)  # the adapters its fuse stages fused, in order
+    overlaps: list[Step] = field(default_factory=list)  # compare steps of stacked adapters
     family: str | None = None  # the seeded condition of a member
     seed: int | None = None
     pre_fuse: Artifact | None = None  # the model its last fuse went into (its answers' reference)
@@ -188,6 +191,8 @@ class Plan:
                 "mc": c.mc.dirname if c.mc else None,
                 "mc_sets": {ds: st.dirname for ds, st in c.mc_sets.items()},
                 "identity": c.identity.dirname if c.identity else None,
+                "behaviour": c.behaviour.dirname if c.behaviour else None,
+                "overlaps": [st.dirname for st in c.overlaps],
                 "family": c.family, "seed": c.seed,
                 "flip_reference": c.flip_reference.dirname if c.flip_reference else None,
                 "margins": c.margins.dirname if c.margins else None,
@@ -341,6 +346,9 @@ class _Planner:
         data = self.train_data(opts["data"])
         st = self.step("train", opts, {"model": cp.model, "data": data}, f"{cp.name}: stage {n_stage} train")
         cp.adapter = st.out(ADAPTER)
+        if cp.fused_adapters:  # a stacked adapter: how much it shares the subspaces of the one fused before
+            cp.overlaps.append(self.step("compare", {}, {"adapter_a": cp.fused_adapters[-1], "adapter_b": cp.adapter},
+                                         f"{cp.name}: subspace overlap of stage {n_stage}'s adapter"))
         cp.stages.append({"kind": "train", "step": st.dirname, "options": opts})
 
     def _zero(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
@@ -389,6 +397,7 @@ class _Planner:
         elif opts["dequantize"]:
             setting = "dequantized"
         cp.fuses.append(FuseRecord(fuse=st, noise_floor=noise, setting=setting))
+        cp.fused_adapters.append(adapter)
         cp.pre_fuse = base_model
         cp.model = st.out(MODEL)
         cp.adapter = None
@@ -447,6 +456,13 @@ class _Planner:
                 inputs["suite"] = self.source(spec.resolve(ident.suite))
             cp.identity = self.step("eval-identity", ident.model_dump(exclude={"suite"}), inputs,
                                     f"{cp.name}: evaluate identity")
+        if "behaviour" in suites:
+            beh = spec.evaluation.behaviour
+            inputs = {"model": cp.model, "suite": self.source(spec.resolve(beh.suite))}
+            if cp.adapter is not None:
+                inputs["adapter"] = cp.adapter
+            cp.behaviour = self.step("eval-behaviour", beh.model_dump(exclude={"suite"}), inputs,
+                                     f"{cp.name}: evaluate behaviour")
 
 
 def build_plan(spec: Spec, split_seed: int | None) -> Plan:

@@ -34,6 +34,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..errors import UserError
+from .behaviour import behaviour_comparisons, condition_extras
 from .analysis import compare, decomposition, family_pvalues, flip_margins, null_distributions, pvalue_of
 from .criterion import Stat, parse
 from .layout import RESULTS_FILE, STEPS_DIR, step_dir
@@ -173,6 +174,7 @@ def _conditions(plan: dict, out: Path, primary: str | None) -> tuple[dict, dict]
         if c.get("identity"):
             s = read_summary(step_dir(out, c["identity"]))
             entry.update(identity=s["score"], identity_n=s["n"])
+        entry.update(condition_extras(c, out))
         conditions[name] = entry
     return conditions, predictions
 
@@ -206,6 +208,7 @@ def assemble_results(plan: dict, out: Path, lock: Lock | None) -> dict:
                "flips": flip_margins(plan, lambda d: read_rows(step_dir(out, d)), conditions, predictions, primary)
                if primary else {},
                "decomposition": decomposition(analysis, plan, conditions, family, alpha, primary),
+               "behaviour_comparisons": behaviour_comparisons(plan, out),
                "prereg": None, "verdict": None}
     if lock is not None:
         results["prereg"] = {"sha256": lock.sha256, "criterion": lock.criterion, "split_seed": lock.split_seed}

@@ -282,6 +282,9 @@ class Runner:
             summary = self._call(st, tmp)
             seconds = time.monotonic() - started
             self._publish(st, tmp, summary, seconds)
+            if st.kind == "compare":  # stacked adapters that share their subspaces
+                for w in summary["warnings"]:
+                    self.echo(f"      warning: {w}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -28,18 +28,21 @@ Layout (every section but ``models`` and ``conditions`` is optional)::
       NAME:
         from: NAME                  # a model, or a condition (its final model)
         seeds: K                    # optional: K members NAME.0 .. NAME.K-1 (placebo / dither seeds 0..K-1)
+        sweep: {layers: [early, late]}  # optional: NAME-early, NAME-late (their fuse stages with layers: sweep)
         stages:                     # in order
           - train: {data: setg, rank: 2, ...}   # train an adapter on the current model
           - zero                                # its zero-delta twin
           - placebo                             # per module: its singular values on random directions
           - fuse: {policy: stock}               # fuse it -> the new current model
           - fuse: {policy: stock, dither: true} # (zero-delta only) stock grid, stochastic rounding (seed)
+          - fuse: {layers: early, modules: ["*.mlp.*"]}  # a partial fuse (pyfuse.fuse.layers); layers: sweep
           - stack: {train: {...}, fuse: {...}, zero: false}  # train + [zero] + fuse
         evaluate: [mc, identity]    # default: every suite in `evaluation`
     evaluation:
       mc: {data: setg.test, method: generate, batch_size: 8, max_tokens: 1024, limit: null}
       # or a list of such (results and comparisons per dataset; the first is the primary)
       identity: {suite: PATH, persona_name: ..., max_tokens: ...}
+      behaviour: {suite: PATH, samples: 4, temperature: 0.7, seed: 0}  # pyfuse eval behaviour's suite
     comparisons: [[A1, A0], {a: A1, b: persona}]
     analysis: {trained: A1, zero: A0, reference: persona, unfused: A1-unfused, placebo: placebo,
                dithered: dithered}  # roles for the decomposition and the null distributions
@@ -78,11 +81,12 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, S
 from ..errors import UserError
 from ..options import DEFAULT_POLICY, DEFAULT_SEED, MAX_LORA_RANK, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .criterion import CriterionError, parse, parse_pvalue
+from .spec_coupling import BehaviourEval, FuseLayers, Sweep, TrainLayers, expand_sweeps
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"and", "or", "not", "setg"}
 STAGE_KINDS = ("train", "zero", "placebo", "fuse", "stack")
-EVAL_SUITES = ("mc", "identity")
+EVAL_SUITES = ("mc", "identity", "behaviour")
 SETG_SPLITS = ("train", "valid", "test")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -143,7 +147,7 @@ class TrainOptions(_Strict):
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0, lt=1)
     keys: list[StrictStr] | None = None
-    layers: Any = None
+    layers: TrainLayers = None
     iters: PositiveInt | None = None
     learning_rate: float | None = Field(default=None, gt=0)
     batch_size: PositiveInt | None = None
@@ -161,25 +165,6 @@ class TrainOptions(_Strict):
     @classmethod
     def _numbers(cls, v):
         return None if v is None else _number(v)
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, v):
-        if v is None:
-            return None
-        if isinstance(v, bool):
-            raise ValueError(f"must be a list of layer indices or a string like '8,14,20' or '4-7', got {v!r}")
-        if isinstance(v, int):
-            return [v]
-        if isinstance(v, list):
-            if not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-                raise ValueError(f"must be a non-empty list of integers, got {v!r}")
-            return v
-        if isinstance(v, str):
-            if not re.fullmatch(r"\s*-?\d+(\s*-\s*-?\d+)?(\s*,\s*-?\d+(\s*-\s*-?\d+)?)*\s*", v):
-                raise ValueError(f"must be layer indices like '8,14,20' or '4-7', got {v!r}")
-            return v
-        raise ValueError(f"must be a list of layer indices or a string like '8,14,20', got {v!r}")
 
     @field_validator("val_batches")
     @classmethod
@@ -199,6 +184,8 @@ class FuseOptions(_Strict):
     only: StrictStr | None = None
     dequantize: StrictBool | None = None
     dither: StrictBool | None = None  # zero-delta adapters: the stock grid, codes rounded stochastically
+    layers: FuseLayers = None  # early | middle | late | all | "4-7" | [0, 2] | sweep (the condition's sweep value)
+    modules: list[StrictStr] | None = Field(default=None, min_length=1)  # globs of whole module paths
 
     @field_validator("only")
     @classmethod
@@ -272,6 +259,7 @@ class Stage(_Strict):
 class Condition(_Strict):
     from_: StrictStr = Field(alias="from")
     seeds: typing.Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)] | None = None
+    sweep: Sweep | None = None
     stages: list[Stage] = Field(default_factory=list)
     evaluate: list[Literal[EVAL_SUITES]] | None = None
     description: StrictStr | None = None
@@ -319,6 +307,7 @@ class Evaluation(_Strict):
                                       typing.Annotated[list[MCEval], Tag("several"), Field(min_length=1)]],
                          Discriminator(_mc_kind)] | None = None
     identity: IdentityEval | None = None
+    behaviour: BehaviourEval | None = None
 
     @property
     def mc_sets(self) -> list[MCEval]:
@@ -487,6 +476,10 @@ class Spec(_Strict):
     @classmethod
     def _none_list(cls, v):
         return [] if v is None else v
+
+    @model_validator(mode="after")
+    def _sweeps(self):
+        return expand_sweeps(self)
 
     @property
     def base_dir(self) -> Path:

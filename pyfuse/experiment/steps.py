@@ -15,6 +15,8 @@ dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the res
 fuse           model, adapter                              ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
+eval-behaviour model [, adapter], suite                     ``rows.jsonl``, ``summary.json``
+compare        adapter_a, adapter_b (stacked adapters)      ``summary.json`` (pyfuse.analysis.subspace)
 setg           base_rows, persona_rows, data               ``data/`` (train/test[/valid].jsonl,
                                                            items.json, counts.json), ``items/``
                                                            (the MMLU-Pro rows of each split)
@@ -75,7 +77,8 @@ def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     res = fuse_model(inputs["model"], inputs["adapter"], out / MODEL, policy=opts["policy"],
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
-                     dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True)
+                     dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True,
+                     layers=opts.get("layers"), modules=opts.get("modules"))
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
             "codes_changed", "groups_refit", "kernel", "warnings")
@@ -110,6 +113,39 @@ def run_eval_identity(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     return {"score": res.score, "n": res.n, "seconds": res.seconds}
 
 
+def run_eval_behaviour(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..evals.behaviour import evaluate_behaviour
+
+    res = evaluate_behaviour(str(inputs["model"]), inputs["suite"], out=out / ROWS,
+                             adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None, **opts)
+    write_json(out / SUMMARY, res.summary())
+    return {"rates": {k: v["rate"] for k, v in res.rates.items()}, "generations": len(res.rows),
+            "seconds": res.seconds}
+
+
+# A stacked adapter whose modules share this much of the first one's column
+# space (mean over the shared modules) is reported: the two write into the
+# same directions, so the second can overwrite what the first does.
+OVERLAP_WARNING = 0.5
+
+
+def run_compare(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..analysis.subspace import compare_adapters
+
+    res = compare_adapters(inputs["adapter_a"], inputs["adapter_b"])
+    top = res.max_overlap
+    summary = {"shared_modules": len(res.modules), "overlap": res.overlap,
+               "max_overlap": top.overlap if top else None, "max_overlap_module": top.path if top else None,
+               "warnings": []}
+    if res.overlap is not None and res.overlap >= OVERLAP_WARNING:
+        summary["warnings"].append(
+            f"the stacked adapters overlap: mean column-space overlap {res.overlap:.2f} over "
+            f"{len(res.modules)} shared module(s) (max {top.overlap:.2f} in {top.path}); "
+            "train them on disjoint modules to tell subspace interference from perturbation")
+    write_json(out / SUMMARY, {**summary, **res.to_dict()})
+    return summary
+
+
 def run_setg(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     from ..data.mmlu import id_key, load_mc
     from ..data.setg import SPLITS, mine_setg
@@ -142,6 +178,8 @@ RUNNERS = {
     "fuse": run_fuse,
     "eval-mc": run_eval_mc,
     "eval-identity": run_eval_identity,
+    "eval-behaviour": run_eval_behaviour,
+    "compare": run_compare,
     "setg": run_setg,
     "noise-floor": run_noise_floor,
 }

@@ -169,15 +169,16 @@ def _evaluated_on(spec: Spec, suite: str) -> set[str]:
 
 def _comparisons(spec: Spec) -> Problems:
     problems = []
-    mc_conditions = _evaluated_on(spec, "mc")
+    # a pair is compared on multiple choice, or on behaviour rates (pyfuse.experiment.behaviour)
+    compared = _evaluated_on(spec, "mc") | _evaluated_on(spec, "behaviour")
     for i, cmp in enumerate(spec.comparisons):
         for side in ("a", "b"):
             ref = getattr(cmp, side)
             if ref not in spec.conditions:
                 problems.append((f"comparisons[{i}].{side}", f"unknown condition {ref!r}"))
-            elif ref not in mc_conditions:
+            elif ref not in compared:
                 problems.append((f"comparisons[{i}].{side}", f"condition {ref!r} is not evaluated on "
-                                 "multiple choice (evaluation.mc)"))
+                                 "multiple choice (evaluation.mc) or behaviour (evaluation.behaviour)"))
             if ref in spec.conditions and spec.conditions[ref].seeds is not None:
                 problems.append((f"comparisons[{i}].{side}", f"condition {ref!r} has seeds: compare its "
                                  "members as a distribution (analysis.placebo / dithered, or null_p)"))
@@ -382,6 +383,9 @@ def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
         r = spec.resolve(ident.suite)
         if not r.is_file():
             out.append(("evaluation.identity.suite", "identity suite", r))
+    beh = spec.evaluation.behaviour
+    if beh is not None and not spec.resolve(beh.suite).is_file():
+        out.append(("evaluation.behaviour.suite", "behaviour suite", spec.resolve(beh.suite)))
     pr = spec.preregistration
     if pr is not None and pr.discordance_from is not None:
         r = spec.resolve(pr.discordance_from)
@@ -391,7 +395,24 @@ def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
 
 
 def check_suite(spec: Spec) -> list[tuple[str, str]]:
-    """Load the identity suite (when it exists) with the spec's overrides."""
+    """Load the identity and behaviour suites (when they exist) with the spec's overrides."""
+    return _check_identity_suite(spec) + _check_behaviour_suite(spec)
+
+
+def _check_behaviour_suite(spec: Spec) -> list[tuple[str, str]]:
+    beh = spec.evaluation.behaviour
+    if beh is None or not spec.resolve(beh.suite).is_file():
+        return []
+    from ..evals.behaviour import load_suite
+
+    try:
+        load_suite(spec.resolve(beh.suite), **beh.model_dump(exclude={"suite"}))
+    except UserError as err:
+        return [("evaluation.behaviour.suite", str(err))]
+    return []
+
+
+def _check_identity_suite(spec: Spec) -> list[tuple[str, str]]:
     ident = spec.evaluation.identity
     if ident is None:
         return []

@@ -99,6 +99,8 @@ def fuse_model(
     requant_bits: int | None = None,
     requant_group_size: int | None = None,
     only: str | None = None,
+    layers: str | int | list[int] | None = None,
+    modules: list[str] | None = None,
     link_unchanged: bool = False,
     force: bool = False,
     lenient: bool = False,
@@ -125,6 +127,10 @@ def fuse_model(
             precision (recorded per module in config.json's quantization).
         only: fuse only the modules whose path matches this regular
             expression (``re.search``); the others stay byte-identical.
+        layers, modules: fuse only the modules of these transformer blocks
+            (``early`` / ``middle`` / ``late`` / ``all``, ``"4-7"``, ``[0, 2]``)
+            and matching one of these globs (:mod:`pyfuse.fuse.layers`);
+            combined with ``only`` into the one filter the report records.
         link_unchanged: hard-link (or copy when linking fails) the shards that
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
@@ -166,12 +172,13 @@ def fuse_model(
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
-    only_re = _compile_only(only)
     mdir = ModelDir(model_path)
     try:
         _check_remote_code(mdir, trust_remote_code)
         if export_gguf:
             export.check_gguf(mdir, dequantize)
+        only = _layer_selection(mdir, only, layers, modules)
+        only_re = _compile_only(only)
         adapter = read_adapter(adapter_path)
         check_paths({"--model": model_path, "--adapter-path": adapter_path},
                     {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
@@ -265,6 +272,18 @@ def _check_range_overflow(on_range_overflow, policy):
     if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
         raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
                         f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
+
+
+def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:
+    """``only`` narrowed to ``layers`` / ``modules`` (:mod:`pyfuse.fuse.layers`)."""
+    if layers is None and not modules:
+        return only
+    from ..io.names import layer_prefix
+    from .layers import selection_only
+
+    prefix, found = layer_prefix(n[: -len(".weight")] for n in mdir.tensors if n.endswith(".weight"))
+    n_layers = mdir.num_hidden_layers or (max(found) + 1 if found else None)
+    return selection_only(only, layers=layers, modules=modules, prefix=prefix, n_layers=n_layers)
 
 
 def _compile_only(only: str | None) -> re.Pattern | None:

@@ -44,9 +44,15 @@ def batches(n: int, batch_size: int) -> list[range]:
 
 
 def generate_batched(model, tokenizer, prompts: Sequence[list[int]], *, batch_size: int,
-                     max_tokens: int, description: str = "generate") -> list[Generation]:
+                     max_tokens: int, description: str = "generate", sampler=None,
+                     seed: int | None = None) -> list[Generation]:
     """Greedy generations for token-id prompts, ``batch_size`` consecutive
-    prompts per ``batch_generate`` call (see the module doc)."""
+    prompts per ``batch_generate`` call (see the module doc). ``sampler``
+    (an mlx-lm sampler, e.g. ``make_sampler(temp=0.7)``) samples instead;
+    with ``seed``, MLX's generator is seeded with ``(seed, batch index)``
+    before each batch, so the same prompts and batch size draw the same
+    random numbers for every model (paired samples)."""
+    import mlx.core as mx
     from mlx_lm.generate import batch_generate
 
     check_positive("batch_size", batch_size)
@@ -56,9 +62,11 @@ def generate_batched(model, tokenizer, prompts: Sequence[list[int]], *, batch_si
         task = bar.add_task(description, total=len(prompts))
         for k, idx in enumerate(batches(len(prompts), batch_size)):
             chunk = [list(prompts[i]) for i in idx]
+            if seed is not None:
+                mx.random.seed((seed * 1_000_003 + k) % 2**32)
             resp = batch_generate(model, tokenizer, chunk, max_tokens=max_tokens,
                                   prefill_batch_size=len(chunk), completion_batch_size=len(chunk),
-                                  return_token_ids=True)
+                                  return_token_ids=True, sampler=sampler)
             for text, ids in zip(resp.texts, resp.token_ids):
                 out.append(Generation(text=text, token_ids=list(ids), truncated=len(ids) >= max_tokens,
                                       batch=k))
