@@ -34,6 +34,8 @@ class TrainingData:
     source: str
     train_where: list[str] = field(default_factory=list)
     valid_where: list[str] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
+    test_where: list[str] = field(default_factory=list)
 
 
 def _row_format(row: dict) -> str | None:
@@ -104,8 +106,9 @@ def _read_jsonl_rows(path: Path) -> tuple[list[Any], list[str]]:
     return rows, where
 
 
-def _read_dir(path: Path) -> tuple[list, list[str], list, list[str]]:
-    """``train.jsonl`` and the optional ``valid.jsonl`` of an mlx-lm data directory."""
+def _read_dir(path: Path) -> tuple[list, list[str], list, list[str], list, list[str]]:
+    """``train.jsonl`` and the optional ``valid.jsonl`` and ``test.jsonl`` of
+    an mlx-lm data directory."""
     tpath = path / "train.jsonl"
     if not tpath.exists():
         raise UserError(f"{path}: no train.jsonl (a data directory holds train.jsonl and "
@@ -115,20 +118,23 @@ def _read_dir(path: Path) -> tuple[list, list[str], list, list[str]]:
     valid, vw = _read_jsonl_rows(vpath) if vpath.exists() else ([], [])
     if vpath.exists() and not valid:
         raise UserError(f"{vpath}: no rows (remove the file to train without validation)")
-    return train, tw, valid, vw
+    test_path = path / "test.jsonl"
+    test, sw = _read_jsonl_rows(test_path) if test_path.exists() else ([], [])
+    return train, tw, valid, vw, test, sw
 
 
-def _read(data) -> tuple[str, list, list[str], list, list[str]]:
-    """``(source, train rows, their origins, valid rows, their origins)``."""
+def _read(data) -> tuple[str, list, list[str], list, list[str], list, list[str]]:
+    """``(source, train rows, their origins, valid rows, their origins,
+    test rows, their origins)``."""
     if isinstance(data, (list, tuple)):
-        return "<rows>", list(data), [f"row {i}" for i in range(len(data))], [], []
+        return "<rows>", list(data), [f"row {i}" for i in range(len(data))], [], [], [], []
     if not isinstance(data, (str, os.PathLike)):
         raise UserError(f"data must be a directory, a .jsonl file or a list of rows, got {type(data).__name__}")
     path = Path(data)
     if path.is_dir():
         return (str(path), *_read_dir(path))
     if path.exists():
-        return (str(path), *_read_jsonl_rows(path), [], [])
+        return (str(path), *_read_jsonl_rows(path), [], [], [], [])
     raise UserError(f"data {path} does not exist")
 
 
@@ -137,12 +143,13 @@ def load_training_data(data) -> TrainingData:
     ``valid.jsonl``, as ``mlx_lm lora --data``), one ``.jsonl`` file (train
     only) or a list of row dicts. Every row is checked; the format is the
     first row's and every other row (train and valid) must share it."""
-    source, train, tw, valid, vw = _read(data)
+    source, train, tw, valid, vw, test, sw = _read(data)
     if not train:
         raise UserError(f"{source}: no training rows")
     fmt = _check_row(train[0], None, tw[0])
     for row, w in zip(train[1:], tw[1:]):
         _check_row(row, fmt, w)
-    for row, w in zip(valid, vw):
+    for row, w in zip(valid + test, vw + sw):
         _check_row(row, fmt, w)
-    return TrainingData(train=train, valid=valid, format=fmt, source=source, train_where=tw, valid_where=vw)
+    return TrainingData(train=train, valid=valid, format=fmt, source=source, train_where=tw, valid_where=vw,
+                        test=test, test_where=sw)
