@@ -113,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", type=_mapping, metavar="MAPPING",
                    help="mlx-lm's lr_schedule as JSON/YAML, e.g. '{name: cosine_decay, "
                         "arguments: [2e-4, 1000, 1e-6], warmup: 50}'")
+    p.add_argument("--train-mode", choices=("sft", "dpo", "orpo"),
+                   help="sft (default), or dpo / orpo on preference pairs {prompt|messages, chosen, rejected}")
+    p.add_argument("--beta", type=float, help="the DPO temperature / ORPO weight (default: 0.1)")
     p.add_argument("--early-stop-patience", type=int,
                    help="stop after N validations without a new best validation loss (default: 0, never)")
     p.add_argument("--select-best", action="store_true", default=None,

@@ -7,8 +7,9 @@ drift): a user's mlx-lm YAML runs unchanged. YAML is read with mlx-lm's
 loader (``1e-5`` is a float). pyfuse's additions: ``layers`` (explicit
 indices instead of "the last ``num_layers``"), ``alpha`` (``scale = alpha /
 rank``), ``keys``, ``rank``, ``dropout`` (shortcuts into
-``lora_parameters``), ``early_stop_patience``, ``select_best``, ``resume``
-and ``force``.
+``lora_parameters``), ``early_stop_patience``, ``select_best``, ``resume``,
+``force``, and ``train_mode`` (``sft``, ``dpo``, ``orpo``) with ``beta``
+(the names of mlx-lm-lora, the package that adds DPO to mlx-lm).
 
 Keys of mlx-lm that pyfuse refuses rather than ignore silently:
 ``fine_tune_type: full`` (pyfuse trains adapters), ``report_to`` (no
@@ -29,6 +30,8 @@ EXTRA_DEFAULTS = {
     "dropout": None,
     "keys": None,
     "early_stop_patience": 0,
+    "train_mode": "sft",
+    "beta": 0.1,
     "select_best": False,
     "resume": False,
     "force": False,
@@ -123,7 +126,7 @@ def train_kwargs(s: dict) -> dict:
                              "resume_adapter_file", "save_every", "test", "test_batches", "max_seq_length",
                              "grad_checkpoint", "grad_accumulation_steps", "clear_cache_threshold",
                              "lr_schedule", "mask_prompt", "early_stop_patience", "select_best", "resume",
-                             "force")}
+                             "force", "train_mode", "beta")}
     out.update(rank=lp["rank"], scale=lp["scale"], dropout=lp["dropout"], keys=lp.get("keys"), layers=layers,
                verbose=not s.get("quiet"))
     return out

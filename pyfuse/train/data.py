@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import UserError
 from ..io.files import iter_jsonl
 
-DATA_FORMATS = ("chat", "completions", "text")
+DATA_FORMATS = ("chat", "completions", "text", "pairs")
 _ROLES = ("system", "user", "assistant", "tool")
 
 __all__ = ["DATA_FORMATS", "TrainingData", "load_training_data"]
@@ -39,6 +39,8 @@ class TrainingData:
 
 
 def _row_format(row: dict) -> str | None:
+    if "chosen" in row and "rejected" in row:  # preference pairs (DPO / ORPO)
+        return "pairs"
     # mlx-lm's create_dataset order: completions, chat, text
     if "prompt" in row and "completion" in row:
         return "completions"
@@ -79,7 +81,18 @@ def _check_text(row: dict, where: str) -> None:
         raise UserError(f"{where}: field 'text' must be a non-empty string")
 
 
-_CHECKS = {"chat": _check_chat, "completions": _check_completions, "text": _check_text}
+def _check_pairs(row: dict, where: str) -> None:
+    if "messages" in row:
+        _check_chat({"messages": list(row["messages"]) + [{"role": "assistant", "content": ""}]}
+                    if isinstance(row["messages"], list) else row, where)
+    elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise UserError(f"{where}: a preference pair needs 'prompt' (a string) or 'messages'")
+    for k in ("chosen", "rejected"):
+        if not isinstance(row[k], str) or not row[k].strip():
+            raise UserError(f"{where}: field '{k}' must be a non-empty string")
+
+
+_CHECKS = {"chat": _check_chat, "completions": _check_completions, "text": _check_text, "pairs": _check_pairs}
 
 
 def _check_row(row: Any, fmt: str | None, where: str) -> str:
@@ -89,7 +102,8 @@ def _check_row(row: Any, fmt: str | None, where: str) -> str:
     got = _row_format(row)
     if got is None:
         raise UserError(f"{where}: not an mlx-lm training row: expected 'messages' (chat), "
-                        f"'prompt' and 'completion' (completions) or 'text', got keys "
+                        f"'prompt' and 'completion' (completions), 'text', or 'chosen' and 'rejected' "
+                        f"(preference pairs), got keys "
                         f"{sorted(row)[:6]}")
     if fmt is not None and got != fmt:
         raise UserError(f"{where}: a {got} row in {fmt} data (mlx-lm takes the format from the "

@@ -42,7 +42,8 @@ from .loop import LoopArgs, evaluate, run_loop, sft_objective
 from .outputs import ADAPTER_CONFIG, adapter_config, finish_dir, read_run_config, write_json
 from .settings import FINE_TUNE_TYPES, check_settings
 from .targets import check_dora, resolve_targets
-from .trainer import add_adapter_layers, datasets, grad_checkpointing, make_optimizer, seed_everything
+from .trainer import (add_adapter_layers, datasets, grad_checkpointing, make_optimizer, preference_sets,
+                      seed_everything)
 
 __all__ = ["FINE_TUNE_TYPES", "TrainResult", "TrainingData", "load_training_data", "train_adapter"]
 
@@ -141,7 +142,8 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
                   save_every: int = 100, optimizer: str = "adam", optimizer_config: dict | None = None,
                   clear_cache_threshold: int = 0, early_stop_patience: int = 0, select_best: bool = False,
                   resume: bool = False, resume_adapter_file: str | None = None, test: bool = False,
-                  test_batches: int = 500, force: bool = False, verbose: bool = False,
+                  test_batches: int = 500, train_mode: str = "sft", beta: float = 0.1, force: bool = False,
+                  verbose: bool = False,
                   on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train a LoRA/DoRA adapter and write an mlx-lm adapter directory at
     ``adapter_path`` (atomically; resumable after a kill).
@@ -168,6 +170,8 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
         resume_adapter_file (initial weights), test, test_batches: as
         ``mlx_lm lora``.
         seed: seeds the batch order (NumPy), LoRA init and dropout (MLX).
+        train_mode: ``sft`` (next-token loss), ``dpo`` or ``orpo`` on
+            preference pairs (:mod:`.preference`); beta: their temperature.
         early_stop_patience: stop after this many validations without a new
             best validation loss (0: never).
         select_best: the adapter written is the best validation loss's.
@@ -188,11 +192,16 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
                 "steps_per_report": steps_per_report, "save_every": save_every,
                 "clear_cache_threshold": clear_cache_threshold, "early_stop_patience": early_stop_patience,
                 "select_best": select_best, "resume_adapter_file": resume_adapter_file, "test": test,
-                "test_batches": test_batches}
+                "test_batches": test_batches, "train_mode": train_mode, "beta": beta}
     scale = float(alpha) / rank if scale is None and isinstance(rank, int) and rank > 0 else scale
     check_settings(fine_tune_type, rank, scale, dropout, settings)
     final = Path(adapter_path)
     td = _checked_data(data, mask_prompt, batch_size, test)
+    if (train_mode == "sft") != (td.format != "pairs"):
+        raise UserError(f"{td.source}: train_mode {train_mode} needs "
+                        + ("chat, completions or text rows, the data is preference pairs (use dpo or orpo)"
+                           if train_mode == "sft" else
+                           f"preference pairs {{prompt|messages, chosen, rejected}}, the data is {td.format} rows"))
     run_dir = _prepare_run_dir(final, force=force, resume=resume)
     try:
         return _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, settings,
@@ -216,14 +225,18 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
     targets = resolve_targets(net, layers, keys)
     if fine_tune_type == "dora":
         check_dora(targets.modules)
+    warnings: list[str] = []
+    if s["train_mode"] == "sft":
+        (train_set, valid_set, test_set), objective = datasets(td, tokenizer, s["mask_prompt"],
+                                                               s["max_seq_length"], warnings), sft_objective()
+    else:  # before the adapter layers: the reference is the starting model
+        (train_set, valid_set, test_set), objective = preference_sets(net, tokenizer, td, s, run_dir, resume)
     lora_parameters = {"rank": rank, "scale": float(scale), "dropout": float(dropout), "keys": targets.lora_keys}
     trainable, wrapped = add_adapter_layers(net, targets.num_layers, lora_parameters, fine_tune_type,
                                             set(targets.modules), s["seed"])
     if s["resume_adapter_file"]:
         net.load_weights(str(s["resume_adapter_file"]), strict=False)
     n_params = sum(v.size for v in trainable.values())
-    warnings: list[str] = []
-    train_set, valid_set, test_set = datasets(td, tokenizer, s["mask_prompt"], s["max_seq_length"], warnings)
     opt = make_optimizer(s["optimizer"], s["learning_rate"], s["lr_schedule"], s["optimizer_config"])
     config = adapter_config(lm.name, td, fine_tune_type, targets, lora_parameters, s, n_params, final)
     store = RunStore(run_dir)
@@ -237,7 +250,6 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
     else:
         write_json(run_dir / ADAPTER_CONFIG, config, 4)
     resumed_from = progress.iteration if progress else None
-    objective = sft_objective()
     report = _print_report if verbose else None
     with grad_checkpointing(net, s["grad_checkpoint"]):
         prog = run_loop(net, opt, train_set, valid_set, objective, _loop_args(s), seed=s["seed"], store=store,

@@ -79,3 +79,6 @@ def check_settings(fine_tune_type: str, rank: int, scale: float, dropout: float,
             check_int(f"{key} (or -1 for the whole set)", s[key])
     check_int("seed", s["seed"], 0)
     check_lr_schedule(s["lr_schedule"])
+    if s["train_mode"] not in ("sft", "dpo", "orpo"):
+        raise UserError(f"train_mode must be sft, dpo or orpo, got {s['train_mode']!r}")
+    check_number("beta", s["beta"])

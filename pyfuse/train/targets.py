@@ -171,17 +171,12 @@ def resolve_targets(model, layers, keys: Sequence[str] | str | None) -> Targets:
 
 
 def check_dora(modules: dict[str, Any]) -> None:
-    """Refuse the modules mlx-lm's DoRA layers cannot train (or fuse)."""
+    """Refuse the modules DoRA cannot train: quantized embeddings (mlx-lm's
+    DoRAEmbedding reads their packed codes as weights). Linear and
+    SwitchLinear at every bits take pyfuse's DoRA layers."""
     import mlx.nn as nn
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     for path, m in modules.items():
-        if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
-            raise UserError(f"DoRA is not available for MoE expert layers (SwitchLinear) in mlx-lm: "
-                            f"{path}; use fine_tune_type lora, or keys without the switch_mlp experts")
-        if isinstance(m, nn.QuantizedLinear) and (32 % m.bits):
-            raise UserError(f"DoRA cannot train the {m.bits}-bit layer {path}: mlx-lm's DoRALinear "
-                            f"mis-sizes {m.bits}-bit layers (input_dims *= 32 // bits), so neither "
-                            "training nor mlx_lm fuse would work; use lora, or a 2/4/8-bit model")
         if isinstance(m, nn.QuantizedEmbedding):
-            raise UserError(f"DoRA on the quantized embedding {path} is not supported by mlx-lm")
+            raise UserError(f"DoRA on the quantized embedding {path} is not supported (mlx-lm's DoRAEmbedding "
+                            "cannot hold one); use lora, or keys without the embedding")

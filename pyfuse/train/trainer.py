@@ -31,16 +31,17 @@ def seed_everything(seed: int) -> None:
 
 def add_adapter_layers(net, num_layers: int, lora_parameters: dict, fine_tune_type: str,
                        expected: set[str], seed: int) -> tuple[dict, list[str]]:
-    """Freeze ``net`` and let mlx-lm insert its LoRA/DoRA layers; returns
+    """Freeze ``net`` and insert the LoRA/DoRA layers (mlx-lm's, and
+    pyfuse's DoRA where mlx-lm has none: :mod:`pyfuse.adapters.layers`); returns
     ``(trainable parameters by name, wrapped module paths)`` after checking
     that exactly the ``expected`` modules were wrapped."""
     from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from ..adapters.layers import to_adapter_layers
 
     net.freeze()
     seed_everything(seed)
     try:
-        linear_to_lora_layers(net, num_layers, dict(lora_parameters), use_dora=(fine_tune_type == "dora"))
+        to_adapter_layers(net, num_layers, dict(lora_parameters), use_dora=(fine_tune_type == "dora"))
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"mlx-lm cannot add {fine_tune_type} layers: {err}") from None
     trainable = dict(tree_flatten(net.trainable_parameters()))
@@ -104,6 +105,32 @@ def make_optimizer(name: str, learning_rate: float, lr_schedule: dict | None = N
         return opt_cls(learning_rate=lr, **((optimizer_config or {}).get(name) or {}))
     except TypeError as err:
         raise UserError(f"optimizer_config.{name}: {err}") from None
+
+
+def preference_sets(net, tokenizer, td: TrainingData, s: dict, run_dir, resume: bool):
+    """The pair datasets of ``td`` (train, valid, test; None when empty) and
+    the DPO/ORPO objective. DPO's reference log-probabilities are those of
+    ``net`` as it is (the starting model), computed once and kept in
+    ``run_dir`` (``reference_logps.safetensors``) for a resume."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .preference import PairDataset, compute_reference, pair_objective
+
+    sets = [PairDataset(rows, tokenizer) if rows else None for rows in (td.train, td.valid, td.test)]
+    if s["train_mode"] == "dpo":
+        cache = run_dir / "reference_logps.safetensors"
+        saved = mx.load(str(cache)) if resume and cache.exists() else {}
+        for name, ds in zip(("train", "valid", "test"), sets):
+            if ds is None:
+                continue
+            if name in saved:
+                ds.ref = np.array(saved[name])
+            else:
+                compute_reference(net, ds, s["batch_size"], s["max_seq_length"])
+        mx.save_safetensors(str(cache), {n: mx.array(ds.ref) for n, ds in zip(("train", "valid", "test"), sets)
+                                         if ds is not None})
+    return tuple(sets), pair_objective(s["train_mode"], s["beta"])
 
 
 @contextlib.contextmanager
