@@ -122,3 +122,31 @@ def test_modes_need_their_data(tiny_llama_dir, pairs_dir, tmp_path):
     with pytest.raises(UserError, match="field 'rejected' must be a non-empty string"):
         train_adapter(tiny_llama_dir, bad, tmp_path / "x", train_mode="dpo", batch_size=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "sft.jsonl"]
+
+
+def test_pairs_from_sft_data_then_dpo(tiny_llama_dir, tmp_path):
+    """`pyfuse pairs`: the real reply is chosen, the model's own greedy reply
+    (mlx-lm's generate, independently) rejected; the pairs train with DPO."""
+    from mlx_lm import generate, load
+
+    from helpers import read_jsonl, run_cli
+
+    rows = [{"messages": [{"role": "user", "content": f"status {i}?"}, {"role": "assistant", "content": f"Done {i}."}]}
+            for i in range(4)]
+    write_jsonl(tmp_path / "sft" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "sft" / "valid.jsonl", rows[:2])
+    res = run_cli("pairs", "--model", tiny_llama_dir, "--data", tmp_path / "sft", "--out", tmp_path / "p",
+                  "--max-tokens", "8", "--batch-size", "2")
+    assert res.code == 0, res.err
+    pairs = read_jsonl(tmp_path / "p" / "train.jsonl")
+    assert len(read_jsonl(tmp_path / "p" / "valid.jsonl")) == 2
+    model, tok = load(str(tiny_llama_dir))
+    for row, pair in zip(rows, pairs):
+        assert pair["chosen"] == row["messages"][-1]["content"] and pair["messages"] == row["messages"][:1]
+        prompt = tok.apply_chat_template(pair["messages"], add_generation_prompt=True, enable_thinking=False)
+        assert pair["rejected"] == generate(model, tok, prompt, max_tokens=8)
+    dpo = train_adapter(tiny_llama_dir, tmp_path / "p", tmp_path / "ad", train_mode="dpo", keys=["self_attn.q_proj"],
+                        rank=2, alpha=4, iters=2, batch_size=2, learning_rate=1e-2)
+    assert dpo.losses and "reward_margin" in dpo.losses[-1]
+    again = run_cli("pairs", "--model", tiny_llama_dir, "--data", tmp_path / "sft", "--out", tmp_path / "p")
+    assert again.code == 2 and "exists" in again.err
