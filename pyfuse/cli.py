@@ -20,6 +20,7 @@ COMMANDS = {
     "fuse": "fuse",
     "noise-floor": "noise_floor",
     "train": "train",
+    "pairs": "pairs",
     "eval": "evaluate",
     "setg": "setg",
     "stats": "stats",

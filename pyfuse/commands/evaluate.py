@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="print the shipped suite template and exit (copy it, then edit it)")
     p.set_defaults(_eval=_run_identity)
     _add_behaviour(sub)
+    _add_persona(sub)
 
 
 def _add_behaviour(sub) -> None:
@@ -119,6 +120,8 @@ def _add_behaviour(sub) -> None:
     add_json(p, "the rates and comparisons")
     p.add_argument("--print-suite", action="store_true", help="print the suite template and exit")
     p.set_defaults(_eval=_run_behaviour)
+
+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,3 +243,53 @@ def _rate_cell(rate: dict | None) -> str:
     if rate is None or not rate["n"]:
         return "-"
     return f"{rate['k']}/{rate['n']} {100 * rate['rate']:.1f} % [{100 * rate['low']:.1f}, {100 * rate['high']:.1f}]"
+
+
+def _add_persona(sub) -> None:
+    p = sub.add_parser("persona", help="persona check: forbidden phrases, markers, length; good vs bad examples",
+                       description="The persona check (pyfuse.evals.persona): each prompt's greedy reply must hold "
+                                   "no forbidden phrase, one of the markers (if any) and at most max_words words; "
+                                   "and log P(good example) vs log P(bad example) says which voice the model "
+                                   "prefers. Default suite: the persona recipe's three validation prompts "
+                                   "(--print-suite shows it).")
+    add_model(p, default=None)
+    p.add_argument("--suite", default=None, help="the suite (YAML or JSON; default: the built-in example)")
+    p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
+    add_out(p, "write one JSON line per prompt", metavar="RESULTS.jsonl")
+    add_json(p, "the summary")
+    p.add_argument("--print-suite", action="store_true", help="print the built-in suite (YAML) and exit")
+    p.set_defaults(_eval=_run_persona)
+
+
+def _run_persona(args) -> int:
+    from ..errors import UserError
+    from ..evals.persona import BUILTIN_SUITE, evaluate_persona
+    from ..io.files import write_jsonl
+
+    if args.print_suite:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(BUILTIN_SUITE, sort_keys=False, allow_unicode=True))
+        return 0
+    if args.model is None:
+        raise UserError("--model is required")
+    r = evaluate_persona(args.model, args.suite, adapter_path=args.adapter_path, batch_size=args.batch_size)
+    print_warnings("pyfuse eval persona", r.warnings)
+    if args.out:
+        write_jsonl(args.out, r.rows)
+    s = r.summary()
+    if args.json:
+        print(json.dumps({**s, "rows": r.rows}, indent=2))
+        return 0
+    for row in r.rows:
+        verdict = "pass" if row["passes"] else "FAIL"
+        why = ", ".join(filter(None, [f"forbidden {row['forbidden']}" if row["forbidden"] else "",
+                                      "too long" if row["too_long"] else "",
+                                      "" if row["marker"] else "no marker"]))
+        print(f"[{verdict}] {row['prompt']}\n    -> {row['output'].strip()[:160]!r}"
+              f"{' (' + why + ')' if why else ''}; prefers {'good' if row['prefers_good'] else 'bad'} "
+              f"(margin {row['margin']:+.2f} nats)")
+    print(f"pyfuse eval persona: {s['passed']}/{s['n']} replies pass, {s['prefers_good']}/{s['n']} prefer the "
+          f"good example (mean margin {s['mean_margin']:+.2f} nats), {s['forbidden_hits']} with a forbidden phrase")
+    return 0

@@ -28,6 +28,12 @@ batches of --batch-size and only per-layer sums are kept. --out DIR writes
 probe.json (with --centroids, the centroids themselves) and the plots."""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"model": "--model", "prompts": "--prompts", "adapter_path": "--adapter-path"}
+OUTPUTS = {"out": "--out"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True,
                    help="an mlx-lm model directory (repeatable; the first is the reference)")

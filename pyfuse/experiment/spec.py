@@ -81,6 +81,8 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, S
 from ..errors import UserError
 from ..options import DEFAULT_POLICY, DEFAULT_SEED, MAX_LORA_RANK, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .criterion import CriterionError, parse, parse_pvalue
+from .numbers import yaml_number as _number
+from .train_options import RecipeTrainOptions
 from .spec_coupling import BehaviourEval, FuseLayers, Sweep, TrainLayers, expand_sweeps
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -125,19 +127,7 @@ class _Strict(BaseModel):
 PositiveInt = typing.Annotated[StrictInt, Field(ge=1)]
 
 
-def _number(v: Any) -> Any:
-    # YAML 1.1 reads 5e-6 (no dot) as a string: accept numeric strings
-    if isinstance(v, bool):
-        raise ValueError(f"must be a number, got {v!r}")
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            raise ValueError(f"must be a number, got {v!r}") from None
-    return v
-
-
-class TrainOptions(_Strict):
+class TrainOptions(RecipeTrainOptions):
     """The options of ``pyfuse train`` (every one optional here: unset fields
     come from ``defaults.train``, then from pyfuse train's own defaults)."""
 
@@ -159,7 +149,7 @@ class TrainOptions(_Strict):
     val_batches: StrictInt | None = None
     steps_per_eval: PositiveInt | None = None
     steps_per_report: PositiveInt | None = None
-    optimizer: Literal["adam", "adamw", "sgd", "adafactor"] | None = None
+    optimizer: Literal["adam", "adamw", "muon", "sgd", "adafactor"] | None = None
 
     @field_validator("alpha", "dropout", "learning_rate", mode="before")
     @classmethod

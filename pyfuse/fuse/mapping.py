@@ -13,7 +13,7 @@ LoRAEmbedding / DoRAEmbedding ``[vocab, r]``      ``[r, dims]``       (lora_b, l
 ============================  ==================  ==================  =====================
 
 (an embedding's delta is ``(scale * lora_a) @ lora_b``: rows are the vocabulary,
-so ``b`` = lora_a and ``a`` = lora_b). DoRA's ``m`` is ``[out]`` (``[vocab]``).
+so ``b`` = lora_a and ``a`` = lora_b). DoRA's ``m`` is ``[out]`` (``[vocab]``; ``[E, out]`` for pyfuse's DoRASwitchLinear).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def match_module(mod: AdapterModule, weight: TensorInfo, lead_rows: int | None =
             bad(f"lora_b has {b.shape[1]} output rows, the model {rows}")
         if a.shape[1] != b.shape[2]:
             bad("lora_a and lora_b ranks differ")
-        if m is not None:
-            bad("DoRA is not supported on SwitchLinear (mlx-lm cannot train it either)")
+        if m is not None and tuple(m.shape) != (experts, rows):  # pyfuse's DoRASwitchLinear
+            bad(f"DoRA magnitude m has shape {list(m.shape)}, expected [{experts}, {rows}]")
         return ModuleMatch(mod.path, "switch", a.shape[2], rows, experts, a.shape[1])
     if len(shape) != 2:
         bad("the base tensor is neither 2-D nor 3-D")

@@ -104,9 +104,14 @@ def load_model(model, adapter_path: str | os.PathLike | None = None) -> LoadedMo
         read_adapter(apath)  # finite tensors and config numbers: mlx-lm would use a NaN as it is
     from mlx_lm.utils import load
 
+    from ..adapters.layers import load_adapters
+
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            m, tok = load(str(path), adapter_path=str(adapter_path) if adapter_path is not None else None)
+            m, tok = load(str(path))
+            if adapter_path is not None:  # mlx-lm's load_adapters, with pyfuse's DoRA layers (MoE experts)
+                load_adapters(m, adapter_path)
+                m.eval()
     except Exception as err:  # mlx-lm raises anything from FileNotFoundError to KeyError
         what = "the model" if adapter_path is None else f"the model with adapter {adapter_path}"
         raise UserError(f"{path}: cannot load {what} ({type(err).__name__}: {_first_line(err)})") from None

@@ -1,10 +1,13 @@
-"""Adapter training through mlx-lm's trainer (``pyfuse train``).
+"""Adapter training on mlx-lm's model, layers and step (``pyfuse train``).
 
-The steps, one module each: :mod:`.data` (reading and checking mlx-lm
-training data), :mod:`.targets` (which layers and modules get adapters,
-DoRA's limits), :mod:`.trainer` (mlx-lm's tuner: LoRA layers, datasets,
-optimizer, the training loop) and :mod:`.lora` (:func:`train_adapter`: the
-run, its adapter directory and loss curve)."""
+The steps, one module each: :mod:`.config` (mlx-lm's flags and YAML keys,
+their precedence), :mod:`.settings` (checking them), :mod:`.data` (reading
+and checking mlx-lm training data), :mod:`.targets` (which layers and
+modules get adapters, DoRA's limits), :mod:`.trainer` (mlx-lm's tuner:
+LoRA layers, datasets, optimizer and schedule), :mod:`.loop` (the training
+loop: mlx-lm's step, checkpoints, best validation, early stop),
+:mod:`.checkpoint` (the run directory, resume), :mod:`.outputs` (config,
+loss curve) and :mod:`.lora` (:func:`train_adapter`: the run)."""
 
 from .data import TrainingData, load_training_data
 from .lora import TrainResult, train_adapter

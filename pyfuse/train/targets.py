@@ -124,12 +124,28 @@ class Targets:
     lora_keys: list[str]
 
 
+def _last_n(layers, n: int) -> int | None:
+    """``"last:N"`` (mlx-lm's ``num_layers N``) -> N, checked as mlx-lm does."""
+    if not (isinstance(layers, str) and layers.startswith("last:")):
+        return None
+    try:
+        count = int(layers[5:])
+    except ValueError:
+        raise UserError(f"layers {layers!r}: expected last:N with N an integer") from None
+    if not 0 < count <= n:
+        raise UserError(f"num_layers {count}: requested to train {count} layers but the model has {n} "
+                        "(-1 trains all)")
+    return count
+
+
 def resolve_targets(model, layers, keys: Sequence[str] | str | None) -> Targets:
-    """The modules of ``model`` that ``layers`` (see :func:`parse_layers`)
-    and ``keys`` (default: every Linear, SwitchLinear and Embedding, as
-    mlx-lm) select."""
+    """The modules of ``model`` that ``layers`` (see :func:`parse_layers`;
+    ``"last:N"``: mlx-lm's ``num_layers``) and ``keys`` (default: every
+    Linear, SwitchLinear and Embedding, as mlx-lm) select."""
     n = len(model.layers)
-    selected = parse_layers(layers, n)
+    last = _last_n(layers, n)
+    selected = list(range(n - last, n)) if last is not None and last < n else \
+        None if last is not None else parse_layers(layers, n)
     indices = list(range(n)) if selected is None else selected
     path_of = {id(m): p for p, m in model.named_modules()}
     per_layer = {i: _layer_targets(model.layers[i]) for i in indices}
@@ -147,23 +163,20 @@ def resolve_targets(model, layers, keys: Sequence[str] | str | None) -> Targets:
         raise UserError("no module to train: the keys match nothing in the selected layers")
     if selected is None:
         num_layers, lora_keys = n, rel_keys
+    elif last is not None:  # mlx-lm's own form: the last N layers, relative keys
+        num_layers, lora_keys = last, rel_keys
     else:
         num_layers, lora_keys = n - min(selected), sorted(modules, key=natural_key)
     return Targets(layers=selected, keys=rel_keys, modules=modules, num_layers=num_layers, lora_keys=lora_keys)
 
 
 def check_dora(modules: dict[str, Any]) -> None:
-    """Refuse the modules mlx-lm's DoRA layers cannot train (or fuse)."""
+    """Refuse the modules DoRA cannot train: quantized embeddings (mlx-lm's
+    DoRAEmbedding reads their packed codes as weights). Linear and
+    SwitchLinear at every bits take pyfuse's DoRA layers."""
     import mlx.nn as nn
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     for path, m in modules.items():
-        if isinstance(m, (SwitchLinear, QuantizedSwitchLinear)):
-            raise UserError(f"DoRA is not available for MoE expert layers (SwitchLinear) in mlx-lm: "
-                            f"{path}; use fine_tune_type lora, or keys without the switch_mlp experts")
-        if isinstance(m, nn.QuantizedLinear) and (32 % m.bits):
-            raise UserError(f"DoRA cannot train the {m.bits}-bit layer {path}: mlx-lm's DoRALinear "
-                            f"mis-sizes {m.bits}-bit layers (input_dims *= 32 // bits), so neither "
-                            "training nor mlx_lm fuse would work; use lora, or a 2/4/8-bit model")
         if isinstance(m, nn.QuantizedEmbedding):
-            raise UserError(f"DoRA on the quantized embedding {path} is not supported by mlx-lm")
+            raise UserError(f"DoRA on the quantized embedding {path} is not supported (mlx-lm's DoRAEmbedding "
+                            "cannot hold one); use lora, or keys without the embedding")

@@ -1,6 +1,6 @@
 """The glue to mlx-lm's tuner: seeding, inserting the LoRA/DoRA layers,
-building and checking the datasets, the optimizer, recording the losses and
-running ``mlx_lm.tuner.trainer.train``.
+building and checking the datasets, the optimizer (with mlx-lm's
+learning-rate schedules) and mlx-lm's gradient checkpointing.
 
 Seeds: Python's ``random``, NumPy's global generator (mlx-lm's batch
 order) and MLX's (LoRA initialisation, dropout) are all seeded with
@@ -11,16 +11,13 @@ seed gives the same adapter bit for bit.
 from __future__ import annotations
 
 import contextlib
-import io
 import random
 import types
-from pathlib import Path
 
 from ..errors import UserError
 from ..io.names import natural_key
 from .data import TrainingData
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor")
 
 
 def seed_everything(seed: int) -> None:
@@ -34,16 +31,17 @@ def seed_everything(seed: int) -> None:
 
 def add_adapter_layers(net, num_layers: int, lora_parameters: dict, fine_tune_type: str,
                        expected: set[str], seed: int) -> tuple[dict, list[str]]:
-    """Freeze ``net`` and let mlx-lm insert its LoRA/DoRA layers; returns
+    """Freeze ``net`` and insert the LoRA/DoRA layers (mlx-lm's, and
+    pyfuse's DoRA where mlx-lm has none: :mod:`pyfuse.adapters.layers`); returns
     ``(trainable parameters by name, wrapped module paths)`` after checking
     that exactly the ``expected`` modules were wrapped."""
     from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from ..adapters.layers import to_adapter_layers
 
     net.freeze()
     seed_everything(seed)
     try:
-        linear_to_lora_layers(net, num_layers, dict(lora_parameters), use_dora=(fine_tune_type == "dora"))
+        to_adapter_layers(net, num_layers, dict(lora_parameters), use_dora=(fine_tune_type == "dora"))
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"mlx-lm cannot add {fine_tune_type} layers: {err}") from None
     trainable = dict(tree_flatten(net.trainable_parameters()))
@@ -73,46 +71,66 @@ def _check_tokenized(ds, where: list[str], max_seq_length: int) -> int:
 
 def datasets(td: TrainingData, tokenizer, mask_prompt: bool, max_seq_length: int,
              warnings: list[str]):
-    """mlx-lm's cached train and (or None) valid datasets, every row
-    tokenized once here; rows over ``max_seq_length`` add a warning."""
+    """mlx-lm's cached train, valid and test datasets (None when there are
+    no rows), every row tokenized once here; rows over ``max_seq_length``
+    add a warning."""
     from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
     ds_config = types.SimpleNamespace(mask_prompt=mask_prompt)
-    train_set = CacheDataset(create_dataset(td.train, tokenizer, ds_config))
-    valid_set = CacheDataset(create_dataset(td.valid, tokenizer, ds_config)) if td.valid else None
-    for ds, where in ((train_set, td.train_where), (valid_set, td.valid_where)):
-        if ds is None:
+    out = []
+    for rows, where in ((td.train, td.train_where), (td.valid, td.valid_where), (td.test, td.test_where)):
+        if not rows:
+            out.append(None)
             continue
+        ds = CacheDataset(create_dataset(rows, tokenizer, ds_config))
         too_long = _check_tokenized(ds, where, max_seq_length)
         if too_long:
             warnings.append(f"{too_long} row(s) of {where[0].rsplit(':', 1)[0]} are longer than "
                             f"max_seq_length={max_seq_length} and are truncated")
-    return train_set, valid_set
+        out.append(ds)
+    return tuple(out)
 
 
-def make_optimizer(name: str, learning_rate: float):
+def make_optimizer(name: str, learning_rate: float, lr_schedule: dict | None = None,
+                   optimizer_config: dict | None = None):
+    """mlx-lm's optimizer choice: the learning rate, or mlx-lm's
+    ``build_schedule(lr_schedule)``, and ``optimizer_config[name]``'s arguments."""
     import mlx.optimizers as optim
+    from mlx_lm.tuner.utils import build_schedule
 
-    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
+    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
                "adafactor": optim.Adafactor}[name]
-    return opt_cls(learning_rate=learning_rate)
+    lr = build_schedule(lr_schedule) if lr_schedule else learning_rate
+    try:
+        return opt_cls(learning_rate=lr, **((optimizer_config or {}).get(name) or {}))
+    except TypeError as err:
+        raise UserError(f"optimizer_config.{name}: {err}") from None
 
 
-class LossRecorder:
-    """mlx-lm TrainingCallback that keeps every report."""
+def preference_sets(net, tokenizer, td: TrainingData, s: dict, run_dir, resume: bool):
+    """The pair datasets of ``td`` (train, valid, test; None when empty) and
+    the DPO/ORPO objective. DPO's reference log-probabilities are those of
+    ``net`` as it is (the starting model), computed once and kept in
+    ``run_dir`` (``reference_logps.safetensors``) for a resume."""
+    import mlx.core as mx
+    import numpy as np
 
-    def __init__(self):
-        self.train: list[dict] = []
-        self.val: list[dict] = []
+    from .preference import PairDataset, compute_reference, pair_objective
 
-    def on_train_loss_report(self, info: dict) -> None:
-        self.train.append({"iteration": int(info["iteration"]), "train_loss": float(info["train_loss"]),
-                           "learning_rate": float(info["learning_rate"]),
-                           "tokens_per_second": float(info["tokens_per_second"]),
-                           "trained_tokens": int(info["trained_tokens"])})
-
-    def on_val_loss_report(self, info: dict) -> None:
-        self.val.append({"iteration": int(info["iteration"]), "val_loss": float(info["val_loss"])})
+    sets = [PairDataset(rows, tokenizer) if rows else None for rows in (td.train, td.valid, td.test)]
+    if s["train_mode"] == "dpo":
+        cache = run_dir / "reference_logps.safetensors"
+        saved = mx.load(str(cache)) if resume and cache.exists() else {}
+        for name, ds in zip(("train", "valid", "test"), sets):
+            if ds is None:
+                continue
+            if name in saved:
+                ds.ref = np.array(saved[name])
+            else:
+                compute_reference(net, ds, s["batch_size"], s["max_seq_length"])
+        mx.save_safetensors(str(cache), {n: mx.array(ds.ref) for n, ds in zip(("train", "valid", "test"), sets)
+                                         if ds is not None})
+    return tuple(sets), pair_objective(s["train_mode"], s["beta"])
 
 
 @contextlib.contextmanager
@@ -130,19 +148,12 @@ def _restored_call(layer_cls):
             delattr(layer_cls, "__call__")
 
 
-def run_trainer(net, opt, train_set, valid_set, weights_file: Path, *, seed: int, verbose: bool,
-                **args) -> LossRecorder:
-    """``mlx_lm.tuner.trainer.train`` with ``TrainingArgs(**args)``, saving
-    the adapter weights once, at the end, to ``weights_file``; mlx-lm's log
-    goes to stdout only when ``verbose``."""
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+@contextlib.contextmanager
+def grad_checkpointing(net, enabled: bool):
+    """mlx-lm's ``grad_checkpoint`` on the model's layer class while the block runs."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
 
-    recorder = LossRecorder()
-    targs = TrainingArgs(**args, steps_per_save=args["iters"] + 1, adapter_file=str(weights_file))
-    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    seed_everything(seed)
-    with sink, _restored_call(type(net.layers[0])):
-        train(model=net, optimizer=opt, train_dataset=train_set, val_dataset=valid_set, args=targs,
-              training_callback=recorder)
-    net.eval()
-    return recorder
+    with _restored_call(type(net.layers[0])):
+        if enabled:
+            grad_checkpoint(net.layers[0])
+        yield

@@ -46,7 +46,8 @@ BAD_SPECS = [
     (lambda s: s["conditions"]["A1"]["stages"][1]["fuse"].update(policy="stok"),
      "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic (got 'stok')"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(lr=1),
-     "conditions.A1.stages[0].train.lr: unknown field (known: data, fine_tune_type, rank,"),
+     "conditions.A1.stages[0].train.lr: unknown field (known: train_mode, beta, lr_schedule, save_every, "
+     "select_best, early_stop_patience, data, fine_tune_type, rank,"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(rank=0),
      "conditions.A1.stages[0].train.rank: must be greater than or equal to 1 (got 0)"),
     (lambda s: s["conditions"]["A1"].update({"from": "nobody"}),
