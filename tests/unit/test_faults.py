@@ -309,8 +309,17 @@ CASES = [
          lambda c, d: d["full"] / "sub" / "r.jsonl", "full"),
     Case("train-full-disk",
          lambda c, d: ["train", "--model", c.inp / "M", "--data", c.inp / "train.jsonl", "--adapter-path",
-                       d["full"] / "sub" / "T", "--iters", "1", "--batch-size", "1", "--quiet"],
+                       d["full"] / "sub" / "T", "--iters", "1", "--batch-size", "1", "--num-layers", "-1", "--quiet"],
          "No space left on device", lambda c, d: d["full"] / "sub" / "T", "full"),
+    # the analysis commands: bad numbers and outputs aimed at inputs
+    Case("adapters-compare-nan", lambda c, d: ["adapters", "compare", c.inp / "ads" / "x", c.inp / "ads" / "nan_a"],
+         "lora_a: 1 of"),
+    Case("pairs-out-holds-data",
+         lambda c, d: ["pairs", "--model", c.inp / "M", "--data", c.inp / "train.jsonl", "--out", c.inp, "--force"],
+         "contains the input", lambda c, d: c.inp),
+    Case("probe-out-is-model",
+         lambda c, d: ["probe", "--model", c.inp / "M", "--prompts", c.inp / "d.jsonl", "--out", c.inp / "M"],
+         "--out {inp}/M is the input --model", lambda c, d: c.inp / "M"),
 ]
 
 
