@@ -25,6 +25,7 @@ COMMANDS = {
     "zero-adapter": "zero_adapter",
     "experiment": "experiment",
     "demo": "demo",
+    "self-check": "self_check",
 }
 
 
