@@ -12,18 +12,6 @@
 
 namespace pyfuse {
 
-struct CpuBuffers {
-  const uint32_t* w_in;
-  const void* scales_in;
-  const void* biases_in;
-  const float* a;
-  const float* b;
-  const float* magnitude;  // nullptr without DoRA
-  uint32_t* w_out;
-  void* scales_out;
-  void* biases_out;
-};
-
 // Fuses rows [row0, row1); `row_k` receives the DoRA factors of those rows.
 using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float* row_k, size_t row0, size_t row1);
 

@@ -91,7 +91,7 @@ void check_arguments(
     fail("scales " + shape_str(scales) + " and biases " + shape_str(biases) +
          " must match w " + shape_str(w));
   }
-  for (int d = 0; d < w.ndim() - 1; ++d) {
+  for (int d = 0; d < int(w.ndim()) - 1; ++d) {
     if (scales.shape(d) != w.shape(d)) fail("scales " + shape_str(scales) + " do not match w " + shape_str(w));
   }
   int64_t in_dims = int64_t(w.shape(-1)) * 32 / bits;
@@ -102,7 +102,7 @@ void check_arguments(
   if (a.ndim() != w.ndim() || b.ndim() != w.ndim()) {
     fail("a [..., r, in] and b [..., out, r] must have w's number of dims");
   }
-  for (int d = 0; d < w.ndim() - 2; ++d) {
+  for (int d = 0; d < int(w.ndim()) - 2; ++d) {
     if (a.shape(d) != w.shape(d) || b.shape(d) != w.shape(d)) fail("a, b and w leading dims differ");
   }
   if (a.shape(-1) != in_dims) fail("a " + shape_str(a) + " must be [..., r, " + std::to_string(in_dims) + "]");
@@ -157,29 +157,11 @@ void prefer_huge_pages(void* data, size_t nbytes) {
 #endif
 }
 
-// Whether any of n floats is a NaN (then the kernels check every rounding
-// for NaNs: see round_to_not_nan in csrc/math/round.h).
-bool has_nan(const float* x, size_t n) {
-  bool any = false;
-  for (size_t i = 0; i < n; ++i) {
-    any |= x[i] != x[i];
-  }
-  return any;
-}
-
 FuseParams make_params(const mx::array& w, const mx::array& scales, const mx::array& a,
                        float scale, int policy, uint32_t seed, bool has_k) {
-  FuseParams p;
-  p.in_dims = a.shape(-1);
-  p.out_dims = w.shape(-2);
-  p.rank = a.shape(-2);
-  p.groups_per_row = scales.shape(-1);
-  p.policy = policy;
-  p.scale = scale;
-  p.key = stochastic_key(seed);
-  p.has_k = has_k ? 1 : 0;
-  p.no_nan = 0;  // set by eval_cpu, which can read a and b
-  return p;
+  // no_nan stays 0 here: eval_cpu, which can read a and b, sets it.
+  return fuse_params(a.shape(-1), w.shape(-2), a.shape(-2), scales.shape(-1), policy, scale,
+                     stochastic_key(seed), has_k);
 }
 
 } // namespace
@@ -245,7 +227,7 @@ void FuseRequant::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   for (auto& x : outputs) encoder.set_output_array(x);
   size_t n_a = inputs[3].size(), n_b = inputs[4].size();
   encoder.dispatch([fn, p, buf, n_rows, n_a, n_b]() mutable {
-    p.no_nan = !has_nan(&p.scale, 1) && !has_nan(buf.a, n_a) && !has_nan(buf.b, n_b);
+    p.no_nan = inputs_have_no_nan(p.scale, buf.a, n_a, buf.b, n_b);
     run_threads(fn, p, buf, n_rows);
   });
 }

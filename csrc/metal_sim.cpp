@@ -1,8 +1,7 @@
-// Runs the Metal kernel source (metal/fuse_requant.h), compiled as C++ via
-// metal/metal_shim.h, over a simulated grid on the CPU: one call of the
-// kernel function per grid position, exactly as Metal would launch them.
-// Tests compare its output bit for bit with the CPU primitive evaluating
-// MLX's Metal rules (Rounding::Metal). Linux only; never used for real work.
+// Runs the Metal kernel source over a simulated grid on the CPU
+// (csrc/metal_grid.h) on MLX arrays. Tests and `pyfuse self-check` compare
+// its output bit for bit with the CPU primitive evaluating MLX's Metal rules
+// (Rounding::Metal). Never used for real work.
 #include "csrc/metal_sim.h"
 
 #include <algorithm>
@@ -14,10 +13,8 @@
 #include "mlx/types/half_types.h"
 #include "mlx/transforms.h"
 
-// The shim turns `device`, `constant` and `thread` into nothing for
-// everything below it, so every other header must come before it.
-#include "metal/metal_shim.h"
-#include "metal/fuse_requant.h"
+// Last: it brings in the Metal shim (see there).
+#include "csrc/metal_grid.h"
 
 namespace pyfuse {
 
@@ -31,26 +28,10 @@ struct HostOut {
 
 template <typename T, int gs, int bits>
 void run_grid(const std::vector<mx::array>& in, HostOut out, const FuseParams& p, uint32_t n_rows) {
-  const float* magnitude = in.size() > 5 ? in[5].data<float>() : nullptr;
-  std::vector<float> row_k(n_rows, 1.0f);
-  if (magnitude) {
-    for (uint32_t r = 0; r < n_rows; ++r) {
-      fuse_requant_row_factor<T, gs, bits>(
-          in[0].data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), in[3].data<float>(),
-          in[4].data<float>(), magnitude, row_k.data(), p, n_rows, r);
-    }
-  }
-  // A grid rounded up to whole threadgroups of 32, as dispatch_threads may
-  // launch: the kernel must ignore the extra positions.
-  uint32_t gx = ((uint32_t(p.groups_per_row) + 31) / 32) * 32;
-  for (uint32_t y = 0; y < n_rows; ++y) {
-    for (uint32_t x = 0; x < gx; ++x) {
-      fuse_requant<T, gs, bits>(
-          in[0].data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), in[3].data<float>(),
-          in[4].data<float>(), row_k.data(), out.w, static_cast<T*>(out.scales),
-          static_cast<T*>(out.biases), p, uint2{x, y});
-    }
-  }
+  const CpuBuffers buf{
+      in[0].data<uint32_t>(), in[1].data<T>(), in[2].data<T>(), in[3].data<float>(),
+      in[4].data<float>(), in.size() > 5 ? in[5].data<float>() : nullptr, out.w, out.scales, out.biases};
+  run_metal_grid<T, gs, bits>(buf, p, n_rows);
 }
 
 template <typename T>
@@ -74,16 +55,9 @@ std::vector<mx::array> simulate_metal_fuse_requant(
   size_t n_words = w.size(), n_groups = scales.size(), item = scales.itemsize();
   std::vector<uint32_t> w_out(n_words);
   std::vector<uint8_t> s_out(n_groups * item), b_out(n_groups * item);
-  FuseParams p;
-  p.in_dims = inputs[3].shape(-1);
-  p.out_dims = w.shape(-2);
-  p.rank = inputs[3].shape(-2);
-  p.groups_per_row = scales.shape(-1);
-  p.policy = policy;
-  p.scale = scale;
-  p.key = stochastic_key(seed);
-  p.has_k = inputs.size() > 5 ? 1 : 0;
-  p.no_nan = 0;  // the real Metal kernel converts with the hardware's rounding
+  // no_nan stays 0: the real Metal kernel converts with the hardware's rounding.
+  FuseParams p = fuse_params(inputs[3].shape(-1), w.shape(-2), inputs[3].shape(-2), scales.shape(-1),
+                             policy, scale, stochastic_key(seed), inputs.size() > 5);
   uint32_t n_rows = w.size() / w.shape(-1);
   HostOut out{w_out.data(), s_out.data(), b_out.data()};
   auto dt = scales.dtype();

@@ -29,6 +29,7 @@ COMMANDS = {
     "probe": "probe",
     "experiment": "experiment",
     "demo": "demo",
+    "self-check": "self_check",
 }
 
 

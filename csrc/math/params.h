@@ -4,6 +4,9 @@
 #pragma once
 
 #include "csrc/math/backend.h"
+#if !defined(__METAL_VERSION__)
+#include <cstddef>
+#endif
 
 namespace pyfuse {
 
@@ -31,5 +34,53 @@ struct GroupArgs {
   uint32_t index0;     // flat index of the group's first element
   int no_nan;          // FuseParams::no_nan
 };
+
+#if !defined(__METAL_VERSION__)
+// Host side: the parameters of one dispatch from its shapes; `key` is
+// stochastic_key(seed). no_nan starts 0 (every rounding checks for NaNs);
+// callers that can read a and b set it with inputs_have_no_nan.
+inline FuseParams fuse_params(int in_dims, int out_dims, int rank, int groups_per_row, int policy,
+                              float scale, uint32_t key, bool has_k) {
+  FuseParams p;
+  p.in_dims = in_dims;
+  p.out_dims = out_dims;
+  p.rank = rank;
+  p.groups_per_row = groups_per_row;
+  p.policy = policy;
+  p.scale = scale;
+  p.key = key;
+  p.has_k = has_k ? 1 : 0;
+  p.no_nan = 0;
+  return p;
+}
+
+// The row-contiguous buffers of one dispatch, as the kernels index them
+// (scales and biases in the weight type): the CPU kernels, the Metal grid
+// simulation and the standalone harness.
+struct CpuBuffers {
+  const uint32_t* w_in;
+  const void* scales_in;
+  const void* biases_in;
+  const float* a;
+  const float* b;
+  const float* magnitude;  // nullptr without DoRA
+  uint32_t* w_out;
+  void* scales_out;
+  void* biases_out;
+};
+
+// Whether the scale and n_a + n_b floats of a and b hold no NaN (then the
+// kernels may round without NaN checks: see round_to_not_nan).
+inline int inputs_have_no_nan(float scale, const float* a, size_t n_a, const float* b, size_t n_b) {
+  bool any = scale != scale;
+  for (size_t i = 0; i < n_a; ++i) {
+    any |= a[i] != a[i];
+  }
+  for (size_t i = 0; i < n_b; ++i) {
+    any |= b[i] != b[i];
+  }
+  return any ? 0 : 1;
+}
+#endif
 
 } // namespace pyfuse
