@@ -158,7 +158,8 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries survive a power cut); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -216,7 +217,7 @@ def publish(tmp: PathLike, final: PathLike, force: bool) -> None:
             if err.errno != errno.ENOTEMPTY:
                 raise
             raise UserError(f"{final} appeared while this run was writing it; not replacing it") from None
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # -- staging ----------------------------------------------------------------------------

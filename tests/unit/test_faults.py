@@ -431,3 +431,16 @@ def test_the_fuse_report_is_written_atomically_next_to_the_model(tmp_path, tiny_
     assert r.code == 0 and json.loads((dest / "report.json").read_text())["summary"]["modules_fused"] > 0
     assert _pyfuse_leftovers(dest) == [] and _pyfuse_leftovers(tmp_path) == []
 
+
+
+def test_a_killed_runs_temporary_files_are_swept_by_the_next_write(tmp_path):
+    from pyfuse.io.files import TMP_MARK, atomic_write_text
+
+    dead, alive = _dead_pid(), os.getpid()
+    stale = tmp_path / f".r.json{TMP_MARK}{dead}-x.tmp"
+    running = tmp_path / f".r.json{TMP_MARK}{alive}-y.tmp"  # a live process's: left alone
+    other = tmp_path / f".q.json{TMP_MARK}{dead}-z.tmp"  # another output's: not this write's business
+    for p in (stale, running, other):
+        p.write_text("partial")
+    atomic_write_text(tmp_path / "r.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", running.name, other.name])
