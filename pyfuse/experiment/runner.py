@@ -34,7 +34,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..io.files import TMP_MARK, atomic_write_text, sigterm_as_interrupt
-from ..io.outputs import fsync_dir, publish
+from ..io.outputs import OLD_MARK, fsync_dir, publish
 from . import prereg
 from .estimate import Estimator, fmt_seconds, rate_group, work_units
 from .layout import (DIR_LOCK, DONE, LOG_FILE, MODEL, PLAN_FILE, PRUNED, RESULTS_FILE, SPEC_COPY, STEPS_DIR,
@@ -135,7 +135,7 @@ def _dir_lock(out: Path):
 def _clean_temps(steps_dir: Path) -> None:
     """Remove what killed runs left (under the directory lock: no other run uses them)."""
     for p in steps_dir.iterdir():
-        if p.name.startswith(TMP_PREFIX) or TMP_MARK in p.name:
+        if p.name.startswith(TMP_PREFIX) or TMP_MARK in p.name or OLD_MARK in p.name:  # a step is rerun
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_dir() and not p.name.startswith(".") and not (p / DONE).exists():
             shutil.rmtree(p, ignore_errors=True)  # a step directory without its marker is not a step

@@ -262,11 +262,16 @@ def writer_lock(final: PathLike) -> Iterator[None]:
 
 
 def check_destination(final: PathLike, force: bool, flag: str = "the output") -> None:
-    """Refuse an existing ``final`` without ``force`` (before any work)."""
+    """Refuse (before any work) an existing directory ``final`` without
+    ``force``, and anything else there even with it."""
     final = Path(final)
     recover(final)
-    if os.path.lexists(final) and not force:
+    if not os.path.lexists(final):
+        return
+    if not force:
         raise UserError(f"{flag} {final} already exists; pass --force to replace it")
+    if final.is_symlink() or not final.is_dir():
+        raise UserError(f"{flag} {final} exists and is not a directory; not replacing it")
 
 
 @contextmanager
