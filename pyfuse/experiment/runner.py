@@ -34,7 +34,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..io.files import TMP_MARK, atomic_write_text, sigterm_as_interrupt
-from ..io.outputs import publish
+from ..io.outputs import OLD_MARK, fsync_dir, publish
 from . import prereg
 from .estimate import Estimator, fmt_seconds, rate_group, work_units
 from .layout import (DIR_LOCK, DONE, LOG_FILE, MODEL, PLAN_FILE, PRUNED, RESULTS_FILE, SPEC_COPY, STEPS_DIR,
@@ -135,23 +135,10 @@ def _dir_lock(out: Path):
 def _clean_temps(steps_dir: Path) -> None:
     """Remove what killed runs left (under the directory lock: no other run uses them)."""
     for p in steps_dir.iterdir():
-        if p.name.startswith(TMP_PREFIX) or TMP_MARK in p.name:
+        if p.name.startswith(TMP_PREFIX) or TMP_MARK in p.name or OLD_MARK in p.name:  # a step is rerun
             shutil.rmtree(p, ignore_errors=True)
         elif p.is_dir() and not p.name.startswith(".") and not (p / DONE).exists():
             shutil.rmtree(p, ignore_errors=True)  # a step directory without its marker is not a step
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -165,7 +152,7 @@ def _fsync_tree(path: Path) -> None:
                     os.close(fd)
             except OSError:
                 pass
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 class RunLog:
@@ -331,9 +318,9 @@ class Runner:
                   "summary": summary, "seconds": round(seconds, 3), "outputs": record_outputs(tmp)}
         _fsync_tree(tmp)
         atomic_write_text(tmp / DONE, json.dumps(marker, indent=2, default=str) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         publish(tmp, self.step_dir(st), force=True)
-        _fsync_dir(self.steps_dir)
+        fsync_dir(self.steps_dir)
 
     def _prune(self) -> None:
         if self.keep_models:

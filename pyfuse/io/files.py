@@ -33,7 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file_for(path, ".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the mode open() would
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -47,11 +47,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def _temp_file_for(path: Path, suffix: str) -> tuple[int, str]:
+    """A new temporary file next to ``path``, named as :func:`tmp_path_for`
+    names directories (a killed run's leftovers are swept by the next write)."""
+    remove_stale_temps(path.parent, f".{path.name}{TMP_MARK}*")
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", suffix=suffix)
+
+
 def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
     """Save a matplotlib figure as PNG atomically (no timestamp metadata, so
     the same figure gives the same bytes)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
+    fd, tmp = _temp_file_for(path, ".tmp.png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png", metadata={"Software": None},
@@ -135,12 +142,15 @@ def tmp_path_for(final: Path) -> Path:
 
 
 def remove_stale_temps(parent: Path, pattern: str) -> None:
-    """Remove the temporary directories matching ``pattern`` (a glob) in
+    """Remove the temporary files and directories matching ``pattern`` (a glob) in
     ``parent`` whose process (the id after :data:`TMP_MARK`) no longer runs."""
     for entry in parent.glob(pattern):
         pid = entry.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                _unlink_quietly(entry)
 
 
 def _unlink_quietly(path) -> None:

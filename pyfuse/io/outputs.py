@@ -158,7 +158,8 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries survive a power cut); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -216,7 +217,7 @@ def publish(tmp: PathLike, final: PathLike, force: bool) -> None:
             if err.errno != errno.ENOTEMPTY:
                 raise
             raise UserError(f"{final} appeared while this run was writing it; not replacing it") from None
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # -- staging ----------------------------------------------------------------------------
@@ -261,11 +262,16 @@ def writer_lock(final: PathLike) -> Iterator[None]:
 
 
 def check_destination(final: PathLike, force: bool, flag: str = "the output") -> None:
-    """Refuse an existing ``final`` without ``force`` (before any work)."""
+    """Refuse (before any work) an existing directory ``final`` without
+    ``force``, and anything else there even with it."""
     final = Path(final)
     recover(final)
-    if os.path.lexists(final) and not force:
+    if not os.path.lexists(final):
+        return
+    if not force:
         raise UserError(f"{flag} {final} already exists; pass --force to replace it")
+    if final.is_symlink() or not final.is_dir():
+        raise UserError(f"{flag} {final} exists and is not a directory; not replacing it")
 
 
 @contextmanager

@@ -85,6 +85,7 @@ def ctx(tmp_path_factory, tiny_moe_dir, moe_adapter) -> Ctx:
     root = tmp_path_factory.mktemp("faults")
     inp, out = root / "in", root / "out"
     out.mkdir()
+    (out / "afile").write_text("a user's file")
     shutil.copytree(tiny_moe_dir, inp / "M")
     shutil.copytree(moe_adapter, inp / "ads" / "x")
     A = inp / "ads" / "x"
@@ -271,6 +272,17 @@ CASES = [
     Case("setg-mine-out-is-a-directory",
          lambda c, d: ["setg", "mine", "--data", c.inp / "d.jsonl", "--n", "2", "--out", c.out],
          "directory", lambda c, d: c.out),
+    Case("zero-adapter-force-over-a-file",
+         lambda c, d: ["zero-adapter", "--adapter-path", c.inp / "ads" / "x", "--out", c.out / "afile", "--force"],
+         "exists and is not a directory; not replacing it", lambda c, d: c.out / "afile"),
+    Case("train-force-over-a-file",
+         lambda c, d: ["train", "--model", c.inp / "M", "--data", c.inp / "train.jsonl", "--adapter-path",
+                       c.out / "afile", "--force", "--iters", "1", "--quiet"],
+         "exists and is not a directory; not replacing it", lambda c, d: c.out / "afile"),
+    Case("noise-floor-out-is-a-file", lambda c, d: _nf(c, "--out", c.out / "afile"), "File exists",
+         lambda c, d: c.out / "afile"),
+    Case("demo-out-is-a-file", lambda c, d: ["demo", "--out", c.out / "afile", "--cache", c.out / "cache", "--quiet"],
+         "not a directory", lambda c, d: c.out / "afile"),
     Case("stats-mcnemar-on-directories", lambda c, d: ["stats", "mcnemar", c.inp, c.inp], "directory", None),
     Case("experiment-report-missing-dir", lambda c, d: ["experiment", "report", c.out / "nothing"], "nothing",
          lambda c, d: c.out / "nothing"),
@@ -440,3 +452,16 @@ def test_the_fuse_report_is_written_atomically_next_to_the_model(tmp_path, tiny_
     assert r.code == 0 and json.loads((dest / "report.json").read_text())["summary"]["modules_fused"] > 0
     assert _pyfuse_leftovers(dest) == [] and _pyfuse_leftovers(tmp_path) == []
 
+
+
+def test_a_killed_runs_temporary_files_are_swept_by_the_next_write(tmp_path):
+    from pyfuse.io.files import TMP_MARK, atomic_write_text
+
+    dead, alive = _dead_pid(), os.getpid()
+    stale = tmp_path / f".r.json{TMP_MARK}{dead}-x.tmp"
+    running = tmp_path / f".r.json{TMP_MARK}{alive}-y.tmp"  # a live process's: left alone
+    other = tmp_path / f".q.json{TMP_MARK}{dead}-z.tmp"  # another output's: not this write's business
+    for p in (stale, running, other):
+        p.write_text("partial")
+    atomic_write_text(tmp_path / "r.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", running.name, other.name])
