@@ -12,7 +12,11 @@ Fuse an mlx-lm adapter directory into an mlx-lm model directory, like
 one tensor, untouched tensors are copied byte for byte, and the output
 appears at --save-path only when complete. An adapter mlx-lm's loader
 refuses (weights outside its config's num_layers or keys; DoRA on a
-SwitchLinear without m) is refused; --lenient fuses it anyway.
+SwitchLinear without m) is refused; --lenient fuses it anyway. A full
+fine-tune (fine_tune_type full) replaces the base's tensors with its trained
+ones; a trained float weight of a module stored quantized is quantized by
+--policy (mlx-lm cannot load that one). mlx-lm-lora's DoRA marker
+(lora_parameters.use_dora) is read as fine_tune_type dora.
 
 Re-quantization policies (--policy):
   stock       mlx_lm fuse's algorithm (dequantize, add the delta, re-quantize
@@ -53,8 +57,8 @@ def add_arguments(p) -> None:
     add_model(p, "the mlx-lm model directory, or a Hugging Face repo id resolved like mlx-lm does "
                  "(the local cache first) (default: mlx_model)", default="mlx_model")
     p.add_argument("--adapter-path", default="adapters",
-                   help="the adapter directory: adapter_config.json + adapters.safetensors "
-                        "(default: adapters)")
+                   help="the adapter directory: adapter_config.json + adapters.safetensors, LoRA, "
+                        "DoRA or a full fine-tune (default: adapters)")
     p.add_argument("--save-path", default="fused_model",
                    help="where to write the fused model (default: fused_model)")
     p.add_argument("--dequantize", action="store_true",

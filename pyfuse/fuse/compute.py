@@ -211,8 +211,13 @@ def _run_requantize_job(job: Job, base: tuple, *, policy: str, seed: int, on_ran
         parts = (weight,)
     elif policy in GRID_KEEPING_POLICIES and q_out.mode == "affine" and q_in.mode == "affine":
         grid = base if q_out == q_in else quantize(dequantize(*base, q_in), q_out)
-        parts = requant_to_reference(*grid, trained, group_size=q_out.group_size, bits=q_out.bits, policy=policy,
-                                     seed=seed, on_range_overflow="clip" if on_range_overflow == "clip" else "refit")
+        parts, out_of_range = requant_to_reference(
+            *grid, trained, group_size=q_out.group_size, bits=q_out.bits, policy=policy, seed=seed,
+            on_range_overflow="clip" if on_range_overflow == "clip" else "refit")
+        if out_of_range and on_range_overflow == "error":
+            raise UserError(f"{job.path}: {out_of_range} groups of the full fine-tune's weight leave their "
+                            f"grid's range under --policy {policy}; --on-range-overflow error refuses the "
+                            "fuse; nothing was written")
     else:
         parts = quantize(weight, q_out)
     mx.eval(*parts)

@@ -145,15 +145,23 @@ def fuse_requant_reference(
         )
 
 
+def _delta_to(w, scales, biases, target, group_size, bits):
+    base = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
+                         bits=bits)
+    return target.astype(mx.float32) - base
+
+
 def requant_to_reference(w, scales, biases, target: mx.array, *, group_size: int, bits: int, policy: str,
                          seed: int = 0, on_range_overflow: str = "refit"):
     """``preserve`` / ``stochastic`` towards a whole new weight ``target``
     (a full fine-tune's) instead of a LoRA delta: the delta is ``target``
-    minus the dequantized base, in float32."""
-    base = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
-                         bits=bits)
-    return _preserve_or_stochastic(w, scales, biases, target.astype(mx.float32) - base, group_size, bits,
-                                   policy, seed, None, on_range_overflow)
+    minus the dequantized base, in float32. Returns the new ``(w, scales,
+    biases)`` and how many groups left their grid's range."""
+    delta = _delta_to(w, scales, biases, target, group_size, bits)
+    codes, _ = _grid_codes(w, scales, delta, group_size, bits, policy, seed)
+    out = _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, seed, None,
+                                  on_range_overflow)
+    return out, int(_out_of_range(codes, bits).sum().item())
 
 
 def _grid_codes(w, scales, delta, group_size, bits, policy, seed):

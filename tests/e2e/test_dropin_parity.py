@@ -57,6 +57,8 @@ def models(fuse_work, tiny_tokenizer_dir, tiny_moe_dir, tiny_llama_dir):
     out = {"moe_3bit": tiny_moe_dir, "llama_4bit": tiny_llama_dir}
     out["llama_8bit"] = build_tiny_model(root / "llama_8bit", tokenizer_dir=tiny_tokenizer_dir, arch="llama",
                                          quantize={"group_size": 64, "bits": 8})
+    out["llama_bf16_4bit"] = build_tiny_model(root / "llama_bf16", tokenizer_dir=tiny_tokenizer_dir, arch="llama",
+                                              quantize={"group_size": 64, "bits": 4}, dtype="bfloat16")
     out["moe_float"] = build_tiny_model(root / "moe_float", tokenizer_dir=tiny_tokenizer_dir, arch="qwen3_moe",
                                         quantize=None)
     llama_float = build_tiny_model(root / "llama_float", tokenizer_dir=tiny_tokenizer_dir, arch="llama",
@@ -118,6 +120,25 @@ def test_parity_with_mlx_lm(case, models, text_data, fuse_work):
             load(str(model), adapter_path=str(bad))
         r = run_cli("fuse", "--model", model, "--adapter-path", bad, "--save-path", out.with_name(out.name + "_bad"))
         assert r.code == 2 and "mlx-lm's loader refuses" in r.err, r.err
+
+
+def test_dora_on_bf16_differs_as_documented(models, text_data, fuse_work):
+    """The documented deviation: mlx-lm writes a DoRA layer of a bf16 model
+    with float32 scales and biases, pyfuse keeps bf16; nothing else differs."""
+    import mlx.core as mx
+
+    model = models["llama_bf16_4bit"]
+    adapter = mlx_lm_train(model, fuse_work / "parity_dora_bf16", text_data, fine_tune_type="dora", num_layers=1)
+    want = model_tensors(mlx_fuse(model, adapter, fuse_work / "parity_dora_bf16_mlx"))
+    out = fuse_work / "parity_dora_bf16_pyfuse"
+    assert run_cli("fuse", "--model", model, "--adapter-path", adapter, "--save-path", out, "--quiet").code == 0
+    got = model_tensors(out)
+    dora = {k.rsplit(".", 1)[0] for k in mx.load(str(adapter / "adapters.safetensors"))}
+    assert len(dora) == 7  # every Linear of the last block
+    for name in differing(want, got):
+        assert name.rsplit(".", 1)[0] in dora, name
+    for m in dora:
+        assert want[f"{m}.scales"].dtype == mx.float32 and got[f"{m}.scales"].dtype == mx.bfloat16
 
 
 def test_dora_on_switch_refused_at_training_like_at_fuse(models, text_data, fuse_work):

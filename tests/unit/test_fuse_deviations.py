@@ -2,7 +2,7 @@
 ``mlx_lm fuse``'s bytes, as ``pyfuse fuse --help`` states them, checked
 against ``mlx_lm fuse`` itself:
 
-1. DoRA on a bf16 model: mlx-lm writes the DoRA layers' scales and biases in
+1. DoRA on a bf16 (or fp16) model: mlx-lm writes the DoRA layers' scales and biases in
    float32 (its float32 magnitude promotes them); pyfuse keeps bf16.
 2. bf16 adapter tensors: pyfuse widens them to float32 before
    ``scale * B @ A``; its output is mlx-lm's fuse of the widened adapter.
@@ -20,21 +20,24 @@ from pyfuse.fuse import fuse_model
 from helpers import DOWN, differing, make_adapter, mlx_fuse, model_tensors
 
 
-@pytest.fixture(scope="module")
-def bf16_llama(fuse_work, tiny_tokenizer_dir):
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half_llama(request, fuse_work, tiny_tokenizer_dir):
     from pyfuse.demo.tiny_model import build_tiny_model
 
-    return build_tiny_model(fuse_work / "llama_bf16", tokenizer_dir=tiny_tokenizer_dir, arch="llama",
-                            quantize={"group_size": 64, "bits": 4}, dtype="bfloat16")
+    return build_tiny_model(fuse_work / f"llama_{request.param}", tokenizer_dir=tiny_tokenizer_dir, arch="llama",
+                            quantize={"group_size": 64, "bits": 4}, dtype=request.param)
 
 
-def test_dora_on_bf16_keeps_bf16_where_mlx_lm_writes_float32(fuse_work, bf16_llama):
-    adapter = make_adapter(bf16_llama, fuse_work / "dev_dora", dora=True, keys=["mlp.down_proj"], num_layers=1)
-    ref = model_tensors(mlx_fuse(bf16_llama, adapter, fuse_work / "dev_dora_mlx"))
-    got = model_tensors(fuse_model(bf16_llama, adapter, fuse_work / "dev_dora_pyfuse").save_path)
+def test_dora_on_bf16_keeps_bf16_where_mlx_lm_writes_float32(fuse_work, half_llama):
+    """(and the same on float16)"""
+    adapter = make_adapter(half_llama, fuse_work / f"dev_dora_{half_llama.name}", dora=True, keys=["mlp.down_proj"],
+                           num_layers=1)
+    ref = model_tensors(mlx_fuse(half_llama, adapter, fuse_work / f"dev_dora_mlx_{half_llama.name}"))
+    got = model_tensors(fuse_model(half_llama, adapter, fuse_work / f"dev_dora_pyfuse_{half_llama.name}").save_path)
     dora = "model.layers.3.mlp.down_proj"
     assert differing(ref, got) == [f"{dora}.biases", f"{dora}.scales", f"{dora}.weight"]
-    assert ref[f"{dora}.scales"].dtype == mx.float32 and got[f"{dora}.scales"].dtype == mx.bfloat16
+    assert ref[f"{dora}.scales"].dtype == mx.float32
+    assert got[f"{dora}.scales"].dtype == model_tensors(half_llama)[f"{dora}.scales"].dtype != mx.float32
     # the same fused weight up to one quantization step (two grids, each rounding to its own)
     w_ref = mx.dequantize(ref[f"{dora}.weight"], ref[f"{dora}.scales"], ref[f"{dora}.biases"], group_size=64, bits=4)
     w_got = mx.dequantize(got[f"{dora}.weight"], got[f"{dora}.scales"], got[f"{dora}.biases"], group_size=64, bits=4)

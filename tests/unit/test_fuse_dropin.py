@@ -173,3 +173,34 @@ def test_mlx_lm_lora_use_dora_format(fuse_work, tiny_llama_dir):
     (alt / "adapter_config.json").write_text(json.dumps(cfg))
     got = fuse_model(tiny_llama_dir, alt, fuse_work / "uds_pyfuse")
     assert differing(model_tensors(ref), model_tensors(got.save_path)) == []
+
+
+def test_full_fine_tune_under_preserve_keeps_the_grid(fuse_work, float_llama, tiny_llama_dir):
+    """preserve moves the base's codes towards the trained weight on the
+    base's grid (the reference's rule against a NumPy oracle); a weight far
+    off the grid is refused under --on-range-overflow error."""
+    import numpy as np
+
+    from pyfuse.kernel.reference import unpack_codes
+
+    qbase, base = model_tensors(tiny_llama_dir), model_tensors(float_llama)
+    n, m = "model.layers.3.mlp.down_proj.weight", "model.layers.3.mlp.down_proj"
+    trained = {n: base[n] + 0.002}
+    adapter = write_adapter_dir(fuse_work / "full_small", trained, keys=None, rank=0, scale=0.0, num_layers=1,
+                                fine_tune_type="full")
+    got = model_tensors(fuse_model(tiny_llama_dir, adapter, fuse_work / "full_small_preserve",
+                                   policy="preserve").save_path)
+    s = np.repeat(np.array(qbase[f"{m}.scales"]), 64, axis=-1)
+    b = np.repeat(np.array(qbase[f"{m}.biases"]), 64, axis=-1)
+    q = np.array(unpack_codes(qbase[n], 64, 4))
+    steps = np.rint(q + (np.array(trained[n]) - (q * s + b)) / s)
+    inside = ~((steps < 0) | (steps > 15)).reshape(*steps.shape[:-1], -1, 64).any(-1)
+    assert inside.mean() > 0.5
+    keep = np.repeat(inside, 64, axis=-1)
+    assert (np.array(unpack_codes(got[n], 64, 4))[keep] == steps[keep]).all()
+    assert (np.array(got[f"{m}.scales"])[inside] == np.array(qbase[f"{m}.scales"])[inside]).all()
+    far = write_adapter_dir(fuse_work / "full_far", {n: base[n] * 3}, keys=None, rank=0, scale=0.0, num_layers=1,
+                            fine_tune_type="full")
+    r = run_cli("fuse", "--model", tiny_llama_dir, "--adapter-path", far, "--save-path", fuse_work / "full_far_out",
+                "--policy", "preserve", "--on-range-overflow", "error")
+    assert r.code == 2 and m in r.err
