@@ -15,7 +15,9 @@ two orthonormal bases ``U1``, ``U2`` are the arccosines of the singular
 values of ``U1^T U2`` (Björck & Golub); ``overlap`` is the mean of their
 squared cosines: 1 for the same subspace, 0 for orthogonal ones (for
 subspaces of different dimensions, the smaller one inside the larger gives
-1). A SwitchLinear (MoE experts) is compared expert by expert and
+1); ``chance`` is what two random subspaces of the same ranks give on
+average, ``max(k1, k2) / out`` (a rank-8 delta of an 8-expert router spans
+every direction: its overlap is 1 whatever it learned). A SwitchLinear (MoE experts) is compared expert by expert and
 summarized (mean, min, max over the experts where both deltas are non-zero).
 
 DoRA magnitudes are left out: the comparison is of the low-rank directions.
@@ -94,6 +96,17 @@ class PairStats:
     overlap: float | None  # column spaces
     input_overlap: float | None  # row spaces
     cosine: float | None  # of the deltas as vectors
+    chance: float | None = None  # the expected overlap of random subspaces of these ranks
+
+
+def chance_overlap(k1: int, k2: int, dim: int) -> float | None:
+    """The mean overlap of a uniformly random ``k1``- and ``k2``-dimensional
+    subspace of R^dim: ``E trace(P1 P2) = k1 k2 / dim`` over ``min(k1, k2)``
+    angles, i.e. ``max(k1, k2) / dim`` (1 when a rank reaches ``dim``, as for
+    a router of few experts: there every subspace overlaps)."""
+    if not k1 or not k2:
+        return None
+    return min(1.0, max(k1, k2) / dim)
 
 
 def compare_pair(x: LowRank, y: LowRank) -> PairStats:
@@ -102,7 +115,8 @@ def compare_pair(x: LowRank, y: LowRank) -> PairStats:
     denom = x.norm * y.norm
     return PairStats(rank_a=int(x.s.size), rank_b=int(y.s.size), norm_a=x.norm, norm_b=y.norm,
                      angles=[float(d) for d in np.degrees(col)], overlap=overlap(col),
-                     input_overlap=overlap(row), cosine=delta_inner(x, y) / denom if denom > 0 else None)
+                     input_overlap=overlap(row), cosine=delta_inner(x, y) / denom if denom > 0 else None,
+                     chance=chance_overlap(x.s.size, y.s.size, x.u.shape[0]))
 
 
 @dataclass
@@ -120,6 +134,7 @@ class ModuleComparison:
     overlap: float | None
     input_overlap: float | None
     cosine: float | None
+    chance: float | None = None  # what random subspaces of the same ranks give (:func:`chance_overlap`)
     angles: list[float] | None = None  # degrees (not for a SwitchLinear: see per_expert)
     experts: int | None = None
     experts_compared: int | None = None
@@ -178,7 +193,7 @@ def _compare_module(path: str, ad_a: Adapter, ad_b: Adapter) -> ModuleComparison
     if kind_a != "switch":
         st = compare_pair(low_rank(a1, b1, ad_a.scale), low_rank(a2, b2, ad_b.scale))
         return ModuleComparison(path, kind_a, layer, st.norm_a, st.norm_b, st.overlap, st.input_overlap,
-                                st.cosine, angles=st.angles)
+                                st.cosine, chance=st.chance, angles=st.angles)
     per = [compare_pair(low_rank(a1[e], b1[e], ad_a.scale), low_rank(a2[e], b2[e], ad_b.scale))
            for e in range(a1.shape[0])]
     both = [p for p in per if p.overlap is not None]
@@ -192,7 +207,8 @@ def _compare_module(path: str, ad_a: Adapter, ad_b: Adapter) -> ModuleComparison
         norm_a=float(np.sqrt(sum(p.norm_a ** 2 for p in per))),
         norm_b=float(np.sqrt(sum(p.norm_b ** 2 for p in per))),
         overlap=mean([p.overlap for p in both]), input_overlap=mean([p.input_overlap for p in both]),
-        cosine=mean([p.cosine for p in both]), experts=len(per), experts_compared=len(both),
+        cosine=mean([p.cosine for p in both]), chance=mean([p.chance for p in both]),
+        experts=len(per), experts_compared=len(both),
         overlap_min=min((p.overlap for p in both), default=None),
         overlap_max=max((p.overlap for p in both), default=None),
         per_expert=[asdict(p) for p in per])

@@ -13,7 +13,8 @@ DESCRIPTION = """\
       Per module that both adapters touch: the principal angles between the
       column spaces of the two deltas (the output directions each writes),
       their overlap (the mean squared cosine of those angles: 1 for the same
-      subspace, 0 for orthogonal ones), the overlap of their row spaces
+      subspace, 0 for orthogonal ones; "chance" is what random subspaces
+      of the same ranks give), the overlap of their row spaces
       (input directions), the cosine of the deltas as vectors, and both
       norms; then the modules only one of them touches. Computed from the
       low-rank factors (no dense delta); a SwitchLinear (MoE experts) is
@@ -60,7 +61,7 @@ def _run_compare(args) -> int:
 
     table = Table(title=f"A = {res.a}\nB = {res.b}")
     table.add_column("module", no_wrap=True)
-    for col in ("kind", "|dA|", "|dB|", "overlap", "input overlap", "cosine", "angles (deg)"):
+    for col in ("kind", "|dA|", "|dB|", "overlap", "chance", "input overlap", "cosine", "angles (deg)"):
         table.add_column(col, justify="left" if col == "kind" else "right", no_wrap=True)
     for m in res.modules:
         if m.kind == "switch":  # per expert: how many have both deltas, and their overlaps' range
@@ -70,7 +71,7 @@ def _run_compare(args) -> int:
         else:
             angles = ", ".join(f"{a:.0f}" for a in m.angles[:4]) + (" ..." if len(m.angles) > 4 else "")
         table.add_row(m.path, m.kind, _fmt(m.norm_a, ".3g"), _fmt(m.norm_b, ".3g"), _fmt(m.overlap),
-                      _fmt(m.input_overlap), _fmt(m.cosine), angles)
+                      _fmt(m.chance), _fmt(m.input_overlap), _fmt(m.cosine), angles)
     out = console(min_width=max([120] + [len(m.path) + 100 for m in res.modules]))
     out.print(table)
     out.print(f"{len(res.modules)} module(s) in both, mean overlap {_fmt(res.overlap)}; "

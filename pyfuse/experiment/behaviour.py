@@ -22,7 +22,7 @@ def condition_extras(c: dict, out: Path) -> dict:
         extra["behaviour"] = read_summary(step_dir(out, c["behaviour"]))["rates"]
     for d in c.get("overlaps") or []:
         s = json.loads((step_dir(out, d) / SUMMARY).read_text(encoding="utf-8"))
-        extra["overlaps"].append({k: s.get(k) for k in ("overlap", "max_overlap", "max_overlap_module",
+        extra["overlaps"].append({k: s.get(k) for k in ("overlap", "chance", "max_overlap", "max_overlap_module",
                                                          "shared_modules", "warnings")})
     return extra
 

@@ -134,13 +134,16 @@ def run_compare(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
     res = compare_adapters(inputs["adapter_a"], inputs["adapter_b"])
     top = res.max_overlap
-    summary = {"shared_modules": len(res.modules), "overlap": res.overlap,
+    chances = [m.chance for m in res.modules if m.chance is not None]
+    chance = sum(chances) / len(chances) if chances else None
+    summary = {"shared_modules": len(res.modules), "overlap": res.overlap, "chance": chance,
                "max_overlap": top.overlap if top else None, "max_overlap_module": top.path if top else None,
                "warnings": []}
     if res.overlap is not None and res.overlap >= OVERLAP_WARNING:
         summary["warnings"].append(
             f"the stacked adapters overlap: mean column-space overlap {res.overlap:.2f} over "
-            f"{len(res.modules)} shared module(s) (max {top.overlap:.2f} in {top.path}); "
+            f"{len(res.modules)} shared module(s) (random subspaces: {chance:.2f}; max {top.overlap:.2f} in "
+            f"{top.path}); "
             "train them on disjoint modules to tell subspace interference from perturbation")
     write_json(out / SUMMARY, {**summary, **res.to_dict()})
     return summary

@@ -43,6 +43,14 @@ def test_angles_match_scipy_on_dense_deltas(r1, r2):
     assert st.norm_a == pytest.approx(np.linalg.norm(d1), rel=1e-9)
     assert st.norm_b == pytest.approx(np.linalg.norm(d2), rel=1e-9)
     assert st.cosine == pytest.approx(np.sum(d1 * d2) / np.linalg.norm(d1) / np.linalg.norm(d2), abs=1e-9)
+    assert st.chance == pytest.approx(max(r1, r2) / out)
+
+
+def test_chance_is_the_mean_overlap_of_random_subspaces():
+    rng = np.random.default_rng(5)
+    draws = [compare_pair(low_rank(rng.normal(size=(3, 8)), rng.normal(size=(20, 3)), 1.0),
+                          low_rank(rng.normal(size=(5, 8)), rng.normal(size=(20, 5)), 1.0)) for _ in range(400)]
+    assert np.mean([d.overlap for d in draws]) == pytest.approx(draws[0].chance, abs=0.02)  # 5 / 20
 
 
 def test_same_orthogonal_and_rank_deficient():
