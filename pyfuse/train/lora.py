@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import UserError
-from ..io.outputs import publish
+from ..io.outputs import check_destination, publish
 from .checkpoint import BEST_WEIGHTS, RunStore, run_dir_for
 from .data import TrainingData, load_training_data
 from .loop import LoopArgs, evaluate, run_loop, sft_objective
@@ -98,8 +98,7 @@ def _prepare_run_dir(final: Path, *, force: bool, resume: bool) -> Path:
     run_dir = run_dir_for(final)
     if resume and not run_dir.is_dir() and final.exists():
         raise UserError(f"resume: {final} is a finished run, nothing to resume")
-    if (final.exists() or final.is_symlink()) and not force:
-        raise UserError(f"{final} exists (pass force=True / --force to replace it)")
+    check_destination(final, force, "--adapter-path")  # before any work: what --force may replace
     if resume:
         if not run_dir.is_dir():
             raise UserError(f"resume: no interrupted run of {final} ({run_dir} does not exist)")
@@ -205,7 +204,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
     run_dir = _prepare_run_dir(final, force=force, resume=resume)
     try:
         return _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, settings,
-                    resume, verbose, on_step, started)
+                    resume, verbose, on_step, started, force)
     except UserError:
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -213,7 +212,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
 
 
 def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, s, resume, verbose,
-         on_step, started) -> TrainResult:
+         on_step, started, force) -> TrainResult:
     from ..lm.load import load_model
 
     seed_everything(s["seed"])

@@ -218,7 +218,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tiny_moe_dir, tin
         (["--model", m, "--data", d, "--rank", "0"], "rank must be an integer >= 1"),
         (["--model", str(broken), "--data", d], "broken_model: cannot load the model"),
         (["--model", str(tmp_path / "none"), "--data", d], "does not exist"),
-        (["--model", m, "--data", d, "--adapter-path", str(case["adapter"])], "exists (pass force=True / --force"),
+        (["--model", m, "--data", d, "--adapter-path", str(case["adapter"])], "already exists; pass --force to replace it"),
     ]:
         target = args if "--adapter-path" in args else [*args, "--adapter-path", str(out)]
         every_layer = [] if "--layers" in args else ["--num-layers", "-1"]  # mlx-lm's default is 16
