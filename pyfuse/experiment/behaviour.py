@@ -48,19 +48,26 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
+def _rate_cell(r: dict | None) -> str:
+    if not r or not r["n"]:
+        return "—"
+    return f"{r['k']}/{r['n']} {_pct(r['rate'])} [{_pct(r['low'])}, {_pct(r['high'])}]"
+
+
 def report_lines(results: dict) -> list[str]:
     """The report's sections: behaviour rates, their comparisons, overlap warnings."""
     conds = {n: c for n, c in results["conditions"].items() if c.get("behaviour")}
     lines = []
     if conds:
-        names = list(next(iter(conds.values()))["behaviour"])
-        lines += ["## Behaviour rates\n", "| condition | " + " | ".join(f"{b} (95 % CI)" for b in names) + " |",
-                  "|---|" + "---:|" * len(names)]
+        first = next(iter(conds.values()))["behaviour"]
+        cols = [(b, None) for b in first] + [(b, g) for b in first for g in first[b].get("per_group", {})]
+        lines += ["## Behaviour rates\n", "| condition | " + " | ".join(
+            f"{b} ({g or 'all'})" for b, g in cols) + " |", "|---|" + "---:|" * len(cols)]
         for n, c in conds.items():
-            cells = [f"{r['k']}/{r['n']} {_pct(r['rate'])} [{_pct(r['low'])}, {_pct(r['high'])}]"
-                     if r["n"] else "—" for r in (c["behaviour"][b] for b in names)]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines.append("")
+            rates = [c["behaviour"][b] if g is None else c["behaviour"][b].get("per_group", {}).get(g)
+                     for b, g in cols]
+            lines.append(f"| {n} | " + " | ".join(_rate_cell(r) for r in rates) + " |")
+        lines += ["", "Rates with their 95 % Wilson intervals, overall and per prompt group.", ""]
     comps = results.get("behaviour_comparisons") or []
     if comps:
         lines += ["## Behaviour comparisons (paired generations, exact McNemar)\n",

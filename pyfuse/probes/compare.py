@@ -193,6 +193,8 @@ def plot_probe(res: ProbeResult, out: Path) -> list[Path]:
             title=f"centroid shift vs {Path(res.models[0]).name}")
     ax2.set(xlabel="layer", ylabel="cosine(c, c0)", title="centroid direction")
     ax1.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(res.shifts[0]["relative"])))
     written.append(save_figure(fig, out / "centroid_shift.png"))
     plt.close(fig)
     routed = [sh for sh in res.shifts if sh.get("routing_tv")]
@@ -202,6 +204,7 @@ def plot_probe(res: ProbeResult, out: Path) -> list[Path]:
             ax.plot(range(len(sh["routing_tv"])), [np.nan if v is None else v for v in sh["routing_tv"]],
                     marker="o", label=f"{Path(sh['model']).name}: {sh['set']}")
         ax.set(xlabel="block", ylabel="total variation", title="expert routing shift", ylim=(0, 1))
+        ax.set_xticks(range(len(routed[0]["routing_tv"])))
         ax.legend(fontsize=7)
         written.append(save_figure(fig, out / "routing_shift.png"))
         plt.close(fig)
