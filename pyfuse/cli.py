@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from .distributed.console import farewell, quiet_followers, rank_tag, reports
 from .errors import UserError
 from .io.files import Terminated, sigterm_as_interrupt
 from .io.outputs import check_paths
@@ -84,20 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with sigterm_as_interrupt():
+            quiet_followers()  # under mlx.launch: start the group first; only rank 0 prints
             check_paths(*command_paths(args), nested_ok=args._nested_ok)
-            return int(args._run(args) or 0)
+            code = int(args._run(args) or 0)
     except UserError as err:
-        print(f"{args._prog}: error: {err}", file=sys.stderr)
-        return 2
+        if reports(err):
+            print(f"{args._prog}{rank_tag()}: error: {err}", file=sys.stderr)
+        code = 2
     except OSError as err:  # a read-only or full disk, a directory where a file goes, permissions
-        print(f"{args._prog}: error: {os_error_line(err)}", file=sys.stderr)
-        return 2
+        print(f"{args._prog}{rank_tag()}: error: {os_error_line(err)}", file=sys.stderr)
+        code = 2
     except Terminated:  # SIGTERM: the shell convention 128 + 15
         print(f"{args._prog}: terminated; nothing was left half-written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # Ctrl-C / SIGINT: 128 + 2
         print(f"{args._prog}: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback follows, once the other ranks have reported
+        farewell()
+        raise
+    farewell()  # under mlx.launch: every rank has printed its outcome before any exits
+    return code
 
 
 if __name__ == "__main__":

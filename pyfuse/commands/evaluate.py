@@ -25,6 +25,8 @@ CPU backend bfloat16/float16 parameters run widened to float32, as in
       (the same scorer gives `pyfuse noise-floor --mc` its answers).
       One JSON line per item (id, category, gold, prediction, rule, correct,
       output, ...) for `pyfuse stats mcnemar` and `pyfuse setg`.
+      Across processes or Macs: mlx.launch --hostfile hosts.json -- pyfuse eval mc ...
+      (each rank scores whole batches; rank 0 writes the same rows; docs/distributed.md).
 
   pyfuse eval identity --model M [--suite my_suite.yaml] [--persona-name Nova]
       The identity-consistency suite (default: the shipped 20-prompt template;

@@ -30,6 +30,11 @@ Each result row (``out``, JSON Lines; accepted by
 cut the output; null for ``logprob``) and ``logprobs`` (``logprob``:
 ``{letter: score}``; null for ``generate``).
 
+Under ``mlx.launch`` (:mod:`pyfuse.distributed`) every rank loads the model
+and scores whole batches of that same composition (batch ``k`` on rank
+``k mod size``); the rows are gathered in item order and only rank 0 writes
+``out``: the rows of one process, byte for byte.
+
 The model is a path (loaded with :func:`pyfuse.lm.load.load_for_inference`:
 mlx-lm's loader, optionally with an unfused ``adapter_path``, and the one
 compute-dtype policy) or an already loaded ``(model, tokenizer)`` pair.
@@ -46,6 +51,7 @@ from typing import Sequence
 from .. import progress
 from ..errors import UserError
 from ..data.mmlu import MCItem, format_question, load_mc
+from ..distributed import map_shard, together, writes
 from ..io.files import write_jsonl
 from ..lm.chat import chat_prompt
 from ..lm.generate import check_positive, generate_batched
@@ -139,36 +145,47 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         check_positive("max_tokens", max_tokens)
     if method == "logprob" and not answer_prefix:
         raise UserError("answer_prefix must not be empty for method 'logprob'")
-    items, source = _items(data, categories, limit)
-    lm = load_for_inference(model, adapter_path)
+    with together("loading the model and the items"):  # under mlx.launch: one rank failing fails all
+        items, source = _items(data, categories, limit)
+        lm = load_for_inference(model, adapter_path)
     started = time.perf_counter()
-    rows: list[dict] = []
-    if method == "generate":
-        prompts = [chat_prompt(lm.tokenizer, format_question(it), system_prompt=system_prompt)
-                   for it in items]
-        gens = generate_batched(lm.model, lm.tokenizer, prompts, batch_size=batch_size,
-                                max_tokens=max_tokens, description="eval mc (generate)")
-        for it, g in zip(items, gens):
-            pred, rule = extract_answer(g.text, it.num_options)
-            rows.append(_row(it, pred, rule, method, g.batch, output=g.text,
-                             n_tokens=len(g.token_ids), truncated=g.truncated))
-    else:
-        for i, it in enumerate(progress.track(items, "eval mc (logprob)")):
-            score = score_item(lm.model, lm.tokenizer, it, system_prompt=system_prompt,
-                               answer_prefix=answer_prefix)
-            rows.append(_row(it, score.prediction, "logprob", method, i // batch_size, output=None,
-                             logprobs=score.logprobs))
+    rows = map_shard(len(items), batch_size, lambda shard: _score(
+        lm, items, shard, method=method, max_tokens=max_tokens, system_prompt=system_prompt,
+        answer_prefix=answer_prefix), "scoring items")
     seconds = time.perf_counter() - started
 
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     out_path = None
-    if out is not None:
+    if out is not None and writes():  # under mlx.launch only rank 0 writes
         out_path = write_jsonl(out, rows)
     return MCEvalResult(accuracy=correct / n, n=n, correct=correct, rows=rows, method=method,
                         batch_size=batch_size, max_tokens=max_tokens if method == "generate" else None,
                         model=lm.name, data=source, seconds=seconds,
                         per_category=_per_category(rows), out=out_path)
+
+
+def _score(lm, items: list[MCItem], shard, *, method, max_tokens, system_prompt, answer_prefix) -> list[dict]:
+    """The rows of ``shard.items`` (all of them in one process; this rank's
+    whole batches under mlx.launch, :mod:`pyfuse.distributed.shard`), with
+    their batch numbers as one process gives them."""
+    mine = [items[i] for i in shard.items]
+    rows: list[dict] = []
+    if method == "generate":
+        prompts = [chat_prompt(lm.tokenizer, format_question(it), system_prompt=system_prompt) for it in mine]
+        gens = generate_batched(lm.model, lm.tokenizer, prompts, batch_size=shard.batch_size,
+                                max_tokens=max_tokens, description="eval mc (generate)")
+        for it, g in zip(mine, gens):
+            pred, rule = extract_answer(g.text, it.num_options)
+            rows.append(_row(it, pred, rule, method, shard.global_batch(g.batch), output=g.text,
+                             n_tokens=len(g.token_ids), truncated=g.truncated))
+    else:
+        for i, it in progress.track(list(zip(shard.items, mine)), "eval mc (logprob)"):
+            score = score_item(lm.model, lm.tokenizer, it, system_prompt=system_prompt,
+                               answer_prefix=answer_prefix)
+            rows.append(_row(it, score.prediction, "logprob", method, i // shard.batch_size, output=None,
+                             logprobs=score.logprobs))
+    return rows
 
 
 def _items(data, categories, limit) -> tuple[list[MCItem], str | None]:
