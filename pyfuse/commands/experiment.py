@@ -31,6 +31,11 @@ Every step's output is content-addressed, published atomically and hashed: a
 rerun checks and skips finished steps, and a run killed at any moment resumes
 where it stopped. Fused models no longer needed are removed unless --keep-models.
 
+Across processes or Macs: mlx.launch --hostfile hosts.json -- pyfuse experiment
+run SPEC --out DIR (DIR on a filesystem every host shares): rank 0 runs the plan
+and writes everything, every rank scores its share of each multiple-choice
+evaluation; the outputs are those of one process (docs/distributed.md).
+
 Examples: examples/stacking-confound.yaml, examples/identity-stacking.yaml."""
 
 

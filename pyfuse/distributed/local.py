@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,11 +74,21 @@ class LocalLaunch:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._out, stderr=self._err, env=env,
                                      cwd=cwd, start_new_session=True)
 
-    def kill(self) -> None:
-        """SIGKILL the launcher and every rank."""
-        if self.proc.poll() is None:
+    def kill(self, grace: float = 30.0) -> None:
+        """SIGKILL the launcher and every rank, and wait (up to ``grace``
+        seconds) until none is left (their files and locks closed)."""
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def wait(self, timeout: float) -> LocalRun:
         """Wait for every rank (killing them all after ``timeout`` seconds); their output."""

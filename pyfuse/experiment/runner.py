@@ -14,7 +14,9 @@ directory). Fused models that no pending step needs are pruned (their
 step that needs a pruned model re-runs its fuse (deterministic, so the same
 bytes come back). The results are assembled from the step outputs only, so
 an interrupted-and-resumed run writes the same ``results.json`` as an
-uninterrupted one. The files of DIR: :mod:`.layout`.
+uninterrupted one. The files of DIR: :mod:`.layout`. Under ``mlx.launch``
+rank 0 runs all this and the other ranks join its evaluation steps
+(:mod:`pyfuse.distributed.experiment`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..distributed import experiment as ranks
+from ..distributed import writes
 from ..errors import UserError
 from ..io.files import TMP_MARK, atomic_write_text, sigterm_as_interrupt
 from ..io.outputs import OLD_MARK, fsync_dir, publish
@@ -39,7 +43,6 @@ from . import prereg
 from .estimate import Estimator, fmt_seconds, rate_group, work_units
 from .layout import (DIR_LOCK, DONE, LOG_FILE, MODEL, PLAN_FILE, PRUNED, RESULTS_FILE, SPEC_COPY, STEPS_DIR,
                      TMP_PREFIX)
-from .load import load_checked_spec
 from .outputs import check_outputs, record_outputs
 from .plan import ENGINE_VERSION, Plan, Step, build_plan
 from .power import power_lines
@@ -66,23 +69,28 @@ def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep
     ``results.json`` and ``report.md`` there. See the module doc."""
     started = time.monotonic()
     echo = echo or (lambda msg: None)
-    spec = load_checked_spec(spec_path, check_paths=True)
-    out = _make_run_dir(Path(out))
+    spec = ranks.check_spec(spec_path)  # load_checked_spec on every rank of an mlx.launch
+    if not writes():  # a rank other than 0 under mlx.launch: it joins rank 0's evaluation steps
+        return RunResult(out=Path(out), results=ranks.follow(spec, out), executed=[], skipped=[], pruned=[],
+                         warnings=[], seconds=time.monotonic() - started)
     warnings: list[str] = []
-    with _dir_lock(out), sigterm_as_interrupt():
+    lead = ranks.Leader()  # under mlx.launch: tells the other ranks what to join and when the run ends
+    with lead, _dir_lock(out := _make_run_dir(Path(out))), sigterm_as_interrupt():
         _clean_temps(out / STEPS_DIR)
         lock = _lock_prereg(spec, out, echo, warnings)
         plan = build_plan(spec, lock.split_seed if lock is not None else None)
         plan_json = plan.to_json()
         atomic_write_text(out / PLAN_FILE, json.dumps(plan_json, indent=2, sort_keys=True) + "\n")
+        lead.share_plan(out, plan.split_seed)
         if spec._path is not None:
             atomic_write_text(out / SPEC_COPY, spec._path.read_text(encoding="utf-8"))
-        runner = Runner(plan, out, keep_models=keep_models, echo=echo)
+        runner = Runner(plan, out, keep_models=keep_models, echo=echo, lead=lead)
         runner.log.write("start", spec=str(spec._path), steps=len(plan.steps))
         runner.run()
         results = assemble_results(plan_json, out, lock)
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=True) + "\n")
         write_report(out)
+        lead.results = results
         runner.log.write("finish", seconds=round(time.monotonic() - started, 3),
                          executed=len(runner.executed), skipped=len(runner.skipped))
     return RunResult(out=out, results=results, executed=runner.executed, skipped=runner.skipped,
@@ -180,7 +188,7 @@ class Runner:
     prunes fused models as soon as nothing pending needs them."""
 
     def __init__(self, plan: Plan, out: Path, *, keep_models: bool = False,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, lead: ranks.Leader | None = None):
         self.plan = plan
         self.out = out
         self.steps_dir = out / STEPS_DIR
@@ -192,6 +200,7 @@ class Runner:
         self.skipped: list[str] = []
         self.pruned: list[str] = []
         self.consumers = plan.consumers()
+        self.lead = lead
 
     def step_dir(self, st: Step) -> Path:
         return self.steps_dir / st.dirname
@@ -296,6 +305,8 @@ class Runner:
         the step (a bug's traceback goes to the log)."""
         inputs = {k: a.path(self.out) for k, a in st.inputs.items()}
         try:
+            if self.lead is not None:  # under mlx.launch: with the other ranks, or alone
+                return self.lead.run(st, inputs, tmp)
             return RUNNERS[st.kind](st.options, inputs, tmp)
         except UserError as err:
             self.log.write("fail", step=st.dirname, kind=st.kind, error=str(err))
