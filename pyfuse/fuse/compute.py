@@ -6,9 +6,10 @@
 * stock DoRA, the mx modes (mxfp4, nvfp4, mxfp8: stock and --dequantize
   only), ``--requant-bits`` under stock and ``--dequantize``: mlx-lm's own
   MLX ops (dequantize, add, [DoRA rescale], quantize), chunked;
-* ``--requant-bits`` under preserve / stochastic: the base is first moved to
-  the new grid (a zero-delta stock re-quantization), then fused with the
-  policy on that grid;
+* ``--requant-bits`` under preserve / stochastic / calibrated: the base is
+  first moved to the new grid, exactly (:func:`pyfuse.refine_grid`: every
+  dequantized weight bit-identical) when the new grid is finer, else by a
+  zero-delta stock re-quantization; then fused with the policy on that grid;
 * float (unquantized) weights: ``W + delta`` in the weight dtype.
 
 A DoRA module without a stored magnitude starts from ``m = ||W||`` per row
@@ -18,6 +19,7 @@ A DoRA module without a stored magnitude starts from ``m = ||W||`` per row
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -26,6 +28,7 @@ from ..io.model_dir import ModelDir, QParams
 from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
 from ..kernel.reference import delta_f32
+from ..kernel.refine import refine_grid, refinement_shift
 from .plan import Job, Plan
 
 # Work on this many weight elements at a time (rows or experts) so that the
@@ -137,9 +140,10 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
         return fuse_requant(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
                             bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
     if use_kernel and policy != "stock":
-        # another precision with a grid-keeping policy: move the base to
-        # the new grid first (a zero-delta stock re-quantization), then fuse
-        moved = quantize(dequantize(wc, sc, bc, q_in), q_out)
+        # another precision with a grid-keeping policy: move the base to the
+        # new grid first, exactly when it can (refine_grid), else by a
+        # zero-delta stock re-quantization; then fuse on that grid
+        moved = move_to_grid(wc, sc, bc, q_in, q_out)
         return fuse_requant(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
                             bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
     # stock through MLX ops (mx modes, other precision, or --dequantize)
@@ -148,6 +152,32 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
     if mc is not None:
         fused = dora_rescale(fused, mc).astype(_MX_DTYPE[job.dtype])
     return (fused,) if q_out is None else quantize(fused, q_out)
+
+
+def grid_move(q_in: QParams, q_out: QParams) -> str:
+    """How a grid-keeping policy moves the base from ``q_in`` to ``q_out``:
+    ``refined`` (exact, :func:`pyfuse.refine_grid`) or ``re-fitted`` (a
+    zero-delta stock re-quantization: the base itself changes)."""
+    if q_in.mode != "affine" or q_out.mode != "affine":
+        return "re-fitted"
+    try:
+        refinement_shift(q_in.bits, q_out.bits, q_in.group_size, q_out.group_size)
+    except ValueError:
+        return "re-fitted"
+    return "refined"
+
+
+def move_to_grid(w, s, bi, q_in: QParams, q_out: QParams) -> tuple:
+    """The base on the ``q_out`` grid: exact refinement when it exists (and
+    the scales allow it), else re-fitted like a stock fuse of a zero delta."""
+    if grid_move(q_in, q_out) == "refined":
+        try:
+            return refine_grid(w, s, bi, group_size=q_in.group_size, bits=q_in.bits,
+                               to_bits=q_out.bits, to_group_size=q_out.group_size)
+        except ValueError as err:  # scales that would underflow: not exact
+            warnings.warn(f"pyfuse: {err}; re-fitting this module's base instead", RuntimeWarning,
+                          stacklevel=2)
+    return quantize(dequantize(w, s, bi, q_in), q_out)
 
 
 def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:

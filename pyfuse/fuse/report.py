@@ -18,7 +18,7 @@ import mlx.core as mx
 from ..kernel.fidelity import retention_and_noise, tensor_fidelity
 from ..kernel.ops import native_available
 from ..kernel.reference import delta_f32, unpack_codes
-from .compute import Fused, dequantize, dora_rescale, job_factors, row_chunks
+from .compute import Fused, dequantize, grid_move, dora_rescale, job_factors, row_chunks
 from .plan import Job, Plan
 
 # Tensors with more weights than this are measured on a sample of their rows
@@ -87,6 +87,8 @@ def _describe(job: Job, *, lead: tuple, dora: bool, policy: str) -> dict:
         rec["from_bits"], rec["from_group_size"] = q_in.bits, q_in.group_size
         if q_in.mode != "affine":
             rec["from_mode"] = q_in.mode
+        if rec["policy"] not in ("stock", "none"):
+            rec["base_grid"] = grid_move(q_in, q_out)  # refined: the base moved exactly
     return rec
 
 
