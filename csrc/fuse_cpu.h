@@ -22,10 +22,15 @@ struct CpuBuffers {
   uint32_t* w_out;
   void* scales_out;
   void* biases_out;
+  const float* prop = nullptr;  // calibrated: P [E, in, in]; nullptr: plain rounding
 };
 
 // Fuses rows [row0, row1); `row_k` receives the DoRA factors of those rows.
 using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float* row_k, size_t row0, size_t row1);
+
+// The calibrated policy's rows (csrc/fuse_calibrated.cpp, one build: its
+// time goes into the error push, which every build vectorizes alike).
+RowsFn select_calibrated_rows_fn(mlx::core::Dtype dtype, int bits, int group_size);
 
 namespace cpu_base {
 RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);

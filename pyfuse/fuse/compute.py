@@ -92,8 +92,11 @@ def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
     return (job.a[rows] if job.kind == "switch" else job.a), job.b[rows]
 
 
-def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> Fused:
-    """Read the job's base tensors and compute its outputs."""
+def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
+            hessian: mx.array | None = None, damp: float | None = None) -> Fused:
+    """Read the job's base tensors and compute its outputs. ``hessian``:
+    the calibrated policy's ``X^T X`` of this module (per expert), ``damp``
+    its dampening."""
     w, s, bi = mdir.read_module(job.path)
     if not job.quantized:
         return _run_float_job(job, w, plan)
@@ -112,7 +115,11 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> 
     for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=whole):
         mc = magnitude[rows] if magnitude is not None else None
         base = (w[rows], s[rows], bi[rows] if bi is not None else None)
-        res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed)
+        calib = {} if policy != "calibrated" else {
+            "hessian": None if hessian is None else (hessian[rows] if job.kind == "switch" else hessian),
+            **({} if damp is None else {"damp": damp})}
+        res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed,
+                              **calib)
         mx.eval(*res)
         outs.append(res)
     parts = [_join([o[i] for o in outs]) for i in range(len(outs[0]))]
@@ -129,7 +136,7 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int) -> 
 
 
 def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_kernel: bool,
-                    policy: str, seed: int) -> tuple:
+                    policy: str, seed: int, **calib) -> tuple:
     """The outputs of some rows (experts) of a quantized base ``(w, s, b)``."""
     wc, sc, bc = base
     q_in, q_out = job.q_in, job.q_out
@@ -138,14 +145,14 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
     ac, bc_ = job_factors(job, rows)
     if use_kernel and q_out == q_in:
         return fuse_requant(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
-                            bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
+                            bits=q_in.bits, policy=policy, seed=seed, magnitude=mc, **calib)
     if use_kernel and policy != "stock":
         # another precision with a grid-keeping policy: move the base to the
         # new grid first, exactly when it can (refine_grid), else by a
         # zero-delta stock re-quantization; then fuse on that grid
         moved = move_to_grid(wc, sc, bc, q_in, q_out)
         return fuse_requant(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
-                            bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
+                            bits=q_out.bits, policy=policy, seed=seed, magnitude=mc, **calib)
     # stock through MLX ops (mx modes, other precision, or --dequantize)
     fused = dequantize(wc, sc, bc, q_in)
     fused = fused + delta_f32(ac, bc_, plan.scale).astype(fused.dtype)
