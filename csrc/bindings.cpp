@@ -1,4 +1,4 @@
-// nanobind bindings of pyfuse._ext. Python (pyfuse/ops.py) checks arguments
+// nanobind bindings of pyfuse._ext. Python (pyfuse/kernel/ops.py) checks arguments
 // first; the C++ checks raise std::invalid_argument, which nanobind turns
 // into ValueError, so a bad call never crashes the process.
 #include <nanobind/nanobind.h>
@@ -18,7 +18,7 @@ using namespace nb::literals;
 
 NB_MODULE(_ext, m) {
   m.doc() = "pyfuse native kernels (CPU; Metal when MLX was built with Metal)";
-  // The MLX version this binary was compiled against: pyfuse/_native.py
+  // The MLX version this binary was compiled against: pyfuse/kernel/native.py
   // refuses to use it with any other (C++ ABI).
   m.attr("mlx_version") = mx::version();
 #ifdef _METAL_
@@ -61,7 +61,7 @@ NB_MODULE(_ext, m) {
         return d;
       },
       "inputs"_a, "scale"_a, "group_size"_a, "bits"_a,
-      "Sums behind the fidelity figures of one fused tensor (pyfuse.fidelity).");
+      "Sums behind the fidelity figures of one fused tensor (pyfuse.kernel.fidelity).");
 
   m.def(
       "cpu_kernels",

@@ -14,19 +14,12 @@ struct KernelBuild {
   RowsFn (*select)(mlx::core::Dtype, int, int, bool);
 };
 
-// Narrowest first. __builtin_cpu_supports also checks that the OS saves
-// the vector registers (XGETBV), not only the CPUID bits.
+// The builds of csrc/fuse_cpu.h, narrowest first.
 const KernelBuild kBuilds[] = {
-    {"baseline", [] { return true; }, &cpu_base::select_rows_fn},
-#if defined(PYFUSE_HAVE_X86_KERNELS)
-    {"avx2", [] { return bool(__builtin_cpu_supports("avx2")); }, &cpu_avx2::select_rows_fn},
-    {"avx512",
-     [] {
-       return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"));
-     },
-     &cpu_avx512::select_rows_fn},
-#endif
+#define PYFUSE_CPU_BUILD_ENTRY(ns, name, runs_here) \
+  {name, [] { return bool(runs_here); }, &ns::select_rows_fn},
+    PYFUSE_FOR_EACH_CPU_BUILD(PYFUSE_CPU_BUILD_ENTRY)
+#undef PYFUSE_CPU_BUILD_ENTRY
 };
 constexpr int kNumBuilds = sizeof(kBuilds) / sizeof(kBuilds[0]);
 
@@ -78,7 +71,7 @@ void set_cpu_kernels(const std::string& name) {
     names += std::string(names.empty() ? "" : ", ") + kBuilds[i].name;
   }
   throw std::invalid_argument(
-      "[pyfuse.set_cpu_kernels] '" + name + "' is not available here; supported: auto, " + names);
+      "[pyfuse._ext.set_cpu_kernels] '" + name + "' is not available here; supported: auto, " + names);
 }
 
 RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding) {

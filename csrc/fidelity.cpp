@@ -1,4 +1,4 @@
-// The sums behind pyfuse's fidelity figures (pyfuse/fidelity.py) for one
+// The sums behind pyfuse's fidelity figures (pyfuse/kernel/fidelity.py) for one
 // quantized tensor before and after a fuse, in one multithreaded pass over
 // the packed codes: the pure-MLX path needs several float32 copies of the
 // tensor and ~25 ns per weight on the CPU. Grid values are q * scale + bias
@@ -73,24 +73,16 @@ template <typename T>
 SumsFn select_typed(int bits, int group_size) {
 #define PYFUSE_CASE(B, G) \
   if (bits == B && group_size == G) return &sums_rows<T, B, G>;
-#define PYFUSE_CASES(B) PYFUSE_CASE(B, 32) PYFUSE_CASE(B, 64) PYFUSE_CASE(B, 128)
-  PYFUSE_CASES(2)
-  PYFUSE_CASES(3)
-  PYFUSE_CASES(4)
-  PYFUSE_CASES(5)
-  PYFUSE_CASES(6)
-  PYFUSE_CASES(8)
-#undef PYFUSE_CASES
+  PYFUSE_FOR_EACH_BITS_GROUP_SIZE(PYFUSE_CASE)
 #undef PYFUSE_CASE
-  throw std::invalid_argument("[pyfuse.fidelity_sums] unsupported bits/group_size; supported: "
-                              "bits 2, 3, 4, 5, 6, 8 and group sizes 32, 64, 128");
+  throw std::invalid_argument("[pyfuse._ext.fidelity_sums] " PYFUSE_UNSUPPORTED_BITS_GROUP_SIZE);
 }
 
 } // namespace
 
 FidelitySums fidelity_sums(std::vector<mx::array> inputs, float scale, int group_size, int bits) {
   if (inputs.size() != 6 && inputs.size() != 8) {
-    throw std::invalid_argument("[pyfuse.fidelity_sums] expects w0, s0, b0, w1, s1, b1[, a, b]");
+    throw std::invalid_argument("[pyfuse._ext.fidelity_sums] expects w0, s0, b0, w1, s1, b1[, a, b]");
   }
   const bool has_delta = inputs.size() == 8;
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -102,7 +94,7 @@ FidelitySums fidelity_sums(std::vector<mx::array> inputs, float scale, int group
   const auto& s = inputs[1];
   if (inputs[3].shape() != w.shape() || inputs[4].shape() != s.shape() || inputs[2].shape() != s.shape() ||
       inputs[5].shape() != s.shape() || inputs[4].dtype() != s.dtype() || w.ndim() < 2) {
-    throw std::invalid_argument("[pyfuse.fidelity_sums] the two (w, scales, biases) triples must match");
+    throw std::invalid_argument("[pyfuse._ext.fidelity_sums] the two (w, scales, biases) triples must match");
   }
   FuseParams p{};
   p.in_dims = w.shape(-1) * 32 / bits;
@@ -111,7 +103,7 @@ FidelitySums fidelity_sums(std::vector<mx::array> inputs, float scale, int group
   p.scale = scale;
   p.rank = has_delta ? inputs[6].shape(-2) : 0;
   if (p.groups_per_row * group_size != p.in_dims) {
-    throw std::invalid_argument("[pyfuse.fidelity_sums] w and scales disagree with group_size/bits");
+    throw std::invalid_argument("[pyfuse._ext.fidelity_sums] w and scales disagree with group_size/bits");
   }
   SumsFn fn = s.dtype() == mx::float32   ? select_typed<float>(bits, group_size)
       : s.dtype() == mx::float16          ? select_typed<mx::float16_t>(bits, group_size)

@@ -1,12 +1,13 @@
 // The calibrated policy's CPU rows: FuseRequant (csrc/fuse_requant.cpp)
 // evaluates policy "calibrated" through select_calibrated_rows_fn. The
-// per-row math is in calibrated_math.h, shared with the Metal kernel.
+// per-row math is in csrc/math/calibrated.h, shared with the Metal kernel.
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
 
-#include "csrc/calibrated_math.h"
+#include "csrc/math/calibrated.h"
 #include "csrc/fuse_cpu.h"
+#include "csrc/math/dispatch.h"
 
 namespace pyfuse {
 
@@ -50,28 +51,13 @@ void calibrate_rows(const FuseParams& p, const CpuBuffers& buf, float* row_k, si
   }
 }
 
-// The instantiation for (bits, group size), by switch.
-template <typename T, int group_size>
-RowsFn for_group_size(int bits) {
-  switch (bits) {
-    case 2: return &calibrate_rows<T, 2, group_size>;
-    case 3: return &calibrate_rows<T, 3, group_size>;
-    case 4: return &calibrate_rows<T, 4, group_size>;
-    case 5: return &calibrate_rows<T, 5, group_size>;
-    case 6: return &calibrate_rows<T, 6, group_size>;
-    case 8: return &calibrate_rows<T, 8, group_size>;
-    default: throw std::invalid_argument("[pyfuse.fuse_requant] unsupported bits");
-  }
-}
-
 template <typename T>
 RowsFn select_typed(int bits, int group_size) {
-  switch (group_size) {
-    case 32: return for_group_size<T, 32>(bits);
-    case 64: return for_group_size<T, 64>(bits);
-    case 128: return for_group_size<T, 128>(bits);
-    default: throw std::invalid_argument("[pyfuse.fuse_requant] unsupported group_size");
-  }
+#define PYFUSE_CASE(B, G) \
+  if (bits == B && group_size == G) return &calibrate_rows<T, B, G>;
+  PYFUSE_FOR_EACH_BITS_GROUP_SIZE(PYFUSE_CASE)
+#undef PYFUSE_CASE
+  throw std::invalid_argument("[pyfuse.fuse_requant] " PYFUSE_UNSUPPORTED_BITS_GROUP_SIZE);
 }
 
 } // namespace

@@ -1,8 +1,9 @@
 // CPU kernels: every row's groups through the shared math, one function per
 // dtype x bits x group size. This file is compiled once per instruction set
-// (CMakeLists.txt): the platform baseline as pyfuse::cpu_base, and on
-// x86-64 also pyfuse::cpu_avx2 and pyfuse::cpu_avx512 (AVX-512 brings FMA
-// instructions; -ffp-contract=off keeps every rounding all the same).
+// (the builds of PYFUSE_FOR_EACH_CPU_BUILD in csrc/fuse_cpu.h, with the
+// flags CMakeLists.txt gives each), into the namespace PYFUSE_CPU_ISA names
+// (AVX-512 brings FMA instructions; -ffp-contract=off keeps every rounding
+// all the same).
 #include "csrc/fuse_cpu.h"
 
 #include <stdexcept>
@@ -80,16 +81,9 @@ template <typename T, bool MetalRounding>
 RowsFn select_typed(int bits, int group_size) {
 #define PYFUSE_CASE(B, G) \
   if (bits == B && group_size == G) return &fuse_rows<T, B, G, MetalRounding>;
-#define PYFUSE_CASES(B) PYFUSE_CASE(B, 32) PYFUSE_CASE(B, 64) PYFUSE_CASE(B, 128)
-  PYFUSE_CASES(2)
-  PYFUSE_CASES(3)
-  PYFUSE_CASES(4)
-  PYFUSE_CASES(5)
-  PYFUSE_CASES(6)
-  PYFUSE_CASES(8)
-#undef PYFUSE_CASES
+  PYFUSE_FOR_EACH_BITS_GROUP_SIZE(PYFUSE_CASE)
 #undef PYFUSE_CASE
-  throw std::invalid_argument("[pyfuse.fuse_requant] unsupported bits/group_size");
+  throw std::invalid_argument("[pyfuse.fuse_requant] " PYFUSE_UNSUPPORTED_BITS_GROUP_SIZE);
 }
 
 template <bool MetalRounding>

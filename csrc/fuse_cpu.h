@@ -32,14 +32,29 @@ using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float* row_k, size
 // time goes into the error push, which every build vectorizes alike).
 RowsFn select_calibrated_rows_fn(mlx::core::Dtype dtype, int bits, int group_size);
 
-namespace cpu_base {
-RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
-}
-namespace cpu_avx2 {
-RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
-}
-namespace cpu_avx512 {
-RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding);
-}
+// The CPU kernel builds, narrowest first: X(namespace, name, runs_here)
+// with `runs_here` the run-time test that this processor (and its OS) runs
+// the build (__builtin_cpu_supports also checks that the OS saves the
+// vector registers). Each is csrc/fuse_cpu.cpp compiled into `namespace`
+// with the flags CMakeLists.txt gives it (PYFUSE_CPU_BUILDS there: keep the
+// two lists alike). Only x86-64 has more than the platform baseline; arm64
+// (a Mac's CPU) has NEON in its baseline.
+#if defined(PYFUSE_HAVE_X86_KERNELS)
+#define PYFUSE_FOR_EACH_CPU_BUILD(X)                                                       \
+  X(cpu_base, "baseline", true)                                                            \
+  X(cpu_avx2, "avx2", __builtin_cpu_supports("avx2"))                                      \
+  X(cpu_avx512, "avx512",                                                                  \
+    __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&             \
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+#else
+#define PYFUSE_FOR_EACH_CPU_BUILD(X) X(cpu_base, "baseline", true)
+#endif
+
+#define PYFUSE_DECLARE_CPU_BUILD(ns, name, runs_here) \
+  namespace ns {                                      \
+  RowsFn select_rows_fn(mlx::core::Dtype dtype, int bits, int group_size, bool metal_rounding); \
+  }
+PYFUSE_FOR_EACH_CPU_BUILD(PYFUSE_DECLARE_CPU_BUILD)
+#undef PYFUSE_DECLARE_CPU_BUILD
 
 } // namespace pyfuse

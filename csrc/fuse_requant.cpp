@@ -1,5 +1,7 @@
 // The FuseRequant primitive: argument checks, the multithreaded CPU
-// evaluation and the Metal dispatch. The per-group math is in fuse_math.h.
+// evaluation and the Metal dispatch. The per-group math is in csrc/fuse_math.h
+// (csrc/math/); the supported values in pyfuse/options.py (csrc/options.h,
+// generated at configure time).
 #include "csrc/fuse_requant.h"
 
 #include <dlfcn.h>
@@ -13,10 +15,11 @@
 #include <stdexcept>
 #include <thread>
 
-#include "csrc/calibrated_math.h"
+#include "csrc/math/calibrated.h"
 #include "csrc/cpu_isa.h"
 #include "csrc/fuse_cpu.h"
 #include "csrc/fuse_math.h"
+#include "csrc/options.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 
@@ -40,12 +43,19 @@ std::string shape_str(const mx::array& x) {
 }
 
 int policy_from_string(const std::string& policy) {
-  if (policy == "stock") return kStock;
-  if (policy == "preserve") return kPreserve;
-  if (policy == "stochastic") return kStochastic;
-  if (policy == "calibrated") return kCalibrated;
-  fail("policy '" + policy + "' is not supported; supported: stock, preserve, stochastic, calibrated");
+#define PYFUSE_POLICY_ID(id, name) \
+  if (policy == name) return id;
+  PYFUSE_FOR_EACH_POLICY(PYFUSE_POLICY_ID)
+#undef PYFUSE_POLICY_ID
+  fail("policy '" + policy + "' is not supported; supported: " PYFUSE_SUPPORTED_POLICIES);
 }
+
+// pyfuse/options.py's POLICIES and the kernels' Policy enum list the same
+// policies in the same order.
+#define PYFUSE_COUNT_POLICY(id, name) +1
+static_assert(0 PYFUSE_FOR_EACH_POLICY(PYFUSE_COUNT_POLICY) == kNumPolicies,
+              "pyfuse/options.py POLICIES and Policy (csrc/math/params.h) differ");
+#undef PYFUSE_COUNT_POLICY
 
 void check_arguments(
     const mx::array& w,
@@ -56,18 +66,22 @@ void check_arguments(
     int group_size,
     int bits,
     const std::optional<mx::array>& magnitude) {
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
-    fail("bits=" + std::to_string(bits) + " is not supported; supported: 2, 3, 4, 5, 6, 8");
+#define PYFUSE_IS(v) || value == v
+  auto supported_bits = [](int value) { return false PYFUSE_FOR_EACH_BITS(PYFUSE_IS); };
+  auto supported_group_size = [](int value) { return false PYFUSE_FOR_EACH_GROUP_SIZE(PYFUSE_IS); };
+#undef PYFUSE_IS
+  if (!supported_bits(bits)) {
+    fail("bits=" + std::to_string(bits) + " is not supported; supported: " PYFUSE_SUPPORTED_BITS);
   }
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    fail("group_size=" + std::to_string(group_size) + " is not supported; supported: 32, 64, 128");
+  if (!supported_group_size(group_size)) {
+    fail("group_size=" + std::to_string(group_size) + " is not supported; supported: " PYFUSE_SUPPORTED_GROUP_SIZES);
   }
   if (w.dtype() != mx::uint32) {
     fail("w must be uint32 (packed codes)");
   }
   auto dt = scales.dtype();
   if (dt != mx::bfloat16 && dt != mx::float16 && dt != mx::float32) {
-    fail("scales dtype is not supported; supported: bfloat16, float16, float32");
+    fail("scales dtype is not supported; supported: " PYFUSE_SUPPORTED_DTYPES);
   }
   if (biases.dtype() != dt) {
     fail("biases must have the dtype of scales");
@@ -159,7 +173,7 @@ void prefer_huge_pages(void* data, size_t nbytes) {
 }
 
 // Whether any of n floats is a NaN (then the kernels check every rounding
-// for NaNs: see round_to_not_nan in fuse_math.h).
+// for NaNs: see round_to_not_nan in csrc/math/round.h).
 bool has_nan(const float* x, size_t n) {
   bool any = false;
   for (size_t i = 0; i < n; ++i) {

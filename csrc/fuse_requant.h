@@ -21,7 +21,7 @@ enum class Rounding : int { Native = 0, Metal = 1 };
 // a float32 [..., r, in]; b float32 [..., out, r]; magnitude (DoRA)
 // float32 [..., out]; leading dims none or [E]. prop: policy "calibrated"
 // only, float32 [..., in, in], the propagation matrix P of
-// csrc/calibrated_math.h (none: plain nearest rounding on the kept grid).
+// csrc/math/calibrated.h (none: plain nearest rounding on the kept grid).
 std::vector<mx::array> fuse_requant(
     const mx::array& w,
     const mx::array& scales,

@@ -76,15 +76,11 @@ void run_grid(const std::vector<mx::array>& in, HostOut out, const FuseParams& p
 template <typename T>
 void run_typed(const std::vector<mx::array>& in, HostOut out, const FuseParams& p,
                uint32_t n_rows, int gs, int bits, const float* prop) {
-#define PYFUSE_SIM(G, B) \
-  if (gs == G && bits == B) return run_grid<T, G, B>(in, out, p, n_rows, prop);
-#define PYFUSE_SIM_BITS(G) PYFUSE_SIM(G, 2) PYFUSE_SIM(G, 3) PYFUSE_SIM(G, 4) PYFUSE_SIM(G, 5) PYFUSE_SIM(G, 6) PYFUSE_SIM(G, 8)
-  PYFUSE_SIM_BITS(32)
-  PYFUSE_SIM_BITS(64)
-  PYFUSE_SIM_BITS(128)
-#undef PYFUSE_SIM_BITS
-#undef PYFUSE_SIM
-  throw std::invalid_argument("[pyfuse.simulate_metal] unsupported group_size/bits");
+#define PYFUSE_CASE(B, G) \
+  if (bits == B && gs == G) return run_grid<T, G, B>(in, out, p, n_rows, prop);
+  PYFUSE_FOR_EACH_BITS_GROUP_SIZE(PYFUSE_CASE)
+#undef PYFUSE_CASE
+  throw std::invalid_argument("[pyfuse._ext.simulate_metal_fuse_requant] " PYFUSE_UNSUPPORTED_BITS_GROUP_SIZE);
 }
 
 } // namespace

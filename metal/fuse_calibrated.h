@@ -1,11 +1,11 @@
 // The Metal kernel of the calibrated policy: one thread per row (a row's
 // columns depend on each other; rows do not), each with its own scratch row
 // of targets in device memory, calling the shared math in
-// csrc/calibrated_math.h. Compiled by Metal from fuse_requant.metal and
+// csrc/math/calibrated.h. Compiled by Metal from fuse_requant.metal and
 // as C++ on Linux through metal_shim.h (csrc/metal_sim.cpp).
 #pragma once
 
-#include "csrc/calibrated_math.h"
+#include "csrc/math/calibrated.h"
 
 template <typename T, int group_size, int bits>
 [[kernel]] void fuse_calibrated(

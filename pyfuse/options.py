@@ -32,6 +32,10 @@ DEFAULT_SEED = 0
 MX_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
 QUANT_MODES = ("affine", *MX_MODES)
 
+# The largest LoRA rank a spec may ask for: beyond it a rank is a typo (it
+# would exceed the width of the matrices of today's largest models).
+MAX_LORA_RANK = 4096
+
 # The defaults of the kernel API (pyfuse.fuse_requant), as in mx.quantize.
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 64
@@ -51,6 +55,9 @@ def cpp_header() -> str:
         "",
         "#define PYFUSE_FOR_EACH_BITS(X) " + " ".join(f"X({b})" for b in SUPPORTED_BITS),
         "#define PYFUSE_FOR_EACH_GROUP_SIZE(X) " + " ".join(f"X({g})" for g in SUPPORTED_GROUP_SIZES),
+        # Every (bits, group size) pair, bits outer: the kernel instantiations.
+        "#define PYFUSE_FOR_EACH_BITS_GROUP_SIZE(X) "
+        + " ".join(f"X({b}, {g})" for b in SUPPORTED_BITS for g in SUPPORTED_GROUP_SIZES),
         "#define PYFUSE_FOR_EACH_POLICY(X) " + " ".join(f"X({i}, \"{p}\")" for i, p in enumerate(POLICIES)),
         f'#define PYFUSE_SUPPORTED_BITS "{joined(SUPPORTED_BITS)}"',
         f'#define PYFUSE_SUPPORTED_GROUP_SIZES "{joined(SUPPORTED_GROUP_SIZES)}"',

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..fuse.compute import dequantize
 from ..fuse.mapping import is_embedding_name, match_module
 from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
-from ..io.files import staged_dir
+from ..io.outputs import staged_dir
 from ..io.model_dir import ModelDir
 from ..io.safetensors import SafetensorsWriter
 from .zero import is_zero_adapter

@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import UserError
 from ..fuse.mapping import is_embedding_name
 from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterModule, read_adapter
-from ..io.files import staged_dir
+from ..io.outputs import staged_dir
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter
 
 PROVENANCE = "placebo_adapter.json"

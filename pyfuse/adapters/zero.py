@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from ..fuse.mapping import match_module
 from ..fuse.writer import fsync_path
 from ..io.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
 from ..errors import UserError
-from ..io.files import TMP_MARK, publish_dir
+from ..io.outputs import check_destination, check_paths, staged_dir
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter
 
 PROVENANCE = "zero_adapter.json"
@@ -89,10 +88,8 @@ def zero_adapter(adapter_path: str | os.PathLike, out: str | os.PathLike, *,
     src = Path(adapter_path)
     final = Path(out)
     adapter = read_adapter(src)  # validates config and tensor names
-    if final.resolve() == src.resolve():
-        raise UserError(f"--out {final} is the adapter itself; choose another directory")
-    if (final.exists() or final.is_symlink()) and not force:
-        raise UserError(f"{final} exists (pass force=True / --force to replace it)")
+    check_paths({"--adapter-path": src, "--model": model}, {"--out": final})
+    check_destination(final, force, "--out")
     if adapter.is_dora and model is None:
         raise UserError(f"{src} is a DoRA adapter: its zero-delta twin needs the base model "
                         "(--model) to set each magnitude to the norm of the row it rescales")
@@ -106,50 +103,47 @@ def zero_adapter(adapter_path: str | os.PathLike, out: str | os.PathLike, *,
 
         model_dir = ModelDir(model)
     result = ZeroAdapterResult(out=final, fine_tune_type=adapter.fine_tune_type)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
     try:
-        shutil.copyfile(src / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
-        with SafetensorsFile(src / ADAPTER_WEIGHTS) as f:
-            entries = [(t.name, t.dtype, t.shape) for t in f.tensors.values()]
-            with SafetensorsWriter(tmp / ADAPTER_WEIGHTS, entries, metadata=f.metadata) as w:
-                for name, info in f.tensors.items():
-                    module, _, leaf = name.rpartition(".")
-                    if leaf == "lora_b":
-                        arr = f.read(name)
-                        w.write(name, mx.zeros(arr.shape, dtype=arr.dtype))
-                        result.modules.append(module)
-                    elif leaf == "m":
-                        m = f.read(name)
-                        norms = _base_row_norms(model_dir, module, adapter.modules[module])
-                        if tuple(norms.shape) != tuple(m.shape):
-                            raise UserError(f"adapter does not fit the model: {module}.m has shape "
-                                            f"{list(m.shape)}, the model's rows {list(norms.shape)}")
-                        w.write(name, norms.astype(m.dtype))
-                        result.magnitudes.append(module)
-                    else:
-                        w.copy_from(f, name)
-        provenance = {
-            "zero_delta_of": str(src.resolve()),
-            "fine_tune_type": adapter.fine_tune_type,
-            "zeroed": "lora_b" + (" (and m set to the base rows' norms)" if adapter.is_dora else ""),
-            "model": str(Path(model).resolve()) if adapter.is_dora else None,
-            "modules": len(result.modules),
-        }
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        for p in tmp.iterdir():
-            fsync_path(p)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        publish_dir(tmp, final, force=True)  # --force was checked before any work
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(final, force, "--out") as tmp:
+            _write_twin(src, tmp, adapter, model_dir, model, result)
     finally:
         if model_dir is not None:
             model_dir.close()
     return result
+
+
+def _write_twin(src: Path, tmp: Path, adapter, model_dir, model, result: ZeroAdapterResult) -> None:
+    """The zero-delta twin's files, into ``tmp``."""
+    shutil.copyfile(src / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+    with SafetensorsFile(src / ADAPTER_WEIGHTS) as f:
+        entries = [(t.name, t.dtype, t.shape) for t in f.tensors.values()]
+        with SafetensorsWriter(tmp / ADAPTER_WEIGHTS, entries, metadata=f.metadata) as w:
+            for name, info in f.tensors.items():
+                module, _, leaf = name.rpartition(".")
+                if leaf == "lora_b":
+                    arr = f.read(name)
+                    w.write(name, mx.zeros(arr.shape, dtype=arr.dtype))
+                    result.modules.append(module)
+                elif leaf == "m":
+                    m = f.read(name)
+                    norms = _base_row_norms(model_dir, module, adapter.modules[module])
+                    if tuple(norms.shape) != tuple(m.shape):
+                        raise UserError(f"adapter does not fit the model: {module}.m has shape "
+                                        f"{list(m.shape)}, the model's rows {list(norms.shape)}")
+                    w.write(name, norms.astype(m.dtype))
+                    result.magnitudes.append(module)
+                else:
+                    w.copy_from(f, name)
+    provenance = {
+        "zero_delta_of": str(src.resolve()),
+        "fine_tune_type": adapter.fine_tune_type,
+        "zeroed": "lora_b" + (" (and m set to the base rows' norms)" if adapter.is_dora else ""),
+        "model": str(Path(model).resolve()) if adapter.is_dora else None,
+        "modules": len(result.modules),
+    }
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    for p in tmp.iterdir():
+        fsync_path(p)
 
 
 def is_zero_adapter(adapter_path: str | os.PathLike) -> bool:

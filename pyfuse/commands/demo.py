@@ -16,19 +16,26 @@ base, Set-G mining (the items base and persona both get wrong), a factual
 LoRA trained on Set-G and fused with stock re-quantization (A1), its
 zero-delta twin through the identical pipeline (A0), the same two with the
 `preserve` policy, the adapter unfused and fused with `stochastic` rounding,
-the evaluations (multiple choice on Set-G test, identity), the noise floor of
-every fuse, the statistics and the pre-registered verdict ("A1 - A0 >= 5
-points and McNemar p < 0.05"), which it prints last.
+two null distributions (placebo adapters, dithered zero-delta fuses), the
+power of the design before any data, the evaluations (multiple choice on
+Set-G test and a stratified sample, identity), the noise floor of every
+fuse, Holm-adjusted statistics, flips by margin and the pre-registered
+verdict ("A1 - A0 >= 5 points and McNemar p < 0.05"), which it prints last.
 
 Writes OUT/results.json, OUT/report.md (with plots) and OUT/demo.yaml, the
 experiment spec it ran: copy it to run the same study on your own model with
 `pyfuse experiment run`. Running the command again on the same OUT resumes
 (finished steps are skipped: seconds).
 
-  pyfuse demo                     2-4 minutes on 2 CPU cores, into ./pyfuse-demo
+  pyfuse demo                     about 3 minutes of CPU once the model is built, into ./pyfuse-demo
   pyfuse demo --out runs/demo     elsewhere
   pyfuse demo --quick             a reduced configuration (about a minute once the model is built)"""
 
+
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {}
+OUTPUTS = {"out": "--out", "cache": "--cache"}
 
 def add_arguments(p) -> None:
     add_out(p, "the run directory (created; reused to resume; default: ./pyfuse-demo)", default="pyfuse-demo")

@@ -35,6 +35,12 @@ CPU backend bfloat16/float16 parameters run widened to float32, as in
       must score low."""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"model": "--model", "data": "--data", "adapter_path": "--adapter-path", "suite": "--suite",
+          "control": "--control"}
+OUTPUTS = {"out": "--out"}
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="SUITE", required=True)
 

@@ -34,6 +34,11 @@ where it stopped. Fused models no longer needed are removed unless --keep-models
 Examples: examples/stacking-confound.yaml, examples/identity-stacking.yaml."""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"spec": "SPEC"}
+OUTPUTS = {"out": "--out"}
+
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     r = sub.add_parser("run", help="run (or resume) an experiment")

@@ -25,6 +25,12 @@ the change in units of the delta); --report writes every figure as JSON.
 """
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"model": "--model", "adapter_path": "--adapter-path"}
+OUTPUTS = {"save_path": "--save-path", "report": "--report"}
+NESTED_OK = [("--report", "--save-path")]  # the report may go into the new model directory
+
 def add_arguments(p) -> None:
     add_model(p, "the mlx-lm model directory (default: mlx_model)", default="mlx_model")
     p.add_argument("--adapter-path", default="adapters",

@@ -46,6 +46,11 @@ _LIST_DEFAULTS = {"group_sizes": ",".join(map(str, SUPPORTED_GROUP_SIZES)),
                   "bits": ",".join(map(str, SUPPORTED_BITS)), "policies": ",".join(DATA_FREE_POLICIES)}
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"model": "--model", "adapter_path": "--adapter-path", "prompts": "--prompts", "mc": "--mc"}
+OUTPUTS = {"out": "--out"}
+
 def add_arguments(p) -> None:
     add_model(p, "the mlx-lm model directory (full precision or quantized)")
     p.add_argument("--group-sizes", default=_LIST_DEFAULTS["group_sizes"], metavar="G,...",

@@ -31,6 +31,11 @@ copy (JSONL or Parquet, its own schema), N rows over its categories:
   pyfuse setg mine --data mmlu_pro_test.parquet --n 6000 --seed 0 --out mmlu_pro_6000.jsonl"""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"base_results": "--base", "persona_results": "--persona", "data": "--data", "mine_data": "--data"}
+OUTPUTS = {"out": "--out"}
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", dest="base_results", metavar="BASE.jsonl",
                         help="per-item eval results of the base model (required)")

@@ -29,6 +29,11 @@ completions {"prompt": ..., "completion": ...} or {"text": ...}.
       --iters 200 --learning-rate 1e-4 --mask-prompt --seed 0"""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"model": "--model", "data": "--data"}
+OUTPUTS = {"adapter_path": "--adapter-path"}
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model(p)
     p.add_argument("--data", required=True,

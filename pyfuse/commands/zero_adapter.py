@@ -21,6 +21,11 @@ it was. That needs the base model (--model).
   pyfuse fuse --model persona --adapter-path adapters/factual-zero --save-path A0 --policy stock"""
 
 
+# Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
+# inside an input or another output (pyfuse.io.outputs.check_paths).
+INPUTS = {"adapter_path": "--adapter-path", "model": "--model"}
+OUTPUTS = {"out": "--out"}
+
 def add_arguments(p) -> None:
     p.add_argument("--adapter-path", required=True, help="the trained mlx-lm adapter directory")
     add_out(p, "where to write the zero-delta adapter directory", required=True)

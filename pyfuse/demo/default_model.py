@@ -142,11 +142,12 @@ def cache_key(params: Mapping[str, Any] | None = None) -> str:
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
     """``cache``, else ``$PYFUSE_CACHE``, else ``~/.cache/pyfuse``."""
+    # absolute: the demo's spec, in its run directory, names the model by this path
     if cache is not None:
-        return Path(cache).expanduser()
+        return Path(os.path.abspath(Path(cache).expanduser()))
     env = os.environ.get("PYFUSE_CACHE")
     if env:
-        return Path(env).expanduser()
+        return Path(os.path.abspath(Path(env).expanduser()))
     return Path.home() / ".cache" / "pyfuse"
 
 
@@ -156,12 +157,27 @@ def _assets(root: Path) -> DefaultAssets:
                          identity_suite=root / "data" / "identity_suite.yaml")
 
 
+def _digests(root: Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file of a built cache entry
+    (recorded when it is built, checked before each reuse)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != BUILD_FILE}
+
+
 def _complete(root: Path) -> bool:
+    """Whether ``root`` is a finished build whose files are as built (a
+    damaged or edited one is rebuilt)."""
     a = _assets(root)
-    return ((root / BUILD_FILE).is_file() and (a.model / "config.json").is_file()
+    if not ((root / BUILD_FILE).is_file() and (a.model / "config.json").is_file()
             and (a.model / "model.safetensors").is_file() and (a.model / "tokenizer.json").is_file()
             and a.mmlu.is_file() and (a.identity_data / "train.jsonl").is_file()
-            and a.identity_suite.is_file())
+            and a.identity_suite.is_file()):
+        return False
+    try:
+        recorded = json.loads((root / BUILD_FILE).read_text(encoding="utf-8")).get("sha256")
+        return isinstance(recorded, dict) and recorded == _digests(root)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
@@ -202,7 +218,7 @@ def default_assets(cache: str | os.PathLike | None = None, *, params: Mapping[st
         try:
             build_default_assets(tmp, params=params, echo=echo)
             (tmp / BUILD_FILE).write_text(json.dumps({**json.loads((tmp / BUILD_FILE).read_text()),
-                                                      "key": key}, indent=2) + "\n")
+                                                      "key": key, "sha256": _digests(tmp)}, indent=2) + "\n")
             try:
                 os.rename(tmp, final)
             except OSError:

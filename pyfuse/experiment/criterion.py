@@ -277,6 +277,28 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     return tokens
 
 
+# The values a statistic can take: a threshold outside them is never met (or
+# always met): a typo (``500pp``) the pre-registration must not lock in.
+_RANGES = {"acc": (0, 1), "diff": (-1, 1), "ci_low": (-1, 1), "ci_high": (-1, 1),
+           **{p: (0, 1) for p in P_STATS}}
+
+
+def _check_ranges(crit: Criterion) -> None:
+    for t in crit.thresholds():
+        func = t["statistic"].split("(", 1)[0]
+        lo, hi = _RANGES.get(func, (0, None))
+        value = _threshold_value(t["value"])
+        if value < lo or (hi is not None and value > hi):
+            span = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise CriterionError(f"{t['statistic']} {t['op']} {t['value']}: {func} lies in {span}, so this "
+                                 "threshold can never be crossed (a typo?)")
+
+
+def _threshold_value(text: str) -> Fraction:
+    unit = "pp" if text.endswith("pp") else None
+    return _number(text[:-2] if unit else text, unit).value
+
+
 class _Parser:
     """Recursive descent over :func:`_tokens`, one method per rule of the grammar."""
 
@@ -289,7 +311,9 @@ class _Parser:
         root = self.p_or()
         if self.i != len(self.tokens):
             raise CriterionError(f"unexpected {self.tokens[self.i][1].replace(chr(0), '')!r} after {root}")
-        return Criterion(root=root, source=self.text)
+        crit = Criterion(root=root, source=self.text)
+        _check_ranges(crit)
+        return crit
 
     def peek(self, kind=None, val=None):
         if self.i >= len(self.tokens):

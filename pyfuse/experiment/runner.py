@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from ..io.files import TMP_MARK, atomic_write_text, publish_dir, sigterm_as_interrupt
+from ..io.files import TMP_MARK, atomic_write_text, sigterm_as_interrupt
+from ..io.outputs import publish
 from . import prereg
 from .estimate import Estimator, fmt_seconds, rate_group, work_units
 from .layout import (DIR_LOCK, DONE, LOG_FILE, MODEL, PLAN_FILE, PRUNED, RESULTS_FILE, SPEC_COPY, STEPS_DIR,
@@ -328,7 +329,7 @@ class Runner:
         _fsync_tree(tmp)
         atomic_write_text(tmp / DONE, json.dumps(marker, indent=2, default=str) + "\n")
         _fsync_dir(tmp)
-        publish_dir(tmp, self.step_dir(st), force=True)
+        publish(tmp, self.step_dir(st), force=True)
         _fsync_dir(self.steps_dir)
 
     def _prune(self) -> None:

@@ -76,7 +76,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, S
                       field_validator, model_validator)
 
 from ..errors import UserError
-from ..options import DEFAULT_POLICY, DEFAULT_SEED, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import DEFAULT_POLICY, DEFAULT_SEED, MAX_LORA_RANK, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .criterion import CriterionError, parse, parse_pvalue
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -139,7 +139,7 @@ class TrainOptions(_Strict):
 
     data: StrictStr | None = None
     fine_tune_type: Literal["lora", "dora"] | None = None
-    rank: PositiveInt | None = None
+    rank: typing.Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0, lt=1)
     keys: list[StrictStr] | None = None

@@ -52,7 +52,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
-from ..io.files import sigterm_as_interrupt
+from ..io.checks import check_finite
+from ..io.files import atomic_write_text, sigterm_as_interrupt
+from ..io.outputs import check_paths
 from ..io.model_dir import ModelDir
 from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from . import compute, report as reporting
@@ -133,7 +135,9 @@ def fuse_model(
     mdir = ModelDir(model_path)
     try:
         adapter = read_adapter(adapter_path)
-        _check_save_path(save_path, model_path, adapter_path, force)
+        check_paths({"--model": model_path, "--adapter-path": adapter_path},
+                    {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
+        _check_save_path(save_path, force)
         if report is not None:
             _check_report_path(Path(report), save_path)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
@@ -142,7 +146,8 @@ def fuse_model(
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample)
         with sigterm_as_interrupt():
             try:
-                written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged)
+                written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
+                                      force=force)
             except OSError as err:  # disk full, a file vanishing...: nothing was left behind
                 where = f" ({err.filename})" if getattr(err, "filename", None) else ""
                 raise UserError(f"writing {save_path} failed: {err.strerror or err}{where}; "
@@ -165,6 +170,8 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 
     def run(job: Job):
         fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed)
+        for name, arr in fused.tensors.items():  # an overflow must not reach the output
+            check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
             records.append(reporting.record(job, fused, scale=plan.scale, sample=report_sample))
         return fused.tensors
@@ -174,7 +181,7 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 
 def _write_report(path: Path, rep: dict, save_path: Path) -> Path:
     try:
-        path.write_text(json.dumps(rep, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(rep, indent=2) + "\n")
     except OSError as err:
         raise UserError(f"cannot write the report to {path} ({err.strerror}); "
                         f"the fused model is in {save_path}") from None
@@ -209,11 +216,8 @@ def _compile_only(only: str | None) -> re.Pattern | None:
         raise UserError(f"--only {only!r} is not a valid regular expression ({err})") from None
 
 
-def _check_save_path(save_path: Path, model_path: Path, adapter_path: Path, force: bool) -> None:
+def _check_save_path(save_path: Path, force: bool) -> None:
     dst = save_path.resolve()
-    for what, src in (("model", model_path.resolve()), ("adapter", adapter_path.resolve())):
-        if dst == src or src.is_relative_to(dst):
-            raise UserError(f"--save-path {save_path} would overwrite the {what} directory {src}")
     if save_path.exists() or save_path.is_symlink():
         if not force:
             raise UserError(f"--save-path {save_path} already exists; pass --force to replace it")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,8 @@ from typing import Callable
 import mlx.core as mx
 
 from .. import progress
-from ..io.files import TMP_MARK, pid_alive
+from ..io.files import TMP_MARK
+from ..io.outputs import staged_dir
 from ..io.model_dir import CONFIG_FILE, INDEX_FILE, ModelDir
 from ..io.safetensors import SafetensorsFile, SafetensorsWriter, nbytes_of
 from .plan import Job, Plan
@@ -33,41 +33,17 @@ Compute = Callable[[Job], dict[str, mx.array]]
 
 
 def write_model(mdir: ModelDir, plan: Plan, save_path: Path, *, compute: Compute,
-                link_unchanged: bool) -> dict:
-    """Write the fused model to ``save_path`` (replacing it when it exists:
-    ``--force`` was checked before). Returns ``{"shards": {name: "written" |
-    "copied" | "linked"}, "total_size", "added"}``."""
+                link_unchanged: bool, force: bool = False) -> dict:
+    """Write the fused model to ``save_path`` (through
+    :func:`pyfuse.io.outputs.staged_dir`: created, or replaced with ``force``,
+    only when complete). Returns ``{"shards": {name: "written" | "copied" |
+    "linked"}, "total_size", "added"}``."""
     save_path = Path(os.path.abspath(save_path))
-    parent, name = save_path.parent, save_path.name
-    _remove_stale_temps(parent, name)
-    tmp = parent / f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with staged_dir(save_path, force, "--save-path") as tmp:
         written = _write_all(mdir, plan, tmp, save_path.resolve(), compute=compute,
                              link_unchanged=link_unchanged)
         fsync_path(tmp)
-        if save_path.exists():  # --force (checked before): swap, then delete the old one
-            old = parent / f".{name}{TMP_MARK}{os.getpid()}-old-{secrets.token_hex(4)}"
-            os.rename(save_path, old)
-            os.rename(tmp, save_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, save_path)
-        fsync_path(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
-
-
-def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Remove temporary outputs of runs that were killed (their pid is gone)."""
-    prefix = f".{name}{TMP_MARK}"
-    for entry in parent.glob(f"{prefix}*"):
-        rest = entry.name[len(prefix):]
-        pid = rest.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def fsync_path(path: Path) -> None:

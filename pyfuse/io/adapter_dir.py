@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import UserError
+from .checks import check_finite, finite_number
 from .safetensors import SafetensorsFile, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,10 +95,13 @@ def read_adapter(path: str | Path) -> Adapter:
     if "scale" not in params:
         hint = " (it has 'alpha': mlx-lm's LoRA config uses 'scale')" if "alpha" in params else ""
         raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters has no 'scale'{hint}")
-    try:
-        scale = float(params["scale"])
-    except (TypeError, ValueError):
-        raise UserError(f"{path / ADAPTER_CONFIG}: lora_parameters.scale is not a number") from None
+    where = f"{path / ADAPTER_CONFIG}: lora_parameters"
+    scale = finite_number(params["scale"], f"{where}.scale")
+    for key in ("alpha", "dropout"):
+        if params.get(key) is not None:
+            finite_number(params[key], f"{where}.{key}")
+    if params.get("rank") is not None:
+        finite_number(params["rank"], f"{where}.rank", integer=True, positive=True)
     num_layers = config.get("num_layers", config.get("lora_layers"))
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
@@ -119,7 +123,8 @@ def read_adapter(path: str | Path) -> Adapter:
                 raise UserError(f"{weights_path}: {name} is a DoRA magnitude but fine_tune_type "
                                 f"is {fine_tune_type!r}")
             _check_float(info, weights_path)
-            grouped.setdefault(module, {})[leaf] = f.read(name)
+            grouped.setdefault(module, {})[leaf] = arr = f.read(name)
+            check_finite(arr, f"{weights_path}: {name}", "; the adapter is damaged (or its training diverged)")
     for module, leaves in grouped.items():
         if "lora_b" in leaves and "lora_a" not in leaves:
             raise UserError(f"{weights_path}: {module} has lora_b but no lora_a")

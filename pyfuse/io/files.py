@@ -1,6 +1,5 @@
 """File handling shared by every command: atomic writes (a reader sees the
-old file or the new one, never half of one), publishing a finished
-temporary directory, saving plots, opening user files with one-line
+old file or the new one, never half of one), saving plots, opening user files with one-line
 errors, and SIGTERM turned into an exception so that cleanup runs."""
 
 from __future__ import annotations
@@ -63,41 +62,6 @@ def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
         _unlink_quietly(tmp)
         raise
     return path
-
-
-def publish_dir(tmp: Path, final: Path, force: bool) -> None:
-    """Move a finished temporary directory to ``final``; an existing
-    ``final`` is replaced only with ``force`` (renamed aside first, so that
-    at every moment one complete version exists)."""
-    if final.exists() or final.is_symlink():
-        if not force:
-            raise UserError(f"{final} exists (pass force=True / --force to replace it)")
-        old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.rename(tmp, final)
-
-
-@contextmanager
-def staged_dir(final: Path, force: bool) -> Iterator[Path]:
-    """A temporary directory next to ``final`` (named with :data:`TMP_MARK`,
-    with the mode ``mkdir`` would give) to write an output into; published
-    as ``final`` (:func:`publish_dir`) when the block ends, removed if it
-    raises, so that ``final`` is complete or absent."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        yield tmp
-        publish_dir(tmp, final, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager

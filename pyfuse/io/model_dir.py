@@ -57,6 +57,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..options import MX_MODES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from .checks import stated_quantization_problems
 from .names import natural_key
 from .safetensors import SafetensorsFile, TensorInfo
 
@@ -104,6 +105,11 @@ class ModelDir:
             self.close()
             raise
         self._spec = _QuantSpec(config, self.path)
+        problems = stated_quantization_problems(self.path / CONFIG_FILE, self._spec.default, self._spec.overrides,
+                                                self.tensors)
+        if problems:  # config.json must say what the tensors hold: it is copied into every output
+            self.close()
+            raise UserError(problems[0])
         self._modules: dict[str, QParams] | None = None
 
     # -- opening ----------------------------------------------------------------

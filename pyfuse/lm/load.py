@@ -99,6 +99,9 @@ def load_model(model, adapter_path: str | os.PathLike | None = None) -> LoadedMo
         apath = Path(adapter_path)
         if not (apath / "adapter_config.json").is_file():
             raise UserError(f"adapter path {apath}: no adapter_config.json (not an mlx-lm adapter directory)")
+        from ..io.adapter_dir import read_adapter
+
+        read_adapter(apath)  # finite tensors and config numbers: mlx-lm would use a NaN as it is
     from mlx_lm.utils import load
 
     try:

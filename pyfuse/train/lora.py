@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..io.files import staged_dir
+from ..io.outputs import staged_dir
 from .data import TrainingData, load_training_data
 from .targets import Targets, check_dora, parse_layers, resolve_targets
 from .trainer import OPTIMIZERS, add_adapter_layers, datasets, make_optimizer, run_trainer, seed_everything

@@ -160,7 +160,7 @@ print(a.root)
 """
 
 
-def test_concurrent_first_uses_build_once_atomically(tmp_path):
+def test_concurrent_first_uses_build_once_atomically(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     script = _BUILD_SCRIPT.format(params=SMALL)
     env = {**os.environ, "PYFUSE_PROGRESS": "0"}
@@ -190,6 +190,14 @@ def test_concurrent_first_uses_build_once_atomically(tmp_path):
     (root / "model" / "model.safetensors").unlink()
     rebuilt = dm.default_assets(cache, params=SMALL)
     assert rebuilt.root == root and file_digests(root / "model") == file_digests(other.model)
+    # so is one whose file was changed in place (its digest no longer matches build.json's)
+    with open(root / "data" / "mmlu.jsonl", "a") as fh:
+        fh.write("\n")
+    rebuilt = dm.default_assets(cache, params=SMALL)
+    assert file_digests(root / "data") == file_digests(other.root / "data")
+    # a relative cache path names the same entry, as an absolute path (the demo's spec holds it)
+    monkeypatch.chdir(tmp_path)
+    assert dm.default_assets("cache", params=SMALL).root == root and root.is_absolute()
 
 
 def test_stale_temporaries_are_removed(tmp_path):

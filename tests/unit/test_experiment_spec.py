@@ -108,6 +108,11 @@ BAD_SPECS = [
      "evaluation.mc[1].method: must be one of generate, logprob (got 'beam')"),
     (lambda s: s["evaluation"].update(mc=[s["evaluation"]["mc"], {"data": "setg.test"}]),
      "evaluation.mc[1].data: dataset 'setg.test' is also evaluation.mc[0]"),
+    # absurd numbers a careless edit makes: refused before anything is locked
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(rank=100_000_000),
+     "train.rank: must be less than or equal to 4096 (got 100000000)"),
+    (lambda s: s["preregistration"].update(criterion="diff(A1, A0) >= 500pp"),
+     "diff(A1, A0) >= 500pp: diff lies in [-1, 1]"),
 ]
 
 

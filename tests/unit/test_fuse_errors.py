@@ -186,7 +186,7 @@ def test_existing_save_path_needs_force(fuse_work, tiny_moe_dir, moe_adapter, mo
         r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", moe_adapter, "--save-path", target,
                     "--force")
         assert r.code == 2
-        assert "would overwrite the" in r.err
+        assert "never writes over or into its inputs" in r.err
 
 
 def test_user_error_type_from_the_api(fuse_work, tiny_moe_dir):

@@ -23,9 +23,6 @@
 
 namespace pyfuse {
 
-// FuseParams::policy of the calibrated policy (after fuse_math.h's Policy).
-constexpr PF_CONSTANT int kCalibrated = 3;
-
 namespace {
 
 // t[j] -= (err * p[j]) * inv_s for j in [0, n): one float32 rounding per
