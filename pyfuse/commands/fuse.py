@@ -18,6 +18,14 @@ Re-quantization policies (--policy):
   preserve    keep every group's scale and bias; a zero adapter changes nothing
   stochastic  like preserve, with stochastic rounding seeded by --seed: the
               delta survives in expectation
+  calibrated  keep every group's scale and bias; GPTQ-style error-feedback
+              rounding steered by X^T X of each module's inputs (per expert),
+              from running the base model over --calibration DATA.jsonl; a zero
+              adapter changes nothing
+
+--requant-bits B with preserve/stochastic/calibrated first moves the base
+exactly onto the finer grid (scale / 2^m, codes * 2^m: every dequantized
+weight bit-identical), so the delta lands on 2^m-times finer steps.
 
 A table of what survived re-quantization is printed (retention = share of
 the adapter's delta that is really in the fused weights, noise = the rest of
@@ -44,6 +52,15 @@ def add_arguments(p) -> None:
                    help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
                         "--requant is its older name)")
     add_seed(p, "seed of --policy stochastic")
+    p.add_argument("--calibration", metavar="DATA.jsonl", default=None,
+                   help="--policy calibrated: mlx-lm data (text, messages or prompt/completion rows; a .jsonl "
+                        "file or a data directory) run through the base model once for X^T X per fused "
+                        "module and expert; every 4th sequence is held out for the report's output error")
+    p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
+                   help="experts with fewer calibration tokens are rounded plainly (default: the module's "
+                        "number of inputs, at least 32: fewer leave X^T X rank-deficient)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="--policy calibrated: H + damp * mean(diag H) * I is inverted (default: 0.01)")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -69,6 +86,7 @@ def run(args) -> int:
         dequantize=args.dequantize, policy=args.policy, seed=args.seed, report=args.report,
         requant_bits=args.requant_bits, requant_group_size=args.requant_group_size,
         only=args.only, link_unchanged=args.link_unchanged, force=args.force,
+        calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary

@@ -70,6 +70,30 @@ def record(job: Job, fused: Fused, *, scale: float, sample: int | None) -> dict:
     return rec
 
 
+def calibration_record(job: Job, fused: Fused, hessians, *, scale: float) -> dict:
+    """The calibration of one module (tokens, experts that fell back to plain
+    rounding) and, on its held-out tokens, the output error and retention
+    (:mod:`pyfuse.calibration.fidelity`; not for DoRA, whose target is
+    rescaled)."""
+    from ..calibration.fidelity import output_fidelity
+
+    out = {"calibration": hessians.summary()}
+    if hessians.held_out is None or fused.magnitude is not None or job.q_out is None:
+        return out
+    w0, s0, b0 = fused.old
+    new = [fused.tensors.get(f"{job.path}.{n}") for n in ("weight", "scales", "biases")]
+    switch = job.kind == "switch"
+
+    def weights(e):
+        pick = (lambda x: x) if e is None else (lambda x: None if x is None else x[e])
+        return (dequantize(pick(w0), pick(s0), pick(b0), job.q_in),
+                dequantize(*(pick(x) for x in new), job.q_out))
+
+    out.update(output_fidelity(weights, w0.shape[0] if switch else None, job.a, job.b, scale,
+                               hessians.held_out))
+    return out
+
+
 def _describe(job: Job, *, lead: tuple, dora: bool, policy: str) -> dict:
     q_in, q_out = job.q_in, job.q_out
     rec = {
