@@ -60,18 +60,21 @@ def propagation_matrix(hessian, damp: float = DEFAULT_DAMP) -> mx.array:
 
 
 def calibrated_codes(codes: np.ndarray, steps: np.ndarray, inv_scales: np.ndarray, scales: np.ndarray,
-                     prop: np.ndarray, bits: int) -> np.ndarray:
+                     prop: np.ndarray, bits: int, *, clamp: bool = True) -> np.ndarray:
     """The new codes of rows ``[..., out, in]`` (float32 arrays, ``codes``
     the old ones, ``steps = delta / s``, ``scales`` and ``inv_scales = 1 / s``
     per element) with ``prop`` ``[..., in, in]`` (leading dims of the rows but
-    ``out``). Every operation is one float32 rounding, in the kernel's order."""
+    ``out``). Every operation is one float32 rounding, in the kernel's order.
+    ``clamp=False`` (analysis only: bench/calibrated_clamp.py) lets codes
+    leave ``[0, 2^bits - 1]``, as if the grid had room."""
     f32 = np.float32
     n_bins = f32((1 << bits) - 1)
     t = (codes + steps).astype(f32)
     out = np.empty_like(t)
     prop = prop[..., None, :, :]  # broadcast over out
     for i in range(t.shape[-1]):
-        c = np.clip(np.rint(t[..., i]), f32(0), n_bins)
+        c = np.rint(t[..., i])
+        c = np.clip(c, f32(0), n_bins) if clamp else c
         out[..., i] = c
         err = ((t[..., i] - c) * scales[..., i]).astype(f32)
         later = slice(i + 1, None)
