@@ -32,16 +32,18 @@ NB_MODULE(_ext, m) {
       [](const mx::array& w, const mx::array& scales, const mx::array& biases, const mx::array& a,
          const mx::array& b, float scale, int group_size, int bits, const std::string& policy,
          uint32_t seed, const std::optional<mx::array>& magnitude, bool metal_rules,
-         mx::StreamOrDevice stream) {
+         mx::StreamOrDevice stream, const std::optional<mx::array>& prop) {
         return pyfuse::fuse_requant(
             w, scales, biases, a, b, scale, group_size, bits, policy, seed, magnitude,
-            metal_rules ? pyfuse::Rounding::Metal : pyfuse::Rounding::Native, stream);
+            metal_rules ? pyfuse::Rounding::Metal : pyfuse::Rounding::Native, stream, prop);
       },
       "w"_a, "scales"_a, "biases"_a, "a"_a, "b"_a, nb::kw_only(), "scale"_a = 1.0f,
       "group_size"_a = 64, "bits"_a = 4, "policy"_a = "stock", "seed"_a = 0,
       "magnitude"_a = nb::none(), "metal_rules"_a = false, "stream"_a = nb::none(),
+      "prop"_a = nb::none(),
       "Dequantize -> add scale * b @ a -> re-quantize (see pyfuse.fuse_requant). "
-      "metal_rules=True evaluates MLX's Metal quantizer rules on the CPU (tests).");
+      "metal_rules=True evaluates MLX's Metal quantizer rules on the CPU (tests). "
+      "prop: policy 'calibrated', the propagation matrix P (pyfuse.kernel.calibrated).");
 
   m.def(
       "fidelity_sums",
@@ -78,6 +80,6 @@ NB_MODULE(_ext, m) {
   m.def(
       "simulate_metal_fuse_requant",
       &pyfuse::simulate_metal_fuse_requant,
-      "inputs"_a, "scale"_a, "group_size"_a, "bits"_a, "policy"_a, "seed"_a,
+      "inputs"_a, "scale"_a, "group_size"_a, "bits"_a, "policy"_a, "seed"_a, "prop"_a = nb::none(),
       "Run the Metal kernel source, compiled as C++, over a simulated grid (tests only).");
 }

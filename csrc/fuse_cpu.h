@@ -15,6 +15,10 @@ namespace pyfuse {
 // Fuses rows [row0, row1); `row_k` receives the DoRA factors of those rows.
 using RowsFn = void (*)(const FuseParams&, const CpuBuffers&, float* row_k, size_t row0, size_t row1);
 
+// The calibrated policy's rows (csrc/fuse_calibrated.cpp, one build: its
+// time goes into the error push, which every build vectorizes alike).
+RowsFn select_calibrated_rows_fn(mlx::core::Dtype dtype, int bits, int group_size);
+
 // The CPU kernel builds, narrowest first: X(namespace, name, runs_here)
 // with `runs_here` the run-time test that this processor (and its OS) runs
 // the build (__builtin_cpu_supports also checks that the OS saves the

@@ -15,7 +15,9 @@
 #include <stdexcept>
 #include <thread>
 
+#include "csrc/math/calibrated.h"
 #include "csrc/cpu_isa.h"
+#include "csrc/fuse_cpu.h"
 #include "csrc/fuse_math.h"
 #include "csrc/options.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -120,6 +122,19 @@ void check_arguments(
   }
 }
 
+void check_prop(const mx::array& w, const mx::array& a, int policy, const std::optional<mx::array>& prop) {
+  if (!prop) return;
+  if (policy != kCalibrated) fail("prop is used by policy 'calibrated' only");
+  auto expect = w.shape();
+  expect.back() = a.shape(-1);
+  expect[expect.size() - 2] = a.shape(-1);
+  if (prop->shape() != expect) {
+    std::ostringstream os;
+    os << "prop " << prop->shape() << " must be [..., in, in] = " << mx::Shape(expect);
+    fail(os.str());
+  }
+}
+
 // ------------------------------------------------------------------ CPU
 
 // Splits rows over the cores; each row is independent (DoRA rows compute
@@ -179,9 +194,11 @@ std::vector<mx::array> fuse_requant(
     uint32_t seed,
     const std::optional<mx::array>& magnitude,
     Rounding rounding,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    const std::optional<mx::array>& prop) {
   int policy_id = policy_from_string(policy);
   check_arguments(w, scales, biases, a, b, group_size, bits, magnitude);
+  check_prop(w, a, policy_id, prop);
   auto stream = mx::to_stream(s);
   // The kernels index raw row-major buffers of float32 LoRA factors.
   std::vector<mx::array> inputs = {
@@ -193,11 +210,15 @@ std::vector<mx::array> fuse_requant(
   if (magnitude) {
     inputs.push_back(mx::contiguous(mx::astype(*magnitude, mx::float32, stream), false, stream));
   }
+  if (prop) {  // always the last input
+    inputs.push_back(mx::contiguous(mx::astype(*prop, mx::float32, stream), false, stream));
+  }
   return mx::array::make_arrays(
       {w.shape(), scales.shape(), scales.shape()},
       {mx::uint32, scales.dtype(), scales.dtype()},
       std::make_shared<FuseRequant>(
-          stream, scale, group_size, bits, policy_id, seed, magnitude.has_value(), rounding),
+          stream, scale, group_size, bits, policy_id, seed, magnitude.has_value(), rounding,
+          prop.has_value()),
       inputs);
 }
 
@@ -218,8 +239,11 @@ void FuseRequant::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
       has_magnitude_ ? inputs[5].data<float>() : nullptr,
       outputs[0].data<uint32_t>(),
       outputs[1].data<void>(),
-      outputs[2].data<void>()};
-  RowsFn fn = select_rows_fn(scales.dtype(), bits_, group_size_, rounding_ == Rounding::Metal);
+      outputs[2].data<void>(),
+      has_prop_ ? inputs.back().data<float>() : nullptr};
+  RowsFn fn = policy_ == kCalibrated
+      ? select_calibrated_rows_fn(scales.dtype(), bits_, group_size_)
+      : select_rows_fn(scales.dtype(), bits_, group_size_, rounding_ == Rounding::Metal);
   size_t n_rows = w.size() / w.shape(-1);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -251,6 +275,33 @@ std::string binary_dir() {
 std::string kernel_suffix(mx::Dtype dtype, int group_size, int bits) {
   std::string type = dtype == mx::float32 ? "float32" : dtype == mx::float16 ? "float16" : "bfloat16";
   return type + "_gs_" + std::to_string(group_size) + "_b_" + std::to_string(bits);
+}
+
+// The calibrated policy: one thread per row (metal/fuse_calibrated.h), each
+// with a scratch row of targets; after the DoRA row factors if any.
+void dispatch_calibrated(mx::metal::Device& d, MTL::Library* lib, mx::metal::CommandEncoder& enc,
+                         const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
+                         const mx::array& row_k, const FuseParams& p, bool has_prop,
+                         const std::string& suffix) {
+  uint32_t n_rows = inputs[0].size() / inputs[0].shape(-1);
+  mx::array scratch({int(n_rows), p.in_dims}, mx::float32, nullptr, {});
+  scratch.set_data(mx::allocator::malloc(scratch.nbytes()));
+  enc.add_temporary(scratch);
+  auto kernel = d.get_kernel("fuse_calibrated_" + suffix, lib);
+  enc.set_compute_pipeline_state(kernel);
+  enc.set_input_array(has_prop ? inputs.back() : row_k, 0);  // P, or an unread buffer
+  enc.set_output_array(scratch, 1);
+  enc.set_bytes(p, 2);
+  int prop_flag = has_prop ? 1 : 0;
+  enc.set_bytes(prop_flag, 3);
+  enc.set_bytes(n_rows, 4);
+  for (int i = 0; i < 5; ++i) enc.set_input_array(inputs[i], 5 + i);
+  enc.set_input_array(row_k, 10);
+  enc.set_output_array(outputs[0], 11);
+  enc.set_output_array(outputs[1], 12);
+  enc.set_output_array(outputs[2], 13);
+  size_t tg = std::min<size_t>(n_rows, kernel->maxTotalThreadsPerThreadgroup());
+  enc.dispatch_threads(MTL::Size(n_rows, 1, 1), MTL::Size(tg, 1, 1));
 }
 
 } // namespace
@@ -287,6 +338,10 @@ void FuseRequant::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx:
     enc.dispatch_threads(MTL::Size(n_rows, 1, 1), MTL::Size(tg, 1, 1));
   }
 
+  if (policy_ == kCalibrated) {
+    dispatch_calibrated(d, lib, enc, inputs, outputs, row_k, p, has_prop_, suffix);
+    return;
+  }
   auto kernel = d.get_kernel("fuse_requant_" + suffix, lib);
   enc.set_compute_pipeline_state(kernel);
   for (int i = 0; i < 5; ++i) enc.set_input_array(inputs[i], i);
@@ -312,7 +367,7 @@ bool FuseRequant::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const FuseRequant&>(other);
   return scale_ == o.scale_ && group_size_ == o.group_size_ && bits_ == o.bits_ &&
       policy_ == o.policy_ && seed_ == o.seed_ && has_magnitude_ == o.has_magnitude_ &&
-      rounding_ == o.rounding_;
+      rounding_ == o.rounding_ && has_prop_ == o.has_prop_;
 }
 
 } // namespace pyfuse

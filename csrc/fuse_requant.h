@@ -19,7 +19,9 @@ enum class Rounding : int { Native = 0, Metal = 1 };
 // Returns {w, scales, biases}. Inputs: w uint32 [..., out, in*bits/32];
 // scales, biases [..., out, in/group_size] (bfloat16, float16, float32);
 // a float32 [..., r, in]; b float32 [..., out, r]; magnitude (DoRA)
-// float32 [..., out]; leading dims none or [E].
+// float32 [..., out]; leading dims none or [E]. prop: policy "calibrated"
+// only, float32 [..., in, in], the propagation matrix P of
+// csrc/math/calibrated.h (none: plain nearest rounding on the kept grid).
 std::vector<mx::array> fuse_requant(
     const mx::array& w,
     const mx::array& scales,
@@ -33,7 +35,8 @@ std::vector<mx::array> fuse_requant(
     uint32_t seed,
     const std::optional<mx::array>& magnitude,
     Rounding rounding,
-    mx::StreamOrDevice s = {});
+    mx::StreamOrDevice s = {},
+    const std::optional<mx::array>& prop = std::nullopt);
 
 class FuseRequant : public mx::Primitive {
  public:
@@ -45,7 +48,8 @@ class FuseRequant : public mx::Primitive {
       int policy,
       uint32_t seed,
       bool has_magnitude,
-      Rounding rounding)
+      Rounding rounding,
+      bool has_prop = false)
       : mx::Primitive(stream),
         scale_(scale),
         group_size_(group_size),
@@ -53,7 +57,8 @@ class FuseRequant : public mx::Primitive {
         policy_(policy),
         seed_(seed),
         has_magnitude_(has_magnitude),
-        rounding_(rounding) {}
+        rounding_(rounding),
+        has_prop_(has_prop) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -71,6 +76,7 @@ class FuseRequant : public mx::Primitive {
   uint32_t seed_;
   bool has_magnitude_;
   Rounding rounding_;
+  bool has_prop_;
 };
 
 } // namespace pyfuse

@@ -1,14 +1,18 @@
-// Instantiations only (the kernels live in fuse_requant.h): one pair per
+// Instantiations only (the kernels live in fuse_requant.h and
+// fuse_calibrated.h): one trio per
 // dtype x group size x bits, named `<kernel>_<type>_gs_<G>_b_<B>`.
 // clang-format off
 #include "mlx/backend/metal/kernels/utils.h"
 #include "metal/fuse_requant.h"
+#include "metal/fuse_calibrated.h"
 
 #define instantiate_fuse(type_name, type, gs, b)                                   \
   instantiate_kernel("fuse_requant_" #type_name "_gs_" #gs "_b_" #b,               \
                      fuse_requant, type, gs, b)                                   \
   instantiate_kernel("fuse_requant_row_factor_" #type_name "_gs_" #gs "_b_" #b,    \
-                     fuse_requant_row_factor, type, gs, b)
+                     fuse_requant_row_factor, type, gs, b)                        \
+  instantiate_kernel("fuse_calibrated_" #type_name "_gs_" #gs "_b_" #b,            \
+                     fuse_calibrated, type, gs, b)
 
 #define instantiate_fuse_bits(type_name, type, gs) \
   instantiate_fuse(type_name, type, gs, 2)         \

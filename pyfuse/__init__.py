@@ -4,6 +4,7 @@ apart."""
 
 from .kernel.ops import fuse_requant, native_available
 from .kernel.reference import fuse_requant_reference
+from .kernel.refine import refine_grid
 
 
 def __getattr__(name):
@@ -16,5 +17,5 @@ def __getattr__(name):
 
 __version__ = "0.1.0"
 
-__all__ = ["fuse_requant", "fuse_requant_reference", "fuse_model", "FuseResult", "native_available",
+__all__ = ["fuse_requant", "fuse_requant_reference", "refine_grid", "fuse_model", "FuseResult", "native_available",
            "__version__"]

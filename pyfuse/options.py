@@ -19,7 +19,11 @@ SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 
 # Re-quantization policies (what happens to a group's grid when a delta is
 # added): see docs/design.md, "Policies".
-POLICIES = ("stock", "preserve", "stochastic")
+POLICIES = ("stock", "preserve", "stochastic", "calibrated")
+# The policies that need no calibration data (``calibrated`` without a
+# Hessian is plain nearest rounding on the kept grid): what the noise floor
+# measures unless told otherwise.
+DATA_FREE_POLICIES = ("stock", "preserve", "stochastic")
 DEFAULT_POLICY = "stock"
 DEFAULT_SEED = 0
 # The policies that keep every group's grid (scale and bias), and what they

@@ -13,7 +13,8 @@ namespace pyfuse {
 // In the order of pyfuse/options.py's POLICIES (the host maps names to
 // these numbers through the generated PYFUSE_FOR_EACH_POLICY and checks the
 // count against kNumPolicies).
-enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2, kNumPolicies = 3 };
+// kCalibrated: the rows of csrc/math/calibrated.h (not a per-group policy).
+enum Policy : int { kStock = 0, kPreserve = 1, kStochastic = 2, kCalibrated = 3, kNumPolicies = 4 };
 
 // Shapes and options of one dispatch; rows are the E * out rows of w.
 struct FuseParams {
@@ -67,6 +68,7 @@ struct CpuBuffers {
   uint32_t* w_out;
   void* scales_out;
   void* biases_out;
+  const float* prop = nullptr;  // calibrated: P [E, in, in]; nullptr: plain rounding
 };
 
 // Whether the scale and n_a + n_b floats of a and b hold no NaN (then the

@@ -35,11 +35,19 @@ Re-quantization policies (--policy):
               share of such groups is printed, per module in --report
   stochastic  like preserve, with stochastic rounding seeded by --seed: the
               delta survives in expectation (same range rule)
+  calibrated  keep every group's scale and bias; GPTQ-style error-feedback
+              rounding steered by X^T X of each module's inputs (per expert),
+              from running the base model over --calibration DATA.jsonl; a zero
+              adapter changes nothing
 
 Where else the output differs from mlx_lm fuse: modules the adapter config
 names but holds no weights for are left byte-identical (mlx-lm re-quantizes
 them with a zero delta); the shard layout, tokenizer files and config.json
 are kept (config.json changes only with --dequantize / --requant-*).
+
+--requant-bits B with preserve/stochastic/calibrated first moves the base
+exactly onto the finer grid (scale / 2^m, codes * 2^m: every dequantized
+weight bit-identical), so the delta lands on 2^m-times finer steps.
 
 A table of what survived re-quantization is printed (retention = share of
 the adapter's delta that is really in the fused weights, noise = the rest of
@@ -52,6 +60,7 @@ the change in units of the delta); --report writes every figure as JSON.
 INPUTS = {"model": "--model", "adapter_path": "--adapter-path"}
 OUTPUTS = {"save_path": "--save-path", "report": "--report"}
 NESTED_OK = [("--report", "--save-path")]  # the report may go into the new model directory
+
 
 def add_arguments(p) -> None:
     add_model(p, "the mlx-lm model directory, or a Hugging Face repo id resolved like mlx-lm does "
@@ -82,6 +91,15 @@ def add_arguments(p) -> None:
                         "refit (a new scale and bias fitted to its values), clip (codes clamped to "
                         "[0, 2^bits-1], scale and bias kept) or error (refuse, naming the module) "
                         f"(default: {DEFAULT_RANGE_OVERFLOW})")
+    p.add_argument("--calibration", metavar="DATA.jsonl", default=None,
+                   help="--policy calibrated: mlx-lm data (text, messages or prompt/completion rows; a .jsonl "
+                        "file or a data directory) run through the base model once for X^T X per fused "
+                        "module and expert; every 4th sequence is held out for the report's output error")
+    p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
+                   help="experts with fewer calibration tokens are rounded plainly (default: the module's "
+                        "number of inputs, at least 32: fewer leave X^T X rank-deficient)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="--policy calibrated: H + damp * mean(diag H) * I is inverted (default: 0.01)")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -119,6 +137,7 @@ def run(args) -> int:
         force=args.force, lenient=args.lenient,
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
+        calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import DATA_FREE_POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from ._args import add_model, add_out, add_quiet, add_seed, checked_list, console, print_warnings
 
 HELP = "measure what a zero-delta fuse changes (weights and outputs) per group size, bits and policy"
@@ -43,7 +43,7 @@ log-probabilities, baseline and fused) and PNG plots.
 
 # The list flags measure every supported setting unless told otherwise.
 _LIST_DEFAULTS = {"group_sizes": ",".join(map(str, SUPPORTED_GROUP_SIZES)),
-                  "bits": ",".join(map(str, SUPPORTED_BITS)), "policies": ",".join(POLICIES)}
+                  "bits": ",".join(map(str, SUPPORTED_BITS)), "policies": ",".join(DATA_FREE_POLICIES)}
 
 
 # Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies

@@ -110,6 +110,9 @@ def fuse_model(
     upload_repo: str | None = None,
     trust_remote_code: bool = False,
     report_sample: int | None = reporting.REPORT_SAMPLE_ELEMENTS,
+    calibration: str | os.PathLike | None = None,
+    calibration_min_tokens: int | None = None,
+    damp: float | None = None,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -120,7 +123,8 @@ def fuse_model(
         dequantize: write the fused modules and every other quantized module
             in full precision and drop the quantization from config.json
             (what ``mlx_lm fuse --dequantize`` does).
-        policy: ``stock`` | ``preserve`` | ``stochastic`` (see the module doc).
+        policy: ``stock`` | ``preserve`` | ``stochastic`` | ``calibrated`` (see
+            the module doc).
         seed: the ``stochastic`` policy's seed.
         report: also write the fidelity report (JSON) to this file.
         requant_bits, requant_group_size: re-quantize the fused modules at this
@@ -159,6 +163,15 @@ def fuse_model(
             weights of each larger tensor (evenly spaced output rows of every
             expert; norms are scaled to whole-tensor estimates, ``sampled`` in
             the report says which share was measured); None: every weight.
+        calibration: mlx-lm data (``.jsonl`` or a data directory: ``text``,
+            ``messages`` or ``prompt``/``completion`` rows) that the base
+            model is run over to get ``X^T X`` of each fused module's inputs
+            (per expert): needed by ``policy="calibrated"``. Every 4th
+            sequence is held out for the report's output-space figures.
+        calibration_min_tokens: experts with fewer calibration tokens are
+            rounded plainly (``H = 0``); default: the module's number of
+            inputs (at least :data:`pyfuse.calibration.MIN_EXPERT_TOKENS`).
+        damp: the calibrated policy's dampening (share of mean diag H).
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -172,6 +185,7 @@ def fuse_model(
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
+    _check_calibration(policy, calibration, dequantize)
     mdir = ModelDir(model_path)
     try:
         _check_remote_code(mdir, trust_remote_code)
@@ -187,9 +201,10 @@ def fuse_model(
             _check_report_path(Path(report), save_path)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
                          requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
+        hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
-                          on_range_overflow=on_range_overflow)
+                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
         with sigterm_as_interrupt():
             try:
                 written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
@@ -214,16 +229,22 @@ def fuse_model(
 
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
-                report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW):
+                report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
+                hessians: dict | None = None, damp: float | None = None):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
-        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow)
+        mh = (hessians or {}).get(job.path)
+        fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow,
+                                hessian=None if mh is None else mh.fit, damp=damp)
         for name, arr in fused.tensors.items():  # an overflow must not reach the output
             check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
-            records.append(reporting.record(job, fused, scale=plan.scale, sample=report_sample))
+            rec = reporting.record(job, fused, scale=plan.scale, sample=report_sample)
+            if mh is not None:
+                rec.update(reporting.calibration_record(job, fused, mh, scale=plan.scale))
+            records.append(rec)
         return fused.tensors
 
     return run
@@ -284,6 +305,28 @@ def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:
     prefix, found = layer_prefix(n[: -len(".weight")] for n in mdir.tensors if n.endswith(".weight"))
     n_layers = mdir.num_hidden_layers or (max(found) + 1 if found else None)
     return selection_only(only, layers=layers, modules=modules, prefix=prefix, n_layers=n_layers)
+
+
+def _check_calibration(policy, calibration, dequantize):
+    if policy == "calibrated" and calibration is None:
+        raise UserError("--policy calibrated needs --calibration DATA.jsonl (the inputs whose X^T X "
+                        "steers the rounding)")
+    if calibration is not None and policy != "calibrated":
+        raise UserError(f"--calibration is used by --policy calibrated only, not {policy}")
+    if calibration is not None and not Path(calibration).exists():
+        raise UserError(f"--calibration {calibration} does not exist")
+
+
+def _calibrate(model_path: Path, calibration, plan: Plan, min_tokens) -> dict:
+    """``X^T X`` per fused quantized module (one pass of the base model)."""
+    if calibration is None:
+        return {}
+    from ..calibration import collect_hessians
+
+    paths = [j.path for j in plan.jobs if j.fuses and j.quantized and j.q_out is not None]
+    if not paths:
+        return {}
+    return collect_hessians(model_path, calibration, paths, min_tokens=min_tokens)
 
 
 def _compile_only(only: str | None) -> re.Pattern | None:

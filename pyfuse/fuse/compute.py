@@ -6,9 +6,10 @@
 * stock DoRA, the mx modes (mxfp4, nvfp4, mxfp8: stock and --dequantize
   only), ``--requant-bits`` under stock and ``--dequantize``: mlx-lm's own
   MLX ops (dequantize, add, [DoRA rescale], quantize), chunked;
-* ``--requant-bits`` under preserve / stochastic: the base is first moved to
-  the new grid (a zero-delta stock re-quantization), then fused with the
-  policy on that grid;
+* ``--requant-bits`` under preserve / stochastic / calibrated: the base is
+  first moved to the new grid, exactly (:func:`pyfuse.refine_grid`: every
+  dequantized weight bit-identical) when the new grid is finer, else by a
+  zero-delta stock re-quantization; then fused with the policy on that grid;
 * float (unquantized) weights: ``W + delta`` in the weight dtype.
 
 A DoRA module without a stored magnitude starts from ``m = ||W||`` per row
@@ -18,6 +19,7 @@ A DoRA module without a stored magnitude starts from ``m = ||W||`` per row
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -28,6 +30,7 @@ from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
 from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups, requant_to_reference
 from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES
+from ..kernel.refine import refine_grid, refinement_shift
 from .plan import Job, Plan
 
 # Work on this many weight elements at a time (rows or experts) so that the
@@ -96,9 +99,12 @@ def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
 
 
 def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
-            on_range_overflow: str = DEFAULT_RANGE_OVERFLOW) -> Fused:
+            on_range_overflow: str = DEFAULT_RANGE_OVERFLOW, hessian: mx.array | None = None,
+            damp: float | None = None) -> Fused:
     """Read the job's base tensors and compute its outputs (UserError when a
-    group leaves its grid's range under ``on_range_overflow="error"``)."""
+    group leaves its grid's range under ``on_range_overflow="error"``).
+    ``hessian``: the calibrated policy's ``X^T X`` of this module (per
+    expert), ``damp`` its dampening."""
     if job.kind == "replace":  # a full fine-tune's trained tensors, as they are
         return Fused(dict(job.replacement), (None, None, None), None, "none")
     w, s, bi = mdir.read_module(job.path)
@@ -124,8 +130,11 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
     for rows in row_chunks(w.shape[:-1], job.in_dims, stochastic=whole):
         mc = magnitude[rows] if magnitude is not None else None
         base = (w[rows], s[rows], bi[rows] if bi is not None else None)
+        calib = {} if policy != "calibrated" else {
+            "hessian": None if hessian is None else (hessian[rows] if job.kind == "switch" else hessian),
+            **({} if damp is None else {"damp": damp})}
         res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed,
-                              clip=clip)
+                              clip=clip, **calib)
         mx.eval(*res)
         if grid_keeping:
             out_of_range += _count_groups(job, plan, rows, base, res, mc, policy=policy, seed=seed,
@@ -172,7 +181,7 @@ def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc
 
 
 def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_kernel: bool,
-                    policy: str, seed: int, clip: bool = False) -> tuple:
+                    policy: str, seed: int, clip: bool = False, **calib) -> tuple:
     """The outputs of some rows (experts) of a quantized base ``(w, s, b)``."""
     wc, sc, bc = base
     q_in, q_out = job.q_in, job.q_out
@@ -183,13 +192,14 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
     fuse = (lambda *t, **kw: fuse_requant_reference(*t, **kw, on_range_overflow="clip")) if clip else fuse_requant
     if use_kernel and q_out == q_in:
         return fuse(wc, sc, bc, ac, bc_, scale=plan.scale, group_size=q_in.group_size,
-                    bits=q_in.bits, policy=policy, seed=seed, magnitude=mc)
+                    bits=q_in.bits, policy=policy, seed=seed, magnitude=mc, **calib)
     if use_kernel and policy != "stock":
-        # another precision with a grid-keeping policy: move the base to
-        # the new grid first (a zero-delta stock re-quantization), then fuse
-        moved = quantize(dequantize(wc, sc, bc, q_in), q_out)
+        # another precision with a grid-keeping policy: move the base to the
+        # new grid first, exactly when it can (refine_grid), else by a
+        # zero-delta stock re-quantization; then fuse on that grid
+        moved = move_to_grid(wc, sc, bc, q_in, q_out)
         return fuse(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
-                    bits=q_out.bits, policy=policy, seed=seed, magnitude=mc)
+                    bits=q_out.bits, policy=policy, seed=seed, magnitude=mc, **calib)
     # stock through MLX ops (mx modes, other precision, or --dequantize)
     fused = dequantize(wc, sc, bc, q_in)
     fused = fused + delta_f32(ac, bc_, plan.scale).astype(fused.dtype)
@@ -225,6 +235,32 @@ def _run_requantize_job(job: Job, base: tuple, *, policy: str, seed: int, on_ran
     results = dict(zip(names, parts))
     _check_planned(job, results)
     return Fused(results, base, None, policy if q_out is not None else "none")
+
+
+def grid_move(q_in: QParams, q_out: QParams) -> str:
+    """How a grid-keeping policy moves the base from ``q_in`` to ``q_out``:
+    ``refined`` (exact, :func:`pyfuse.refine_grid`) or ``re-fitted`` (a
+    zero-delta stock re-quantization: the base itself changes)."""
+    if q_in.mode != "affine" or q_out.mode != "affine":
+        return "re-fitted"
+    try:
+        refinement_shift(q_in.bits, q_out.bits, q_in.group_size, q_out.group_size)
+    except ValueError:
+        return "re-fitted"
+    return "refined"
+
+
+def move_to_grid(w, s, bi, q_in: QParams, q_out: QParams) -> tuple:
+    """The base on the ``q_out`` grid: exact refinement when it exists (and
+    the scales allow it), else re-fitted like a stock fuse of a zero delta."""
+    if grid_move(q_in, q_out) == "refined":
+        try:
+            return refine_grid(w, s, bi, group_size=q_in.group_size, bits=q_in.bits,
+                               to_bits=q_out.bits, to_group_size=q_out.group_size)
+        except ValueError as err:  # scales that would underflow: not exact
+            warnings.warn(f"pyfuse: {err}; re-fitting this module's base instead", RuntimeWarning,
+                          stacklevel=2)
+    return quantize(dequantize(w, s, bi, q_in), q_out)
 
 
 def _run_float_job(job: Job, w: mx.array, plan: Plan) -> Fused:

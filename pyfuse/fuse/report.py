@@ -19,7 +19,7 @@ from ..kernel.fidelity import retention_and_noise, tensor_fidelity
 from ..kernel.ops import native_available
 from ..kernel.reference import delta_f32, unpack_codes
 from ..options import DEFAULT_RANGE_OVERFLOW
-from .compute import Fused, dequantize, dora_rescale, job_factors, row_chunks
+from .compute import Fused, dequantize, dora_rescale, grid_move, job_factors, row_chunks
 from .plan import Job, Plan
 
 # Tensors with more weights than this are measured on a sample of their rows
@@ -78,6 +78,30 @@ def record(job: Job, fused: Fused, *, scale: float, sample: int | None) -> dict:
     return rec
 
 
+def calibration_record(job: Job, fused: Fused, hessians, *, scale: float) -> dict:
+    """The calibration of one module (tokens, experts that fell back to plain
+    rounding) and, on its held-out tokens, the output error and retention
+    (:mod:`pyfuse.calibration.fidelity`; not for DoRA, whose target is
+    rescaled)."""
+    from ..calibration.fidelity import output_fidelity
+
+    out = {"calibration": hessians.summary()}
+    if hessians.held_out is None or fused.magnitude is not None or job.q_out is None:
+        return out
+    w0, s0, b0 = fused.old
+    new = [fused.tensors.get(f"{job.path}.{n}") for n in ("weight", "scales", "biases")]
+    switch = job.kind == "switch"
+
+    def weights(e):
+        pick = (lambda x: x) if e is None else (lambda x: None if x is None else x[e])
+        return (dequantize(pick(w0), pick(s0), pick(b0), job.q_in),
+                dequantize(*(pick(x) for x in new), job.q_out))
+
+    out.update(output_fidelity(weights, w0.shape[0] if switch else None, job.a, job.b, scale,
+                               hessians.held_out))
+    return out
+
+
 def _describe(job: Job, *, lead: tuple, dora: bool, policy: str) -> dict:
     q_in, q_out = job.q_in, job.q_out
     rec = {
@@ -95,6 +119,8 @@ def _describe(job: Job, *, lead: tuple, dora: bool, policy: str) -> dict:
         rec["from_bits"], rec["from_group_size"] = q_in.bits, q_in.group_size
         if q_in.mode != "affine":
             rec["from_mode"] = q_in.mode
+        if rec["policy"] not in ("stock", "none"):
+            rec["base_grid"] = grid_move(q_in, q_out)  # refined: the base moved exactly
     return rec
 
 

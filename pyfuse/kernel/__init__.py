@@ -4,5 +4,6 @@ tensor."""
 
 from .ops import fuse_requant, native_available
 from .reference import fuse_requant_reference
+from .refine import refine_grid
 
-__all__ = ["fuse_requant", "fuse_requant_reference", "native_available"]
+__all__ = ["fuse_requant", "fuse_requant_reference", "refine_grid", "native_available"]

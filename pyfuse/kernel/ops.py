@@ -10,10 +10,12 @@ that reach it directly.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from ..options import (DEFAULT_BITS, DEFAULT_GROUP_SIZE, DEFAULT_POLICY, DEFAULT_SEED, POLICIES,
                        SUPPORTED_BITS, SUPPORTED_DTYPES, SUPPORTED_GROUP_SIZES, joined)
 from . import native as _native
+from .calibrated import DEFAULT_DAMP, propagation_matrix
 from .reference import fuse_requant_reference
 
 _DTYPES = tuple(getattr(mx, name) for name in SUPPORTED_DTYPES)
@@ -89,6 +91,8 @@ def fuse_requant(
     policy: str = DEFAULT_POLICY,
     seed: int = DEFAULT_SEED,
     magnitude: mx.array | None = None,
+    hessian: mx.array | None = None,
+    damp: float = DEFAULT_DAMP,
     stream=None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Fuse ``delta = scale * b @ a`` into a quantized weight and re-quantize.
@@ -100,10 +104,16 @@ def fuse_requant(
         scale: the LoRA scale (alpha / rank in mlx-lm's convention).
         group_size: 32, 64 or 128.  bits: 2, 3, 4, 5, 6 or 8.
         policy: ``stock`` (what ``mlx_lm fuse`` does), ``preserve`` (keep the
-            grid; zero delta is bit-exact) or ``stochastic`` (keep the grid,
-            unbiased stochastic rounding seeded by ``seed``).
+            grid; zero delta is bit-exact), ``stochastic`` (keep the grid,
+            unbiased stochastic rounding seeded by ``seed``) or
+            ``calibrated`` (keep the grid; GPTQ-style error-feedback rounding
+            steered by ``hessian``: see :mod:`pyfuse.kernel.calibrated`).
         magnitude: DoRA magnitudes ``[..., out]``: each fused row is rescaled
             to this norm before quantizing.
+        hessian: ``calibrated`` only: ``X^T X`` of the layer's inputs, float32
+            ``[..., in, in]`` (one per expert for 3-D weights); None = the
+            identity (plain nearest rounding on the kept grid).
+        damp: ``calibrated``: ``H + damp * mean(diag H) * I`` is inverted.
         stream: MLX stream or device.
 
     Returns:
@@ -114,14 +124,44 @@ def fuse_requant(
         _fail(f"seed must be an integer in [0, 2**32), got {seed!r}")
     kwargs = dict(scale=float(scale), group_size=group_size, bits=bits, policy=policy,
                   seed=seed, magnitude=magnitude, stream=stream)
+    if policy == "calibrated":
+        return _calibrated(w, scales, biases, a, b, hessian, damp, kwargs)
+    if hessian is not None:
+        _fail(f"hessian is used by policy='calibrated' only, not {policy!r}")
+    return _run(w, scales, biases, a, b, kwargs)
+
+
+def check_hessian(hessian, w, in_dims: int) -> None:
+    if not isinstance(hessian, mx.array) or not mx.issubdtype(hessian.dtype, mx.floating):
+        _fail("hessian must be a floating mx.array")
+    want = (*w.shape[:-2], in_dims, in_dims)
+    if tuple(hessian.shape) != want:
+        _fail(f"hessian {hessian.shape} must be [..., in, in] = {want} (one per expert for 3-D w)")
+
+
+def _calibrated(w, scales, biases, a, b, hessian, damp, kwargs):
+    if not isinstance(damp, (int, float)) or not 0 <= damp < float("inf"):
+        _fail(f"damp must be a finite number >= 0, got {damp!r}")
+    prop = None
+    if hessian is not None:
+        check_hessian(hessian, w, a.shape[-1])
+        try:
+            prop = propagation_matrix(hessian, float(damp))
+        except (ValueError, np.linalg.LinAlgError) as err:
+            _fail(f"hessian cannot be factorised ({err}); is it X^T X (symmetric, positive "
+                  "semi-definite)? a larger damp may help")
+    return _run(w, scales, biases, a, b, kwargs, prop)
+
+
+def _run(w, scales, biases, a, b, kwargs, prop=None):
+    """The native primitive, or the reference when it cannot load."""
     if _native.ext is None:
         _native.warn_fallback()
-        return fuse_requant_reference(w, scales, biases, a, b, **kwargs)
-    a32 = a.astype(mx.float32)
-    b32 = b.astype(mx.float32)
-    if magnitude is not None:
-        magnitude = magnitude.astype(mx.float32)
-    return tuple(_native.ext.fuse_requant(w, scales, biases, a32, b32, **kwargs))
+        return fuse_requant_reference(w, scales, biases, a, b, propagation=prop, **kwargs)
+    if kwargs["magnitude"] is not None:
+        kwargs = {**kwargs, "magnitude": kwargs["magnitude"].astype(mx.float32)}
+    return tuple(_native.ext.fuse_requant(w, scales, biases, a.astype(mx.float32), b.astype(mx.float32),
+                                          prop=prop, **kwargs))
 
 
 def native_available() -> bool:

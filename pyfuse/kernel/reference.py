@@ -12,6 +12,8 @@ the kernel contract in docs/DESIGN.md:
   ``[0, 2**bits - 1]`` are re-fitted with MLX's affine rule.
 * ``stochastic``: as ``preserve`` with ``floor(q + delta / scale + u)``,
   ``u`` a counter-based hash of (seed, element index) shared with the kernels.
+* ``calibrated``: keep the grid, error-feedback rounding steered by the
+  layer's input Hessian (:mod:`pyfuse.kernel.calibrated`).
 
 An optional DoRA ``magnitude`` ([..., out]) rescales each fused row to that
 norm before quantizing, as mlx-lm's DoRA fuse does; under ``preserve`` and
@@ -23,6 +25,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import mlx.core as mx
+
+from .calibrated import DEFAULT_DAMP, calibrated_reference_codes, propagation_matrix
 
 # Rescale factors within 1e-5 of 1 are float32 summation noise of the row
 # norm (the kernel and mx.linalg.norm add in different orders): treated as
@@ -118,8 +122,11 @@ def fuse_requant_reference(
     policy: str = "stock",
     seed: int = 0,
     magnitude: mx.array | None = None,
+    hessian: mx.array | None = None,
+    damp: float | None = None,
     stream=None,
     on_range_overflow: str = "refit",
+    propagation: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Pure-MLX fuse with the same contract as :func:`pyfuse.fuse_requant`
     (arguments are assumed valid: :mod:`pyfuse.kernel.ops` checks them).
@@ -127,9 +134,15 @@ def fuse_requant_reference(
     ``on_range_overflow`` (``preserve`` / ``stochastic``): what a group whose
     new codes leave ``[0, 2**bits - 1]`` gets: ``refit`` (the kernel's rule,
     MLX's affine fit of the fused values) or ``clip`` (its codes clamped to
-    the range, its scale and bias kept; the native kernel has no clip)."""
+    the range, its scale and bias kept; the native kernel has no clip).
+    ``calibrated`` runs its column loop in NumPy (:mod:`.calibrated`);
+    ``propagation``: its ``P`` when already computed from ``hessian``."""
     dtype = scales.dtype
     delta = delta_f32(a, b, scale)
+    if policy == "calibrated":
+        if propagation is None and hessian is not None:
+            propagation = propagation_matrix(hessian, DEFAULT_DAMP if damp is None else damp)
+        return _calibrated(w, scales, biases, delta, group_size, bits, propagation, magnitude)
     with mx.stream(stream) if stream is not None else nullcontext():
         if policy == "stock":
             fused = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
@@ -233,3 +246,17 @@ def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, 
     out_s = mx.where(r, fit_s.astype(dtype), new_s)[..., 0]
     out_b = mx.where(r, fit_b.astype(dtype), new_b)[..., 0]
     return pack_codes(codes, bits), out_s, out_b
+
+
+def _calibrated(w, scales, biases, delta, group_size, bits, prop, magnitude):
+    """The calibrated policy: codes from :mod:`.calibrated` (NumPy), the grid
+    kept (DoRA: rescaled by the row factor, as ``preserve``)."""
+    dtype = scales.dtype
+    codes = calibrated_reference_codes(unpack_codes(w, group_size, bits), scales, delta, group_size=group_size,
+                                       bits=bits, prop=prop)
+    if magnitude is None:
+        return pack_codes(codes, bits), scales, biases
+    rows = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) + delta.astype(dtype)
+    k = _dora_factor(rows, magnitude)[..., None]
+    return (pack_codes(codes, bits), (scales.astype(mx.float32) * k).astype(dtype),
+            (biases.astype(mx.float32) * k).astype(dtype))

@@ -64,7 +64,7 @@ from ..errors import UserError
 from ..io.model_dir import ModelDir
 from ..kernel.ops import native_available
 from ..lm.load import compute_dtype_note
-from ..options import POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from ..options import DATA_FREE_POLICIES, POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from .baseline import Setting, load_baseline, model_quantization, settings_for
 from .probe import DEFAULT_PROMPTS, OutputProbe, ProbeInputs
 from .report import ROW_FIELDS, NoiseFloorResult, format_markdown, write_outputs
@@ -144,7 +144,7 @@ def measure_noise_floor(
     *,
     group_sizes: Iterable[int] = SUPPORTED_GROUP_SIZES,
     bits: Iterable[int] = SUPPORTED_BITS,
-    policies: Iterable[str] = POLICIES,
+    policies: Iterable[str] = DATA_FREE_POLICIES,
     rounds: int = 1,
     adapter_path: str | os.PathLike | None = None,
     prompts: str | os.PathLike | Sequence[str | dict] | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from pyfuse.options import POLICIES
+
 import pyfuse
 from helpers import run_cli
 from pyfuse.kernel import native as _native
@@ -22,8 +24,9 @@ def test_self_check_passes_on_this_machine():
     for build in _native.ext.cpu_kernels()["available"]:
         assert f"cpu:{build}" in run.out
     assert "metal-source" in run.out
-    # every path compared every case: 2 bits x 3 policies x 4 delta sizes
-    assert run.out.count("24/24 cases identical") == len(self_check.paths())
+    # every path compared every case: 2 bits x every policy x 4 delta sizes
+    n = 2 * len(POLICIES) * 4
+    assert run.out.count(f"{n}/{n} cases identical") == len(self_check.paths())
 
 
 @needs_ext

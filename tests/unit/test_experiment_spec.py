@@ -44,7 +44,7 @@ def _example_with_paths(tmp_path: Path) -> dict:
 
 BAD_SPECS = [
     (lambda s: s["conditions"]["A1"]["stages"][1]["fuse"].update(policy="stok"),
-     "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic (got 'stok')"),
+     "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic, calibrated (got 'stok')"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(lr=1),
      "conditions.A1.stages[0].train.lr: unknown field (known: train_mode, beta, lr_schedule, save_every, "
      "select_best, early_stop_patience, data, fine_tune_type, rank,"),

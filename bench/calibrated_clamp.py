@@ -1,0 +1,64 @@
+"""Why calibrated + refined falls short of preserve + refined on the tiny
+MoE (docs/faithful_fuse.md): the output error on held-out tokens of one
+refined 3 -> 8-bit down_proj under calibrated rounding with codes clamped to
+[0, 255] (the policy), with codes left unbounded (as if the grid had room),
+and under plain nearest rounding, clamped. Run after
+`python bench/compare_policies.py --work DIR` (it reuses DIR's model,
+adapter and calibration data).
+
+    python bench/calibrated_clamp.py --work DIR
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from helpers import DOWN, model_tensors  # noqa: E402
+
+from pyfuse.calibration import collect_hessians  # noqa: E402
+from pyfuse.calibration.fidelity import output_fidelity  # noqa: E402
+from pyfuse.kernel.calibrated import calibrated_codes, propagation_matrix  # noqa: E402
+from pyfuse.kernel.reference import delta_f32, unpack_codes  # noqa: E402
+from pyfuse.kernel.refine import refine_grid  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="the --work directory of bench/compare_policies.py")
+    ap.add_argument("--layer", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(args.work)
+    path = f"model.layers.{args.layer}.{DOWN}"
+    base = model_tensors(work / "moe")
+    ad = mx.load(str(work / "adapter" / "adapters.safetensors"))
+    mh = collect_hessians(work / "moe", work / "calib.jsonl", [path])[path]
+    w, s, b = (base[f"{path}.{n}"] for n in ("weight", "scales", "biases"))
+    w8, s8, b8 = refine_grid(w, s, b, group_size=64, bits=3, to_bits=8)
+    a, bb = ad[f"{path}.lora_a"], ad[f"{path}.lora_b"]
+    scale = np.asarray(mx.repeat(s8.astype(mx.float32), 64, axis=-1))
+    bias = np.asarray(mx.repeat(b8.astype(mx.float32), 64, axis=-1))
+    steps = (np.asarray(delta_f32(a, bb, 20.0)) / scale).astype(np.float32)
+    codes = np.asarray(unpack_codes(w8, 64, 8))
+    prop = np.asarray(propagation_matrix(mh.fit))
+    old = np.asarray(mx.dequantize(w, s, b, group_size=64, bits=3))
+    inv = (np.float32(1) / scale).astype(np.float32)
+    rows = {"calibrated, codes clamped to [0, 255]": calibrated_codes(codes, steps, inv, scale, prop, 8),
+            "calibrated, codes unbounded": calibrated_codes(codes, steps, inv, scale, prop, 8, clamp=False),
+            "nearest, clamped": np.clip(np.rint(codes + steps), 0, 255)}
+    print(f"{path}, refined 3 -> 8 bits; {sum(mh.held_out_tokens)} held-out routed tokens\n")
+    print("| rounding | output error | output retention | codes outside [0, 255] |")
+    print("|---|---:|---:|---:|")
+    for name, new in rows.items():
+        deq = new * scale + bias
+        fid = output_fidelity(lambda e: (mx.array(old[e]), mx.array(deq[e])), w.shape[0], a, bb, 20.0,
+                              mh.held_out)
+        print(f"| {name} | {fid['output_error']:.3f} | {fid['output_retention']:.3f} | "
+              f"{int(np.sum((new < 0) | (new > 255)))} |")
+
+
+if __name__ == "__main__":
+    main()
