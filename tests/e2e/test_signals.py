@@ -68,10 +68,9 @@ def _run(argv) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def _signal_mid_write(p: subprocess.Popen, dest: Path, sig) -> None:
+def _signal_mid_write(p: subprocess.Popen, dest: Path, sig, prefix: str) -> None:
     """Send ``sig`` as soon as ``dest``'s temporary output exists."""
     deadline = time.monotonic() + 300
-    prefix = f".{dest.name}.pyfuse-tmp-"
     while time.monotonic() < deadline:
         if any(n.startswith(prefix) for n in os.listdir(dest.parent)):
             p.send_signal(sig)
@@ -109,14 +108,18 @@ def test_a_signal_mid_write_leaves_nothing_and_a_rerun_gives_the_same_bytes(work
     dest.parent.mkdir(exist_ok=True)
     argv = _commands(work, dest)[name]
     p = _start(argv)
-    _signal_mid_write(p, dest, sig)
+    # a training writes into its resumable run directory (.NAME.run, see
+    # pyfuse.train.checkpoint); a fuse into a pid-named temporary
+    _signal_mid_write(p, dest, sig, f".{dest.name}.run" if name == "train" else f".{dest.name}.pyfuse-tmp-")
     out, err = p.communicate(timeout=300)
     assert p.returncode == CODES[sig], err
     if sig in MESSAGES:
         assert err.strip().splitlines()[-1] == f"pyfuse {name}: {MESSAGES[sig]}" and "Traceback" not in err
     assert not dest.exists()  # nothing half-written
     assert file_digests(work / "in") == inputs
-    r = _run(argv)  # the rerun: sweeps what a killed run left, writes the same bytes
+    # the rerun sweeps what a killed run left and writes the same bytes (a
+    # training keeps its interrupted run for --resume: --force starts over)
+    r = _run([*argv, "--force"] if name == "train" else argv)
     assert r.returncode == 0, r.stderr
     assert _comparable(file_digests(dest), name) == _comparable(reference, name)
     assert [n for n in os.listdir(dest.parent) if ".pyfuse-" in n] == []
