@@ -24,10 +24,15 @@ import pyfuse
 from pyfuse.kernel import native as _native
 from pyfuse.kernel.reference import fuse_requant_reference
 from pyfuse.kernel.self_check import case_grid
+from pyfuse.options import POLICIES
 
 pytestmark = pytest.mark.slow
 
-CASES = case_grid()
+# The harness drives the kernels without the calibrated policy's P matrix
+# (computed in Python from X^T X), so it checks the policies that need none;
+# calibrated is checked bit for bit against its NumPy reference by
+# tests/unit/test_calibrated.py and by `pyfuse self-check`.
+CASES = case_grid(policies=tuple(p for p in POLICIES if p != "calibrated"))
 
 
 @pytest.fixture(scope="module")
