@@ -46,7 +46,8 @@ from typing import Sequence
 from .. import progress
 from ..errors import UserError
 from ..data.mmlu import MCItem, format_question, load_mc
-from ..io.files import write_jsonl
+from ..io.files import jsonl_text
+from ..io.outputs import check_file_destination, publish_text
 from ..lm.chat import chat_prompt
 from ..lm.generate import check_positive, generate_batched
 from ..lm.load import load_for_inference
@@ -112,7 +113,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
                 limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                 out: str | os.PathLike | None = None, categories: Sequence[str] | None = None,
                 system_prompt: str | None = None, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
-                adapter_path: str | os.PathLike | None = None) -> MCEvalResult:
+                adapter_path: str | os.PathLike | None = None, force: bool = False) -> MCEvalResult:
     r"""Evaluate a model on multiple-choice items.
 
     Args:
@@ -124,12 +125,14 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         batch_size: items per ``batch_generate`` call (fixed composition).
         limit: evaluate only the first ``limit`` items (after ``categories``).
         max_tokens: the generation budget per item (``generate``).
-        out: write the per-item rows here (JSONL, atomically).
+        out: write the per-item rows here (JSONL, atomically; refused when it exists
+            unless ``force``).
         categories: evaluate only these categories (unknown names are an error).
         system_prompt: a system turn before each question.
         answer_prefix: what the ``logprob`` method puts after the generation
             prompt before the letter.
         adapter_path: an unfused mlx-lm adapter to load with the model path.
+        force: replace an existing ``out``.
     """
     if method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -139,6 +142,8 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         check_positive("max_tokens", max_tokens)
     if method == "logprob" and not answer_prefix:
         raise UserError("answer_prefix must not be empty for method 'logprob'")
+    if out is not None:
+        check_file_destination(out, force, "--out")  # before any work
     items, source = _items(data, categories, limit)
     lm = load_for_inference(model, adapter_path)
     started = time.perf_counter()
@@ -164,7 +169,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
     correct = sum(r["correct"] for r in rows)
     out_path = None
     if out is not None:
-        out_path = write_jsonl(out, rows)
+        out_path = publish_text(out, jsonl_text(rows), force, "--out")
     return MCEvalResult(accuracy=correct / n, n=n, correct=correct, rows=rows, method=method,
                         batch_size=batch_size, max_tokens=max_tokens if method == "generate" else None,
                         model=lm.name, data=source, seconds=seconds,

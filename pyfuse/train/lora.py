@@ -100,6 +100,8 @@ def _prepare_run_dir(final: Path, *, force: bool, resume: bool) -> Path:
         raise UserError(f"resume: {final} is a finished run, nothing to resume")
     if (final.exists() or final.is_symlink()) and not force:
         raise UserError(f"{final} exists (pass force=True / --force to replace it)")
+    if final.is_symlink() or (final.exists() and not final.is_dir()):  # before any work, not at publish
+        raise UserError(f"{final} exists and is not a directory; not replacing it")
     if resume:
         if not run_dir.is_dir():
             raise UserError(f"resume: no interrupted run of {final} ({run_dir} does not exist)")
@@ -205,15 +207,15 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
     run_dir = _prepare_run_dir(final, force=force, resume=resume)
     try:
         return _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, settings,
-                    resume, verbose, on_step, started)
+                    resume, force, verbose, on_step, started)
     except UserError:
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, s, resume, verbose,
-         on_step, started) -> TrainResult:
+def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, s, resume, force,
+         verbose, on_step, started) -> TrainResult:
     from ..lm.load import load_model
 
     seed_everything(s["seed"])
