@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._args import add_json, add_model, add_out, comma_list, console, print_warnings
+from ._args import add_force, add_json, add_model, add_out, comma_list, console, print_warnings
 
 HELP = "evaluate a model: multiple choice (MMLU-Pro, generate or logprob), identity consistency, behaviour rates"
 DESCRIPTION = """\
@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="what --method logprob puts before the letter (default: \\boxed{)")
     p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply")
     add_out(p, "write one JSON line per item", metavar="RESULTS.jsonl")
+    add_force(p, "--out")
     add_json(p, "the summary")
     p.set_defaults(_eval=_run_mc)
 
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--control", default=None, metavar="BASE_MODEL",
                    help="also run the base model (the control, which must score low) and compare")
     add_out(p, "write one JSON line per prompt", metavar="RESULTS.jsonl")
+    add_force(p, "--out")
     add_json(p, "the summary")
     p.add_argument("--print-suite", action="store_true",
                    help="print the shipped suite template and exit (copy it, then edit it)")
@@ -119,6 +121,7 @@ def _add_behaviour(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the intervals (default: 0.05)")
     p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply (to every --model)")
     add_out(p, "write one JSON line per generation (every model's)", metavar="RESULTS.jsonl")
+    add_force(p, "--out")
     add_json(p, "the rates and comparisons")
     p.add_argument("--print-suite", action="store_true", help="print the suite template and exit")
     p.set_defaults(_eval=_run_behaviour)
@@ -138,7 +141,7 @@ def _run_mc(args) -> int:
     r = evaluate_mc(args.model, args.data, method=args.method, batch_size=args.batch_size, limit=args.limit,
                     max_tokens=args.max_tokens, out=args.out, categories=args.categories,
                     system_prompt=args.system_prompt, answer_prefix=args.answer_prefix,
-                    adapter_path=args.adapter_path)
+                    adapter_path=args.adapter_path, force=args.force)
     if args.json:
         print(json.dumps({**r.summary(), "out": str(r.out) if r.out else None}, indent=2))
         return 0
@@ -173,7 +176,7 @@ def _run_identity(args) -> int:
     r = evaluate_identity(args.model, args.suite, persona_name=args.persona_name, aliases=args.aliases,
                           base_names=args.base_names, vendors=args.vendors, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, out=args.out,
-                          adapter_path=args.adapter_path, control=args.control)
+                          adapter_path=args.adapter_path, control=args.control, force=args.force)
     print_warnings("pyfuse eval identity", r.warnings)
     if args.json:
         print(json.dumps({**r.summary(), "out": str(r.out) if r.out else None}, indent=2))
@@ -199,20 +202,24 @@ def _run_identity(args) -> int:
 def _run_behaviour(args) -> int:
     from ..errors import UserError
     from ..evals.behaviour import compare_behaviour, default_suite_path, evaluate_behaviour
-    from ..io.files import write_jsonl
+    from ..io.files import jsonl_text
+    from ..io.outputs import check_file_destination, publish_text
 
     if args.print_suite:
         sys.stdout.write(default_suite_path().read_text(encoding="utf-8"))
         return 0
     if not args.model or args.suite is None:
         raise UserError("--model and --suite are required (or --print-suite)")
+    if args.out:
+        check_file_destination(args.out, args.force, "--out")  # before any work
     overrides = {k: getattr(args, k) for k in ("samples", "temperature", "top_p", "seed", "max_tokens",
                                                "batch_size")}
     results = [evaluate_behaviour(m, args.suite, adapter_path=args.adapter_path, alpha=args.alpha, **overrides)
                for m in args.model]
     comparisons = [compare_behaviour(r, results[0]) for r in results[1:]]
     if args.out:
-        write_jsonl(args.out, [{"model": r.model, **row} for r in results for row in r.rows])
+        publish_text(args.out, jsonl_text([{"model": r.model, **row} for r in results for row in r.rows]),
+                     args.force, "--out")
     if args.json:
         print(json.dumps({"results": [r.summary() for r in results],
                           "comparisons": [{"a": c.a, "b": c.b, "tests": c.tests} for c in comparisons]}, indent=2))
@@ -259,6 +266,7 @@ def _add_persona(sub) -> None:
     p.add_argument("--adapter-path", default=None, help="an unfused mlx-lm adapter to apply")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     add_out(p, "write one JSON line per prompt", metavar="RESULTS.jsonl")
+    add_force(p, "--out")
     add_json(p, "the summary")
     p.add_argument("--print-suite", action="store_true", help="print the built-in suite (YAML) and exit")
     p.set_defaults(_eval=_run_persona)
@@ -267,7 +275,8 @@ def _add_persona(sub) -> None:
 def _run_persona(args) -> int:
     from ..errors import UserError
     from ..evals.persona import BUILTIN_SUITE, evaluate_persona
-    from ..io.files import write_jsonl
+    from ..io.files import jsonl_text
+    from ..io.outputs import check_file_destination, publish_text
 
     if args.print_suite:
         import yaml
@@ -276,10 +285,12 @@ def _run_persona(args) -> int:
         return 0
     if args.model is None:
         raise UserError("--model is required")
+    if args.out:
+        check_file_destination(args.out, args.force, "--out")  # before any work
     r = evaluate_persona(args.model, args.suite, adapter_path=args.adapter_path, batch_size=args.batch_size)
     print_warnings("pyfuse eval persona", r.warnings)
     if args.out:
-        write_jsonl(args.out, r.rows)
+        publish_text(args.out, jsonl_text(r.rows), args.force, "--out")
     s = r.summary()
     if args.json:
         print(json.dumps({**s, "rows": r.rows}, indent=2))

@@ -115,7 +115,7 @@ def add_arguments(p) -> None:
                    help="fuse only modules whose whole path matches a glob (e.g. '*.self_attn.*')")
     p.add_argument("--link-unchanged", action="store_true",
                    help="hard-link (or copy) the shards that hold no fused tensor")
-    add_force(p, "--save-path")
+    add_force(p, "--save-path (and --report)")
     p.add_argument("--lenient", action="store_true",
                    help="fuse adapter modules mlx-lm's loader refuses (outside the adapter config's "
                         "num_layers/keys, DoRA on SwitchLinear without m) instead of refusing the "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from ..options import DATA_FREE_POLICIES, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from ._args import add_model, add_out, add_quiet, add_seed, checked_list, console, print_warnings
+from ._args import add_force, add_model, add_out, add_quiet, add_seed, checked_list, console, print_warnings
 
 HELP = "measure what a zero-delta fuse changes (weights and outputs) per group size, bits and policy"
 DESCRIPTION = """\
@@ -35,7 +36,8 @@ JSON's "drift" lists every round.
 
 Writes --out/noise_floor.json, noise_floor.md, noise_floor_tensors.jsonl,
 noise_floor_mc.jsonl (with --mc: every item's answer and option
-log-probabilities, baseline and fused) and PNG plots.
+log-probabilities, baseline and fused) and PNG plots; the directory is
+published whole at the end, and an existing one is replaced only with --force.
 
   pyfuse noise-floor --model mlx_model --bits 3,4 --group-sizes 64 --out nf
 """
@@ -73,6 +75,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-outputs", dest="outputs", action="store_false",
                    help="weights only: no tokenizer, no forward passes")
     add_out(p, "output directory (default: noise_floor)", default="noise_floor")
+    add_force(p, "--out")
     add_seed(p, "seed of the stochastic policy")
     add_quiet(p, "do not print the table")
 
@@ -93,13 +96,18 @@ def _command_line(args) -> str:
 
 
 def run(args) -> int:
+    from ..io.outputs import check_destination, staged_dir
     from ..noise_floor.measure import format_markdown, measure_noise_floor, write_outputs
 
+    group_sizes = checked_list(args.group_sizes, "--group-sizes", cast=int)
+    bits = checked_list(args.bits, "--bits", cast=int)
+    policies = checked_list(args.policies, "--policies")
+    check_destination(args.out, args.force, "--out")  # before any work
     result = measure_noise_floor(
         args.model,
-        group_sizes=checked_list(args.group_sizes, "--group-sizes", cast=int),
-        bits=checked_list(args.bits, "--bits", cast=int),
-        policies=checked_list(args.policies, "--policies"),
+        group_sizes=group_sizes,
+        bits=bits,
+        policies=policies,
         rounds=args.rounds,
         adapter_path=args.adapter_path,
         prompts=args.prompts,
@@ -110,7 +118,8 @@ def run(args) -> int:
         seed=args.seed,
     )
     command = _command_line(args)
-    files = write_outputs(result, args.out, command=command)
+    with staged_dir(args.out, args.force, "--out") as tmp:  # the whole directory, or nothing
+        files = {name: Path(args.out) / p.name for name, p in write_outputs(result, tmp, command=command).items()}
     if not args.quiet:
         from rich.markdown import Markdown
 

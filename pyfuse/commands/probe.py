@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ._args import add_json, add_out, console
+from ._args import add_force, add_json, add_out, console
 
 HELP = "per-layer hidden-state centroids and MoE routing of prompt sets; how they move between models"
 DESCRIPTION = """\
@@ -45,26 +44,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=("last", "mean"), default="last",
                    help="last prompt token (default) or mean over the prompt's tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: 8)")
-    add_out(p, "write probe.json and the plots here")
+    add_out(p, "write probe.json and the plots here (a new directory)")
+    add_force(p, "--out")
     p.add_argument("--centroids", action="store_true", help="also write the centroids into probe.json")
     add_json(p, "the result")
 
 
 def run(args) -> int:
     from ..io.files import atomic_write_text
+    from ..io.outputs import check_destination, staged_dir
     from ..lm.generate import check_positive
     from ..probes.compare import plot_probe, probe
 
     check_positive("--batch-size", args.batch_size)
+    if args.out:
+        check_destination(args.out, args.force, "--out")  # before any work
     res = probe(args.model, args.prompts, adapters=args.adapter_path, system_prompt=args.system_prompt,
                 pool=args.pool, batch_size=args.batch_size)
     data = res.to_dict(centroids=args.centroids)
     plots = []
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "probe.json", json.dumps(data, indent=2) + "\n")
-        plots = plot_probe(res, out)
+        with staged_dir(args.out, args.force, "--out") as tmp:  # the whole directory, or nothing
+            atomic_write_text(tmp / "probe.json", json.dumps(data, indent=2) + "\n")
+            plots = plot_probe(res, tmp)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
-from ._args import add_out, add_seed, console
+from ._args import add_force, add_out, add_seed, console
 
 HELP = "Set-G: the items base and persona both get wrong, split into train/test data (and `mine`: sample MMLU-Pro)"
 DESCRIPTION = """\
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of train carved out as valid.jsonl (default: 0, no validation set)")
     add_seed(parser, "split seed")
     add_out(parser, "output directory (required)")
+    add_force(parser, "--out")
     sub = parser.add_subparsers(dest="setg_command", metavar="[mine]")
     m = sub.add_parser("mine", help="stratified sample of an MMLU-Pro file (the items to mine Set-G from)",
                        description="N rows of a local MMLU-Pro copy, spread over its categories "
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rows per category: proportional to its size (default) or equal")
     add_seed(m, "sampling seed")
     add_out(m, "output file (.jsonl or .parquet)", required=True, metavar="FILE")
+    add_force(m, "--out")
     parser.set_defaults(_setg_parser=parser)
 
 
@@ -94,7 +96,8 @@ def _split_setg(args: argparse.Namespace) -> int:
     from ..data.setg import SPLITS, mine_setg
 
     result = mine_setg(args.base_results, args.persona_results, args.data, split=args.split,
-                       valid_frac=args.valid_frac, seed=args.seed, out=args.out)
+                       valid_frac=args.valid_frac, seed=args.seed, out=args.out,
+                       force=args.force)
     out = console()
     out.print(f"Set-G: {result.n_setg} of {result.n_items} items wrong for both (seed {result.seed}, split "
               f"train {result.split['train']:g} / test {result.split['test']:g}"
@@ -119,7 +122,8 @@ def _mine(args: argparse.Namespace) -> int:
 
     from ..data.sampler import sample_mmlu
 
-    result = sample_mmlu(args.mine_data, args.n, seed=args.seed, allocation=args.allocation, out=args.out)
+    result = sample_mmlu(args.mine_data, args.n, seed=args.seed, allocation=args.allocation, out=args.out,
+                         force=args.force)
     out = console()
     out.print(f"sampled {result.n} of {result.n_rows} rows over {len(result.counts)} categories "
               f"({result.allocation}, seed {result.seed})")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..io.files import atomic_write_text
+from ..io.outputs import check_file_destination, publish_file, publish_text
 from .mmlu import PARQUET_SUFFIXES, id_key, load_mc_rows
 
 ALLOCATIONS = ("proportional", "equal")
@@ -84,26 +84,16 @@ def _rng(seed: int, label: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
 
 
-def _write(out: Path, rows: list[dict]) -> None:
+def _write(out: Path, rows: list[dict], force: bool) -> None:
     if out.suffix.lower() in PARQUET_SUFFIXES:
-        import tempfile
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        publish_file(out, lambda tmp: pq.write_table(pa.Table.from_pylist(rows), str(tmp)), force, "--out")
         return
     import json
 
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    publish_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), force, "--out")
 
 
 def choose(items: list, n: int, *, seed: int = 0, allocation: str = "proportional") -> list[int]:
@@ -126,12 +116,15 @@ def choose(items: list, n: int, *, seed: int = 0, allocation: str = "proportiona
 
 
 def sample_mmlu(data: str | os.PathLike, n: int, *, seed: int = 0, allocation: str = "proportional",
-                out: str | os.PathLike | None = None) -> SampleResult:
+                out: str | os.PathLike | None = None, force: bool = False) -> SampleResult:
     """Sample ``n`` rows of the MMLU-Pro file ``data`` (JSONL or Parquet),
     stratified by category (see the module doc); with ``out``, write them
-    there (never over ``data`` itself)."""
+    there (never over ``data`` itself; over an existing file only with
+    ``force``)."""
     if out is not None and Path(out).resolve() == Path(data).resolve():
         raise UserError(f"--out {out} is the input data; choose another file")
+    if out is not None:
+        check_file_destination(out, force, "--out")  # before any work
     pairs = load_mc_rows(data)
     items = [item for item, _ in pairs]
     chosen = choose(items, n, seed=seed, allocation=allocation)
@@ -146,5 +139,5 @@ def sample_mmlu(data: str | os.PathLike, n: int, *, seed: int = 0, allocation: s
                           ids=[items[i].question_id for i in chosen])
     if out is not None:
         result.out = Path(out)
-        _write(result.out, [pairs[i][1] for i in chosen])
+        _write(result.out, [pairs[i][1] for i in chosen], force)
     return result

@@ -50,6 +50,7 @@ from pydantic import ValidationError
 
 from ..errors import UserError
 from ..io.files import write_json, write_jsonl
+from ..io.outputs import check_destination, staged_dir
 from .mmlu import MCItem, MCResult, format_question, id_key, load_mc, match_results, read_results
 
 SPLITS = ("train", "valid", "test")
@@ -212,32 +213,33 @@ def _stratified_split(by_cat: dict[str, list[MCItem]], sizes: dict[str, dict[str
     return chosen
 
 
-def _write(out: Path, chosen: dict[str, list[MCItem]], result: SetGResult) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    for split in SPLITS:
-        if chosen[split] or split != "valid":  # mlx-lm data: valid.jsonl only when there is one
-            write_jsonl(out / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
-    write_json(out / "items.json", result.splits)
-    write_json(out / "counts.json", {
-        "n_items": result.n_items, "n_setg": result.n_setg, "split": result.split,
-        "valid_frac": result.valid_frac, "seed": result.seed, "categories": result.counts,
-        "total": {**result.totals(), "total": result.n_setg}})
+def _write(out: Path, chosen: dict[str, list[MCItem]], result: SetGResult, force: bool) -> None:
+    with staged_dir(out, force, "--out") as tmp:  # the whole directory, or nothing
+        for split in SPLITS:
+            if chosen[split] or split != "valid":  # mlx-lm data: valid.jsonl only when there is one
+                write_jsonl(tmp / f"{split}.jsonl", [chat_example(it) for it in chosen[split]])
+        write_json(tmp / "items.json", result.splits)
+        write_json(tmp / "counts.json", {
+            "n_items": result.n_items, "n_setg": result.n_setg, "split": result.split,
+            "valid_frac": result.valid_frac, "seed": result.seed, "categories": result.counts,
+            "total": {**result.totals(), "total": result.n_setg}})
     result.out = out
 
 
 def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str | os.PathLike | Sequence,
               data: str | os.PathLike | Sequence, split: dict | None = None, valid_frac: float = 0.0,
-              seed: int = 0, out: str | os.PathLike | None = None) -> SetGResult:
+              seed: int = 0, out: str | os.PathLike | None = None, force: bool = False) -> SetGResult:
     """Mine Set-G from two eval result sets and split it (see the module
     docstring). ``base_results``/``persona_results`` are result JSONL paths
     or lists of results, ``data`` the MMLU-Pro file (or items) the evals ran
     on; ``split`` the train/test fractions (default 70/30), ``valid_frac``
     the share of train carved out for validation. With ``out=None`` nothing
-    is written."""
+    is written; an existing ``out`` directory is replaced only with ``force``."""
     split, valid_frac = check_split(split, valid_frac)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if out is not None:
+        check_destination(out, force, "--out")  # before any work
     base = _as_results(base_results, "base")
     persona = _as_results(persona_results, "persona")
     pairs = match_results(base, persona, "base", "persona")
@@ -262,5 +264,5 @@ def mine_setg(base_results: str | os.PathLike | Sequence, persona_results: str |
                         splits={s: [it.question_id for it in chosen[s]] for s in SPLITS},
                         counts={c: {**sizes[c], "total": len(by_cat[c])} for c in sorted(by_cat)})
     if out is not None:
-        _write(Path(out), chosen, result)
+        _write(Path(out), chosen, result, force)
     return result

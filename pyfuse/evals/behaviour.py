@@ -49,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ..data.mmlu import validate_as
 from ..errors import UserError
-from ..io.files import read_text, write_jsonl
+from ..io.files import jsonl_text, read_text
+from ..io.outputs import check_file_destination, publish_text
 from ..stats import mcnemar, wilson_interval
 from .extract import extract_answer
 
@@ -254,10 +255,11 @@ def score_outputs(suite: BehaviourSuite, outputs: Sequence[str], *, alpha: float
 
 
 def evaluate_behaviour(model, suite, *, adapter_path: str | os.PathLike | None = None,
-                       out: str | os.PathLike | None = None, alpha: float = 0.05,
+                       out: str | os.PathLike | None = None, alpha: float = 0.05, force: bool = False,
                        **overrides) -> BehaviourResult:
     """Run the suite on a model (a path or a loaded ``(model, tokenizer)``
-    pair) and score it; ``out`` gets one JSON line per generation."""
+    pair) and score it; ``out`` gets one JSON line per generation (an
+    existing one is replaced only with ``force``)."""
     from mlx_lm.sample_utils import make_sampler
 
     from ..lm.chat import chat_prompt
@@ -265,6 +267,8 @@ def evaluate_behaviour(model, suite, *, adapter_path: str | os.PathLike | None =
     from ..lm.load import load_for_inference
 
     s = load_suite(suite, **overrides)
+    if out is not None:
+        check_file_destination(out, force, "--out")  # before any work
     lm = load_for_inference(model, adapter_path)
     started = time.perf_counter()
     prompts = [chat_prompt(lm.tokenizer, p.text, system_prompt=s.system_for(p))
@@ -279,7 +283,8 @@ def evaluate_behaviour(model, suite, *, adapter_path: str | os.PathLike | None =
     for row, g in zip(result.rows, gens):
         row["truncated"] = g.truncated
     if out is not None:
-        result.out = write_jsonl(out, [{"model": result.model, **r} for r in result.rows])
+        result.out = publish_text(out, jsonl_text([{"model": result.model, **r} for r in result.rows]), force,
+                                  "--out")
     return result
 
 

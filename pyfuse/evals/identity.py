@@ -56,7 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 from ..data.mmlu import validate_as
 from ..errors import UserError
-from ..io.files import write_jsonl
+from ..io.files import jsonl_text
+from ..io.outputs import check_file_destination, publish_text
 from ..lm.generate import check_positive
 
 NAMED_CHECKS = ("states_name", "no_base_claim", "no_base_mention", "no_generic_ai")
@@ -376,13 +377,15 @@ def evaluate_identity(model, suite=None, *, persona_name: str | None = None,
                       vendors: Sequence[str] | None = None, system_prompt: str | None = None,
                       max_tokens: int | None = None, batch_size: int = 8,
                       out: str | os.PathLike | None = None,
-                      adapter_path: str | os.PathLike | None = None, control=None) -> IdentityResult:
+                      adapter_path: str | os.PathLike | None = None, control=None,
+                      force: bool = False) -> IdentityResult:
     """Run the identity suite on a model (a path or a loaded ``(model,
     tokenizer)`` pair) and score it. ``suite`` is a file, a dict, an
     :class:`IdentitySuite` or None (the template, which then needs
     ``persona_name``); the keyword overrides replace the suite's values.
     Prompts are generated in fixed batches of ``batch_size`` (suite order).
-    ``out`` gets one JSON line per prompt (of ``model``).
+    ``out`` gets one JSON line per prompt (of ``model``); an existing one is
+    replaced only with ``force``.
 
     ``control``: the base model (path or pair), run through the same suite;
     its result is ``result.control``, and ``result.warnings`` says when it
@@ -391,6 +394,8 @@ def evaluate_identity(model, suite=None, *, persona_name: str | None = None,
     s = load_suite(suite, persona_name=persona_name, aliases=aliases, base_names=base_names,
                    vendors=vendors, system_prompt=system_prompt, max_tokens=max_tokens)
     check_positive("batch_size", batch_size)
+    if out is not None:
+        check_file_destination(out, force, "--out")  # before any work
     result = _run_suite(model, s, batch_size, adapter_path)
     if control is not None:
         result.control = _run_suite(control, s, batch_size, None)
@@ -402,7 +407,7 @@ def evaluate_identity(model, suite=None, *, persona_name: str | None = None,
             result.warnings.append(f"the control scores {c.score}/{c.n}, not below the model's "
                                    f"{result.score}/{result.n}")
     if out is not None:
-        result.out = write_jsonl(out, result.rows)
+        result.out = publish_text(out, jsonl_text(result.rows), force, "--out")
     return result
 
 

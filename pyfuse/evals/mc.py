@@ -52,7 +52,8 @@ from .. import progress
 from ..errors import UserError
 from ..data.mmlu import MCItem, format_question, load_mc
 from ..distributed import map_shard, together, writes
-from ..io.files import write_jsonl
+from ..io.files import jsonl_text
+from ..io.outputs import check_file_destination, publish_text
 from ..lm.chat import chat_prompt
 from ..lm.generate import check_positive, generate_batched
 from ..lm.load import load_for_inference
@@ -118,7 +119,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
                 limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                 out: str | os.PathLike | None = None, categories: Sequence[str] | None = None,
                 system_prompt: str | None = None, answer_prefix: str = DEFAULT_ANSWER_PREFIX,
-                adapter_path: str | os.PathLike | None = None) -> MCEvalResult:
+                adapter_path: str | os.PathLike | None = None, force: bool = False) -> MCEvalResult:
     r"""Evaluate a model on multiple-choice items.
 
     Args:
@@ -130,12 +131,14 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         batch_size: items per ``batch_generate`` call (fixed composition).
         limit: evaluate only the first ``limit`` items (after ``categories``).
         max_tokens: the generation budget per item (``generate``).
-        out: write the per-item rows here (JSONL, atomically).
+        out: write the per-item rows here (JSONL, atomically; refused when it exists
+            unless ``force``).
         categories: evaluate only these categories (unknown names are an error).
         system_prompt: a system turn before each question.
         answer_prefix: what the ``logprob`` method puts after the generation
             prompt before the letter.
         adapter_path: an unfused mlx-lm adapter to load with the model path.
+        force: replace an existing ``out``.
     """
     if method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -145,6 +148,8 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
         check_positive("max_tokens", max_tokens)
     if method == "logprob" and not answer_prefix:
         raise UserError("answer_prefix must not be empty for method 'logprob'")
+    if out is not None:
+        check_file_destination(out, force, "--out")  # before any work
     with together("loading the model and the items"):  # under mlx.launch: one rank failing fails all
         items, source = _items(data, categories, limit)
         lm = load_for_inference(model, adapter_path)
@@ -158,7 +163,7 @@ def evaluate_mc(model, data, *, method: str = "generate", batch_size: int = DEFA
     correct = sum(r["correct"] for r in rows)
     out_path = None
     if out is not None and writes():  # under mlx.launch only rank 0 writes
-        out_path = write_jsonl(out, rows)
+        out_path = publish_text(out, jsonl_text(rows), force, "--out")
     return MCEvalResult(accuracy=correct / n, n=n, correct=correct, rows=rows, method=method,
                         batch_size=batch_size, max_tokens=max_tokens if method == "generate" else None,
                         model=lm.name, data=source, seconds=seconds,

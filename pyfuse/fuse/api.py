@@ -57,9 +57,9 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.checks import check_finite
-from ..io.files import atomic_write_text, sigterm_as_interrupt
+from ..io.files import sigterm_as_interrupt
 from ..io.hub import resolve_model_dir
-from ..io.outputs import check_paths
+from ..io.outputs import check_file_destination, check_paths, publish_text
 from ..io.model_dir import ModelDir
 from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
                        RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
@@ -138,7 +138,7 @@ def fuse_model(
         link_unchanged: hard-link (or copy when linking fails) the shards that
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
-        force: replace an existing ``save_path``.
+        force: replace an existing ``save_path`` (and ``report``).
         on_range_overflow: under ``preserve`` / ``stochastic``, what a group
             whose fused values leave its grid's range gets: ``refit`` (MLX's
             affine rule on its fused values: that group loses its scale and
@@ -198,7 +198,7 @@ def fuse_model(
                     {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
         _check_save_path(save_path, force)
         if report is not None:
-            _check_report_path(Path(report), save_path)
+            _check_report_path(Path(report), save_path, force)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
                          requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
         hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
@@ -220,7 +220,7 @@ def fuse_model(
                                  requant_bits=requant_bits, requant_group_size=requant_group_size,
                                  only=only, written=written, seconds=time.monotonic() - started,
                                  on_range_overflow=on_range_overflow)
-    report_path = None if report is None else _write_report(Path(report), rep, save_path)
+    report_path = None if report is None else _write_report(Path(report), rep, save_path, force)
     gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
     if upload_repo is not None:
         export.upload(save_path, upload_repo)
@@ -250,9 +250,9 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
     return run
 
 
-def _write_report(path: Path, rep: dict, save_path: Path) -> Path:
+def _write_report(path: Path, rep: dict, save_path: Path, force: bool) -> Path:
     try:
-        atomic_write_text(path, json.dumps(rep, indent=2) + "\n")
+        publish_text(path, json.dumps(rep, indent=2) + "\n", force, "--report")
     except OSError as err:
         raise UserError(f"cannot write the report to {path} ({err.strerror}); "
                         f"the fused model is in {save_path}") from None
@@ -352,7 +352,7 @@ def _check_save_path(save_path: Path, force: bool) -> None:
         raise UserError(f"cannot write into {parent}")
 
 
-def _check_report_path(report: Path, save_path: Path) -> None:
+def _check_report_path(report: Path, save_path: Path, force: bool) -> None:
     target = report.resolve()
     if target.is_relative_to(save_path.resolve()):
         if target.parent != save_path.resolve():
@@ -362,6 +362,7 @@ def _check_report_path(report: Path, save_path: Path) -> None:
         raise UserError(f"--report {report}: directory {target.parent} does not exist")
     if target.is_dir():
         raise UserError(f"--report {report} is a directory")
+    check_file_destination(report, force, "--report")
 
 
 __all__ = ["FuseResult", "fuse_model"]

@@ -16,6 +16,9 @@
   old copy is renamed aside to ``.NAME.pyfuse-old-PID-XXXX`` first, and
   :func:`recover` (run before every publish) puts it back if the run died
   before the new copy was in place, or removes it once the new one is.
+* :func:`publish_file` / :func:`publish_text`: the same for a single-file
+  output (``--out FILE``, ``--report``), refused when it exists unless
+  ``force``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from ..errors import UserError
 from .files import TMP_MARK, pid_alive, remove_stale_temps, tmp_path_for
@@ -275,17 +278,25 @@ def check_destination(final: PathLike, force: bool, flag: str = "the output") ->
 
 
 @contextmanager
+def _locked_temp(final: PathLike, check: Callable[[Path], None]) -> Iterator[tuple[Path, Path]]:
+    """``(final made absolute, a fresh temporary name next to it)`` under
+    :func:`writer_lock`, once ``check(final)`` passed and a killed run's
+    temporaries of ``final`` are swept."""
+    final = Path(os.path.abspath(final))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with writer_lock(final):
+        check(final)
+        remove_stale_temps(final.parent, f".{final.name}{TMP_MARK}*")
+        yield final, tmp_path_for(final)
+
+
+@contextmanager
 def staged_dir(final: PathLike, force: bool, flag: str = "the output") -> Iterator[Path]:
     """A temporary directory next to ``final`` (with the mode ``mkdir``
     would give) to write an output into, under :func:`writer_lock`;
     published as ``final`` (:func:`publish`) when the block ends, removed if
     it raises, so that ``final`` is complete or as it was."""
-    final = Path(os.path.abspath(final))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with writer_lock(final):
-        check_destination(final, force, flag)
-        remove_stale_temps(final.parent, f".{final.name}{TMP_MARK}*")
-        tmp = tmp_path_for(final)
+    with _locked_temp(final, lambda f: check_destination(f, force, flag)) as (final, tmp):
         tmp.mkdir()
         try:
             os.chmod(tmp, 0o777 & ~_umask())
@@ -300,6 +311,47 @@ def staged_dir(final: PathLike, force: bool, flag: str = "the output") -> Iterat
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def check_file_destination(final: PathLike, force: bool, flag: str = "the output") -> None:
+    """Refuse (before any work) an existing file ``final`` without ``force``,
+    and a directory or symlink there even with it."""
+    final = Path(final)
+    recover(final)
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_file():
+        raise UserError(f"{flag} {final} exists and is not a file; not replacing it")
+    if not force:
+        raise UserError(f"{flag} {final} exists; pass --force to replace it")
+
+
+def publish_file(final: PathLike, write: Callable[[Path], object], force: bool,
+                 flag: str = "the output") -> Path:
+    """Write a single-file output: ``write(tmp)`` fills a temporary file next
+    to ``final`` (under :func:`writer_lock`), which is then published
+    (:func:`publish`): ``final`` is created, or replaced only with ``force``,
+    and is complete or as it was. Returns ``final`` as given."""
+    given = Path(final)
+    with _locked_temp(final, lambda f: check_file_destination(f, force, flag)) as (final, tmp):
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the mode open() gives
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            publish(tmp, final, force)
+        except BaseException:
+            _remove(tmp)
+            raise
+    return given
+
+
+def publish_text(final: PathLike, text: str, force: bool, flag: str = "the output") -> Path:
+    """:func:`publish_file` of ``text`` (UTF-8, ``\\n`` line ends)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+    return publish_file(final, write, force, flag)
 
 
 def _write_errno(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
+from ..options import MAX_LORA_RANK
 
 FINE_TUNE_TYPES = ("lora", "dora")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
@@ -63,6 +64,8 @@ def check_settings(fine_tune_type: str, rank: int, scale: float, dropout: float,
     if not isinstance(s["optimizer_config"], dict):
         raise UserError("optimizer_config must be a mapping of optimizer name to its arguments")
     check_int("rank", rank)
+    if rank > MAX_LORA_RANK:  # the same bound the experiment spec puts on rank
+        raise UserError(f"rank must be at most {MAX_LORA_RANK}, got {rank}")
     check_number("scale (alpha / rank)", scale)
     check_number("learning_rate", s["learning_rate"])
     check_number("dropout", dropout, positive=False)

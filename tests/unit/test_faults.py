@@ -29,7 +29,7 @@ from helpers import file_digests, make_adapter, mmlu_row, result_row, run_cli, w
 
 import pyfuse.cli
 from pyfuse.errors import UserError
-from pyfuse.io.outputs import OLD_MARK, recover, staged_dir, writer_lock
+from pyfuse.io.outputs import OLD_MARK, publish_file, recover, staged_dir, writer_lock
 
 
 # -- the inputs ---------------------------------------------------------------------------
@@ -266,12 +266,12 @@ CASES = [
     # an output that is a directory
     Case("eval-out-is-a-directory",
          lambda c, d: ["eval", "mc", "--model", c.inp / "M", "--data", c.inp / "d.jsonl", "--out", c.out],
-         "Is a directory", lambda c, d: c.out),
+         "exists and is not a file; not replacing it", lambda c, d: c.out),
     Case("fuse-report-is-a-directory", lambda c, d: _fuse(c, "x", "M", "F", "--report", c.out),
          "is a directory", lambda c, d: c.out / "F"),
     Case("setg-mine-out-is-a-directory",
-         lambda c, d: ["setg", "mine", "--data", c.inp / "d.jsonl", "--n", "2", "--out", c.out],
-         "directory", lambda c, d: c.out),
+         lambda c, d: ["setg", "mine", "--data", c.inp / "d.jsonl", "--n", "2", "--out", c.out, "--force"],
+         "exists and is not a file; not replacing it", lambda c, d: c.out),
     Case("zero-adapter-force-over-a-file",
          lambda c, d: ["zero-adapter", "--adapter-path", c.inp / "ads" / "x", "--out", c.out / "afile", "--force"],
          "exists and is not a directory; not replacing it", lambda c, d: c.out / "afile"),
@@ -279,8 +279,41 @@ CASES = [
          lambda c, d: ["train", "--model", c.inp / "M", "--num-layers", "-1", "--data", c.inp / "train.jsonl", "--adapter-path",
                        c.out / "afile", "--force", "--iters", "1", "--quiet"],
          "exists and is not a directory; not replacing it", lambda c, d: c.out / "afile"),
-    Case("noise-floor-out-is-a-file", lambda c, d: _nf(c, "--out", c.out / "afile"), "File exists",
-         lambda c, d: c.out / "afile"),
+    Case("noise-floor-out-is-a-file", lambda c, d: _nf(c, "--out", c.out / "afile", "--force"),
+         "exists and is not a directory; not replacing it", lambda c, d: c.out / "afile"),
+    # an existing output: refused without --force, byte-identical (replaced with it: test_force_replaces_...)
+    Case("eval-mc-out-exists",
+         lambda c, d: ["eval", "mc", "--model", c.inp / "M", "--data", c.inp / "d.jsonl", "--out", c.out / "afile"],
+         "--out {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("eval-identity-out-exists",
+         lambda c, d: ["eval", "identity", "--model", c.inp / "M", "--persona-name", "Nova", "--out",
+                       c.out / "afile"],
+         "--out {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("eval-behaviour-out-exists",
+         lambda c, d: ["eval", "behaviour", "--model", c.inp / "M", "--suite", c.inp / "spec.yaml", "--out",
+                       c.out / "afile"],
+         "--out {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("eval-persona-out-exists",
+         lambda c, d: ["eval", "persona", "--model", c.inp / "M", "--out", c.out / "afile"],
+         "--out {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("fuse-report-exists", lambda c, d: _fuse(c, "x", "M", "F", "--report", c.out / "afile"),
+         "--report {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("setg-mine-out-exists",
+         lambda c, d: ["setg", "mine", "--data", c.inp / "d.jsonl", "--n", "2", "--out", c.out / "afile"],
+         "--out {out}/afile exists; pass --force to replace it", lambda c, d: c.out / "afile"),
+    Case("setg-out-exists",
+         lambda c, d: ["setg", "--base", c.inp / "base.jsonl", "--persona", c.inp / "persona.jsonl", "--data",
+                       c.inp / "d.jsonl", "--out", c.out],
+         "--out {out} already exists; pass --force to replace it", lambda c, d: c.out),
+    Case("noise-floor-out-exists", lambda c, d: _nf(c, "--out", c.out),
+         "--out {out} already exists; pass --force to replace it", lambda c, d: c.out),
+    Case("probe-out-exists",
+         lambda c, d: ["probe", "--model", c.inp / "M", "--prompts", c.inp / "d.jsonl", "--out", c.out],
+         "--out {out} already exists; pass --force to replace it", lambda c, d: c.out),
+    Case("train-rank-too-large",
+         lambda c, d: ["train", "--model", c.inp / "M", "--data", c.inp / "train.jsonl", "--adapter-path",
+                       c.out / "T", "--rank", "4097", "--iters", "1", "--quiet"],
+         "rank must be at most 4096, got 4097", lambda c, d: c.out / "T"),
     Case("demo-out-is-a-file", lambda c, d: ["demo", "--out", c.out / "afile", "--cache", c.out / "cache", "--quiet"],
          "not a directory", lambda c, d: c.out / "afile"),
     Case("stats-mcnemar-on-directories", lambda c, d: ["stats", "mcnemar", c.inp, c.inp], "directory", None),
@@ -313,8 +346,8 @@ CASES = [
     Case("zero-adapter-full-disk", lambda c, d: ["zero-adapter", "--adapter-path", c.inp / "ads" / "x", "--out",
                                                  d["full"] / "sub" / "Z"], "No space left on device",
          lambda c, d: d["full"] / "sub" / "Z", "full"),
-    Case("noise-floor-full-disk", lambda c, d: _nf(c, "--out", d["full"] / "sub"), "No space left on device",
-         lambda c, d: d["full"] / "sub", "full"),
+    Case("noise-floor-full-disk", lambda c, d: _nf(c, "--out", d["full"] / "sub" / "N"), "No space left on device",
+         lambda c, d: d["full"] / "sub" / "N", "full"),
     Case("eval-full-disk",
          lambda c, d: ["eval", "mc", "--model", c.inp / "M", "--data", c.inp / "d.jsonl", "--method", "logprob",
                        "--out", d["full"] / "sub" / "r.jsonl"], "No space left on device",
@@ -466,3 +499,45 @@ def test_a_killed_runs_temporary_files_are_swept_by_the_next_write(tmp_path):
         p.write_text("partial")
     atomic_write_text(tmp_path / "r.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", running.name, other.name])
+
+
+def _single_file_outputs(c: Ctx, tiny_moe_dir, moe_adapter, dest: Path) -> dict[str, list]:
+    """Every subcommand's single-file output, aimed at ``dest``."""
+    return {
+        "eval-mc": ["eval", "mc", "--model", tiny_moe_dir, "--data", c.inp / "d.jsonl", "--method", "logprob",
+                    "--limit", "2", "--out", dest],
+        "fuse-report": ["fuse", "--model", tiny_moe_dir, "--adapter-path", moe_adapter, "--save-path",
+                        dest.parent / "F", "--quiet", "--report", dest],
+        "setg-mine": ["setg", "mine", "--data", c.inp / "d.jsonl", "--n", "2", "--out", dest],
+    }
+
+
+@pytest.mark.parametrize("command", ["eval-mc", "fuse-report", "setg-mine"])
+def test_an_existing_single_file_output_is_replaced_only_with_force(command, ctx, tmp_path, tiny_moe_dir,
+                                                                    moe_adapter):
+    dest = tmp_path / "out.jsonl"
+    dest.write_bytes(b"a user's file\n")
+    argv = _single_file_outputs(ctx, tiny_moe_dir, moe_adapter, dest)[command]
+    r = run_cli(*argv)
+    flag = "--report" if command == "fuse-report" else "--out"
+    assert r.code == 2 and r.err.strip().endswith(f"{flag} {dest} exists; pass --force to replace it"), r.err
+    assert dest.read_bytes() == b"a user's file\n" and not (tmp_path / "F").exists()
+    r = run_cli(*argv, "--force")
+    assert r.code == 0, r.err
+    text = dest.read_text()
+    assert text != "a user's file\n" and all(json.loads(line) for line in text.splitlines() if line) \
+        if command != "fuse-report" else json.loads(text)["summary"]["modules_fused"] > 0
+    assert _pyfuse_leftovers(tmp_path) == []
+
+
+def test_a_single_file_that_appears_mid_write_is_never_replaced(tmp_path):
+    from pyfuse.io.outputs import publish_text
+
+    final = tmp_path / "r.jsonl"
+    with pytest.raises(UserError, match="appeared while this run was writing it"):
+        publish_file(final, lambda tmp: (tmp.write_text("new\n"), final.write_text("made by hand\n")), False)
+    assert final.read_text() == "made by hand\n" and _pyfuse_leftovers(tmp_path) == []
+    with pytest.raises(UserError, match="exists; pass --force to replace it"):
+        publish_text(final, "new\n", False)
+    assert publish_text(final, "new\n", True) == final and final.read_text() == "new\n"
+    assert _pyfuse_leftovers(tmp_path) == []

@@ -596,9 +596,19 @@ def test_cli(fp_llama, tmp_path):
                                                                (4, "stock"), (4, "preserve")]
     assert (out / "noise_floor_weights.png").exists()
     assert "4 rows" in r.out
-    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "4,x", "--out", out)
+    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "4,x", "--out", out, "--force")
     assert r.code == 2
     assert "--bits: 'x' is not an integer" in r.err
-    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "7", "--out", out)
+    r = run_cli("noise-floor", "--model", fp_llama, "--bits", "7", "--out", out, "--force")
     assert r.code == 2
     assert "bits: 7 is not supported" in r.err
+    before = read_json(out / "noise_floor.json")
+    r = run_cli("noise-floor", "--model", fp_llama, "--group-sizes", "64", "--bits", "4", "--policies", "stock",
+                "--no-outputs", "--out", out, "--quiet")
+    assert r.code == 2 and r.err.strip() == f"pyfuse noise-floor: error: --out {out} already exists; " \
+                                            "pass --force to replace it"
+    assert read_json(out / "noise_floor.json") == before
+    r = run_cli("noise-floor", "--model", fp_llama, "--group-sizes", "64", "--bits", "4", "--policies", "stock",
+                "--no-outputs", "--out", out, "--quiet", "--force")
+    assert r.code == 0 and [(r["bits"], r["policy"]) for r in read_json(out / "noise_floor.json")["rows"]] == \
+        [(4, "stock")]
