@@ -57,7 +57,7 @@ the change in units of the delta); --report writes every figure as JSON.
 
 # Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
 # inside an input or another output (pyfuse.io.outputs.check_paths).
-INPUTS = {"model": "--model", "adapter_path": "--adapter-path"}
+INPUTS = {"model": "--model", "adapter_path": "--adapter-path", "agreement_prompts": "--agreement-prompts"}
 OUTPUTS = {"save_path": "--save-path", "report": "--report"}
 NESTED_OK = [("--report", "--save-path")]  # the report may go into the new model directory
 
@@ -100,6 +100,14 @@ def add_arguments(p) -> None:
                         "number of inputs, at least 32: fewer leave X^T X rank-deficient)")
     p.add_argument("--damp", type=float, default=None,
                    help="--policy calibrated: H + damp * mean(diag H) * I is inverted (default: 0.01)")
+    p.add_argument("--agreement-prompts", metavar="DATA.jsonl", default=None,
+                   help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
+                        "directory) on which the fused model's next-token distributions are compared with "
+                        "the base model's with the adapter applied unfused: KL(unfused || fused) per token and "
+                        "top-1 agreement, printed and in --report (default with --calibration: its held-out "
+                        "sequences)")
+    p.add_argument("--no-agreement", dest="agreement", action="store_false",
+                   help="skip that comparison (it loads the base model and the fused model once more)")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -128,6 +136,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..fuse import format_table, fuse_model
+    from ..fuse.agreement import format_agreement
 
     result = fuse_model(
         args.model, args.adapter_path, args.save_path,
@@ -138,6 +147,7 @@ def run(args) -> int:
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
+        agreement_prompts=args.agreement_prompts, agreement=args.agreement,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
@@ -145,6 +155,8 @@ def run(args) -> int:
         longest = max(len(r["name"]) for r in result.report["tensors"])
         console(min_width=longest + 90).print(format_table(result.report))
     print_warnings("pyfuse fuse", s["warnings"])
+    if (line := format_agreement(s)) is not None:
+        print(f"pyfuse fuse: {line}")
     extra = []
     if s["configured_without_weights"]:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")

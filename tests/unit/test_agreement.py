@@ -5,13 +5,14 @@ oracle: per sequence, one plain forward pass of the model as ``mlx_lm.load``
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from scipy.special import rel_entr, softmax
 
 from pyfuse.errors import UserError
 from pyfuse.lm.agreement import next_token_agreement, per_token_kl_top1, token_batches
+
+from helpers import mlx_lm_logits, scipy_kl_top1
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
          "Two plus two is four, and four plus four is eight, and eight plus eight is sixteen.",
@@ -26,19 +27,6 @@ def seqs(tiny_moe_dir):
     return [list(tok.encode(t)) for t in TEXTS]
 
 
-def _oracle_logits(model_dir, seqs, adapter=None):
-    from mlx_lm import load
-
-    model, _ = load(str(model_dir), adapter_path=None if adapter is None else str(adapter))
-    return [np.asarray(model(mx.array([s]))[0].astype(mx.float32)).astype(np.float64) for s in seqs]
-
-
-def _oracle(ref, got):
-    kl = np.concatenate([rel_entr(softmax(a, -1), softmax(b, -1)).sum(-1) for a, b in zip(ref, got)])
-    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, got)])
-    return kl, agree
-
-
 def _check(got, kl, agree):
     assert got.tokens == kl.size and got.sequences == len(TEXTS)
     assert got.kl_mean == pytest.approx(kl.mean(), rel=1e-3)
@@ -49,12 +37,12 @@ def _check(got, kl, agree):
 
 @pytest.fixture(scope="module")
 def unfused_oracle(tiny_moe_dir, moe_adapter, seqs):
-    return _oracle_logits(tiny_moe_dir, seqs, moe_adapter)
+    return mlx_lm_logits(tiny_moe_dir, seqs, moe_adapter)
 
 
 def test_fused_against_unfused_adapter_matches_scipy(tiny_moe_dir, moe_adapter, moe_pyfuse, seqs,
                                                      unfused_oracle):
-    kl, agree = _oracle(unfused_oracle, _oracle_logits(moe_pyfuse, seqs))
+    kl, agree = scipy_kl_top1(unfused_oracle, mlx_lm_logits(moe_pyfuse, seqs))
     assert kl.mean() > 1e-9 and agree.mean() < 1.0  # a 3-bit stock fuse: a measurable difference
     got = next_token_agreement(tiny_moe_dir, moe_pyfuse, seqs, reference_adapter=moe_adapter)
     _check(got, kl, agree)
@@ -71,7 +59,7 @@ def test_spilled_and_one_sequence_batches_give_the_same(tiny_moe_dir, moe_adapte
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     base = load_for_inference(tiny_moe_dir)
     got = next_token_agreement(tiny_moe_dir, base, seqs, reference_adapter=moe_adapter, spill_bytes=0, budget=1)
-    _check(got, *_oracle(unfused_oracle, _oracle_logits(tiny_moe_dir, seqs)))
+    _check(got, *scipy_kl_top1(unfused_oracle, mlx_lm_logits(tiny_moe_dir, seqs)))
     assert list(tmp_path.iterdir()) == []
 
 
