@@ -116,6 +116,7 @@ def fuse_model(
     damp: float | None = None,
     agreement_prompts: str | os.PathLike | None = None,
     agreement: bool = True,
+    hessians: dict | None = None,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -184,6 +185,12 @@ def fuse_model(
             ``calibration``: its held-out sequences.
         agreement: False: no whole-model comparison (not even with
             ``calibration``).
+        hessians: ``X^T X`` already collected for the fused modules
+            (:func:`pyfuse.calibration.collect_hessians`), used instead of a
+            calibration pass (``calibration`` must then be None); under every
+            policy they add the per-module output error and retention on
+            their held-out tokens to the report (``--compare-policies``
+            calibrates once for all its fuses).
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -197,7 +204,10 @@ def fuse_model(
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
-    _check_calibration(policy, calibration, dequantize)
+    if hessians is None:
+        _check_calibration(policy, calibration, dequantize)
+    elif calibration is not None:
+        raise UserError("give calibration data or collected hessians, not both")
     mdir = ModelDir(model_path)
     try:
         _check_remote_code(mdir, trust_remote_code)
@@ -215,7 +225,8 @@ def fuse_model(
                          requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
         agree_data = agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
                                     enabled=agreement)
-        hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
+        if hessians is None:
+            hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
                           on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
