@@ -41,7 +41,8 @@ dequantized (mx.dequantize) and trained in float; at the end their weights
 are re-quantized at each module's own bits / group size / mode by
 --requant-policy (stock: mx.quantize afresh, new codes, scales and biases;
 preserve / stochastic: each group keeps its scale and bias, codes move
-towards the trained weight). Norms and other float tensors are written as
+towards the trained weight; a group whose trained values leave its grid
+is re-fitted, and Adam moves every weight, so expect many). Norms and other float tensors are written as
 trained, every tensor outside the chosen layers byte-identical to the base.
 The output's training/ folder holds the trained float tensors (a full
 fine-tune adapter: `pyfuse fuse --adapter-path OUT/training` re-quantizes

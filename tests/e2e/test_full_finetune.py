@@ -193,3 +193,53 @@ def test_experiment_with_a_full_fine_tune(tiny_llama_dir, train_file, tmp_path):
     changed = differing(model_tensors(tiny_llama_dir), model_tensors(model))
     assert changed and {n.split(".")[2] for n in changed} == {"3"}
     assert results["conditions"]["full"]["behaviour"]["alpha"]["n"] == 2
+
+
+def test_full_resume_after_interrupt_gives_the_same_model(tiny_llama_dir, train_file, tmp_path):
+    """Interrupted after its checkpoint at step 3 (the run directory stays)
+    and resumed: the same model bytes as an uninterrupted run; --force
+    replaces a finished one."""
+    kw = dict(fine_tune_type="full", layers="last:1", save_every=3, **SETTINGS)
+    train_adapter(tiny_llama_dir, train_file, tmp_path / "whole", **kw)
+
+    def stop(it):
+        if it == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tiny_llama_dir, train_file, tmp_path / "cut", on_step=stop, **kw)
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.run" / "checkpoints" / "0000003").is_dir()
+    res = train_adapter(tiny_llama_dir, train_file, tmp_path / "cut", resume=True, **kw)
+    assert res.resumed_from == 3
+    for name in ("model.safetensors", "training/adapters.safetensors"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "whole"]
+    before = file_digests(tmp_path / "whole")
+    train_adapter(tiny_llama_dir, train_file, tmp_path / "whole", force=True, **kw)
+    after = file_digests(tmp_path / "whole")
+    assert after.keys() == before.keys() and after["model.safetensors"] == before["model.safetensors"]
+
+
+def test_full_moe_mixed_precision_keeps_each_modules_bits(tiny_moe_mixed_dir, train_file, tmp_path):
+    """A 3-bit MoE whose experts' down_proj are 6-bit and router 8-bit
+    (mlx-lm's default for gates): every re-quantized weight of block 3 is
+    mx.quantize's at its module's own bits; the rest is the base's bytes."""
+    from pyfuse.io.model_dir import ModelDir
+
+    out = tmp_path / "moe"
+    train_adapter(tiny_moe_mixed_dir, train_file, out, fine_tune_type="full", layers="3", iters=3, batch_size=2,
+                  learning_rate=1e-3)
+    cfg = read_json(out / "training" / "adapter_config.json")
+    trained, ours, base = mx.load(str(out / "training" / "adapters.safetensors")), model_tensors(out), \
+        model_tensors(tiny_moe_mixed_dir)
+    bits = {}
+    with ModelDir(tiny_moe_mixed_dir) as md:
+        for name in cfg["requantized"]:
+            m = name[: -len(".weight")]
+            q = md.quant_params(m)
+            bits[m.rsplit(".", 1)[1]] = q.bits
+            expected = mx.quantize(trained[name], group_size=q.group_size, bits=q.bits)
+            assert all(identical(a, ours[f"{m}.{n}"]) for a, n in zip(expected, ("weight", "scales", "biases"))), m
+    assert bits["down_proj"] == 6 and bits["up_proj"] == 3 and len(cfg["requantized"]) == 8
+    assert {n.split(".")[2] for n in differing(base, ours)} == {"3"}
+    assert (out / "config.json").read_bytes() == (tiny_moe_mixed_dir / "config.json").read_bytes()
