@@ -13,7 +13,7 @@ zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.
 placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
 dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse
                adapter (zero-delta)                        stochastically (pyfuse.adapters.dither)
-fuse           model, adapter                              ``model/``, ``fuse_report.json``
+fuse           model, adapter [, calibration data]         ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
 eval-behaviour model [, adapter], suite                     ``rows.jsonl``, ``summary.json``
@@ -80,7 +80,8 @@ def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
                      dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True,
-                     layers=opts.get("layers"), modules=opts.get("modules"))
+                     layers=opts.get("layers"), modules=opts.get("modules"), calibration=inputs.get("calibration"),
+                     calibration_min_tokens=opts.get("calibration_min_tokens"), damp=opts.get("damp"))
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
             "codes_changed", "groups_refit", "kernel", "warnings")
