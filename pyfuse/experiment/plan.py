@@ -349,6 +349,10 @@ class _Planner:
     def _train(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
         data = self.train_data(opts["data"])
         st = self.step("train", opts, {"model": cp.model, "data": data}, f"{cp.name}: stage {n_stage} train")
+        if opts["fine_tune_type"] == "full":  # a model of the same quantization, no adapter
+            cp.model = st.out(MODEL)
+            cp.stages.append({"kind": "train", "step": st.dirname, "options": opts})
+            return
         cp.adapter = st.out(ADAPTER)
         if cp.fused_adapters:  # a stacked adapter: how much it shares the subspaces of the one fused before
             cp.overlaps.append(self.step("compare", {}, {"adapter_a": cp.fused_adapters[-1], "adapter_b": cp.adapter},

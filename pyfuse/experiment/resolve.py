@@ -116,9 +116,9 @@ def evaluated_suites(spec: Spec, name: str) -> list[str]:
 
 def ends_with_adapter(spec: Spec, name: str) -> bool:
     pending = False
-    for _, kind, _ in condition_stages(spec, name):
+    for _, kind, opts in condition_stages(spec, name):
         if kind == "train":
-            pending = True
+            pending = opts["fine_tune_type"] != "full"  # a full fine-tune yields a model
         elif kind == "fuse":
             pending = False
     return pending

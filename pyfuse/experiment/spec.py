@@ -133,7 +133,7 @@ class TrainOptions(RecipeTrainOptions):
     come from ``defaults.train``, then from pyfuse train's own defaults)."""
 
     data: StrictStr | None = None
-    fine_tune_type: Literal["lora", "dora"] | None = None
+    fine_tune_type: Literal["lora", "dora", "full"] | None = None  # full: the stage yields a model
     rank: typing.Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0, lt=1)

@@ -7,7 +7,8 @@ are in :mod:`pyfuse.experiment.layout`.
 =============  ==========================================  ===============================
 kind           inputs                                      outputs (in the step directory)
 =============  ==========================================  ===============================
-train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter)
+train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter);
+                                                           ``model/`` with fine_tune_type full
 zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
 placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
 dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse
@@ -42,7 +43,8 @@ def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
     kwargs = {k: v for k, v in opts.items() if k != "data"}
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
-        res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / ADAPTER, verbose=False,
+        res = train_adapter(str(inputs["model"]), str(inputs["data"]),
+                            out / (MODEL if opts.get("fine_tune_type") == "full" else ADAPTER), verbose=False,
                             **kwargs)
     return {"modules": len(res.modules), "trainable_parameters": res.trainable_parameters,
             "first_loss": res.first_loss, "final_loss": res.final_loss, "seconds": res.seconds,

@@ -84,7 +84,7 @@ def _stage_order(spec: Spec, name: str) -> Problems:
     """A train stage needs data and no unfused adapter before it; zero,
     placebo and fuse need an adapter; a dithered fuse needs a zero-delta one."""
     problems = []
-    pending, last, dora = False, None, False
+    pending, last, dora, full = False, None, False, None
     for where, kind, opts in condition_stages(spec, name):
         if kind == "train":
             if pending:
@@ -96,9 +96,13 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 p = _data_ref_problem(spec, opts["data"], training=True)
                 if p:
                     problems.append((f"{where}.data", p))
-            pending, dora = True, opts["fine_tune_type"] == "dora"
+            pending, dora = opts["fine_tune_type"] != "full", opts["fine_tune_type"] == "dora"
+            full = where if opts["fine_tune_type"] == "full" else None
         elif kind in ("zero", "placebo", "fuse"):
-            if not pending:
+            if not pending and full is not None:
+                problems.append((where, f"{full} has fine_tune_type full: it yields a model, not an adapter; "
+                                 f"there is nothing to {kind} (remove this stage)"))
+            elif not pending:
                 problems.append((where, f"a {kind} stage needs an adapter: put it after a train stage"))
             if kind == "placebo" and dora:
                 problems.append((where, "placebo adapters are defined for LoRA (a DoRA magnitude is learned "
@@ -107,8 +111,7 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 problems += _dither_problems(where, opts, last)
             if kind == "fuse":
                 problems += _calibration_problems(spec, where, opts)
-            if kind == "fuse":
-                pending = False
+                pending, full = False, None
         last = kind
     return problems
 

@@ -145,3 +145,36 @@ def test_calibration_errors(fuse_work, tiny_moe_dir, calib_jsonl):
     r = run_cli(*base, "--policy", "calibrated", "--calibration", fuse_work / "missing.jsonl")
     assert r.code == 2 and "does not exist" in r.err
     assert not (fuse_work / "never").exists()
+
+
+def test_layer_by_layer_equals_whole_model(tiny_moe_dir, calib_jsonl, monkeypatch):
+    """The streamed pass (layers 0..last fused one, each over every sequence)
+    gives the sums of the whole-model pass, and does not fall back to it."""
+    from pyfuse.calibration import collect
+
+    paths = [f"model.layers.0.{DOWN}", f"model.layers.{LAYER}.{GATE}", f"model.layers.{LAYER}.{DOWN}"]
+    whole = collect_hessians(tiny_moe_dir, calib_jsonl, paths, min_tokens=0, layer_by_layer=False)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the layer-wise pass fell back to the whole model")
+
+    monkeypatch.setattr(collect, "_whole_model", refuse)
+    streamed = collect_hessians(tiny_moe_dir, calib_jsonl, paths, min_tokens=0)
+    for p in paths:
+        a, b = streamed[p], whole[p]
+        assert (a.tokens, a.held_out_tokens) == (b.tokens, b.held_out_tokens)
+        for x, y in ((a.fit, b.fit), (a.held_out, b.held_out)):
+            y = np.asarray(y)
+            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
+def test_layer_by_layer_stops_at_the_last_fused_layer(tiny_moe_dir, calib_jsonl, monkeypatch):
+    """Layers after the last fused one never run (nor are read)."""
+    from pyfuse.calibration import collect
+
+    ran = []
+    original = collect._Capture.__call__
+    monkeypatch.setattr(collect._Capture, "__call__", lambda self, *a, **k: (ran.append(self.index),
+                                                                             original(self, *a, **k))[1])
+    collect_hessians(tiny_moe_dir, calib_jsonl, [f"model.layers.0.{DOWN}"], min_tokens=0)
+    assert ran and set(ran) == {0}
