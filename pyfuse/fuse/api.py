@@ -279,6 +279,9 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 def _add_agreement(rep: dict, model_path, adapter_path, save_path: Path, data) -> None:
     """The whole-model figures (:mod:`pyfuse.fuse.agreement`) into the report's summary."""
     fields, warnings = measure_fused(model_path, adapter_path, save_path, data)
+    if fields.get("agreement") and rep["summary"]["incompatible"]:
+        warnings.append(f"kl_to_unfused / top1_agreement compare with the adapter as mlx-lm's loader applies it, "
+                        f"without the {len(rep['summary']['incompatible'])} module(s) it refuses (--lenient)")
     rep["summary"].update(fields)
     rep["summary"]["warnings"] += warnings
 

@@ -110,20 +110,30 @@ def token_batches(seqs: Sequence[Sequence[int]], vocab: int, budget: int = LOGIT
     return out
 
 
+def _forward(model, ids: np.ndarray) -> np.ndarray:
+    """Float32 logits of a batch of token ids; a model that does not run
+    (e.g. an adapter whose shapes do not fit it) is a UserError."""
+    try:
+        logits = model(mx.array(ids)).astype(mx.float32)
+        mx.eval(logits)
+    except (ValueError, RuntimeError, IndexError) as err:  # MLX's shape and argument errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"agreement: the model does not run ({type(err).__name__}: {first})") from None
+    return np.asarray(logits)
+
+
 def _batch_logits(model, seqs, batch: list[int]) -> list[np.ndarray]:
     """Float32 next-token logits ``[len, vocab]`` of each sequence in ``batch``."""
     lengths = [len(seqs[i]) for i in batch]
     ids = np.zeros((len(batch), max(lengths)), dtype=np.int32)
     for j, i in enumerate(batch):
         ids[j, :lengths[j]] = seqs[i]
-    logits = model(mx.array(ids)).astype(mx.float32)
-    mx.eval(logits)
-    arr = np.asarray(logits)
+    arr = _forward(model, ids)
     return [arr[j, :n] for j, n in enumerate(lengths)]
 
 
 def _vocab(model, seqs) -> int:
-    return int(model(mx.array([list(seqs[0][:1])])).shape[-1])
+    return int(_forward(model, np.array([seqs[0][:1]], dtype=np.int32)).shape[-1])
 
 
 def _check_sequences(seqs) -> list[list[int]]:

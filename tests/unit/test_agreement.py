@@ -100,3 +100,11 @@ def test_bad_inputs_are_one_line_errors(tiny_moe_dir, moe_adapter):
     with pytest.raises(UserError, match="needs a model path"):
         next_token_agreement(load_for_inference(tiny_moe_dir), tiny_moe_dir, [[1, 2]],
                              reference_adapter=moe_adapter)
+
+
+def test_a_model_that_does_not_run_is_a_user_error():
+    def broken(ids):
+        raise ValueError("[matmul] Last dimension of first input\nmore")
+
+    with pytest.raises(UserError, match=r"does not run \(ValueError: \[matmul\] Last dimension of first input\)"):
+        next_token_agreement(broken, broken, [[1, 2]])
