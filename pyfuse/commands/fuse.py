@@ -107,10 +107,11 @@ def add_arguments(p) -> None:
                         "[0, 2^bits-1], scale and bias kept) or error (refuse, naming the module) "
                         f"(default: {DEFAULT_RANGE_OVERFLOW})")
     p.add_argument("--calibration", metavar="DATA.jsonl", default=None,
-                   help="--policy calibrated: mlx-lm data (text, messages or prompt/completion rows; a .jsonl "
-                        "file or a data directory) run through the base model once for X^T X per fused "
-                        "module and expert; every 4th sequence is held out for the report's output error "
-                        "and --agreement-prompts' default (with --compare-policies: for every policy)")
+                   help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
+                        "directory) run through the base model once for X^T X per fused module and expert: "
+                        "it steers --policy calibrated (which needs it); every 4th sequence is held out for "
+                        "the report's output error and output retention per module (under every policy) and "
+                        "is --agreement-prompts' default (with --compare-policies: for every row)")
     p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
                    help="experts with fewer calibration tokens are rounded plainly (default: the module's "
                         "number of inputs, at least 32: fewer leave X^T X rank-deficient)")

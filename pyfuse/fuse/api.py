@@ -170,8 +170,9 @@ def fuse_model(
         calibration: mlx-lm data (``.jsonl`` or a data directory: ``text``,
             ``messages`` or ``prompt``/``completion`` rows) that the base
             model is run over to get ``X^T X`` of each fused module's inputs
-            (per expert): needed by ``policy="calibrated"``. Every 4th
-            sequence is held out for the report's output-space figures.
+            (per expert): needed by ``policy="calibrated"``; under the other
+            policies it only adds the report's output-space figures. Every
+            4th sequence is held out for those figures.
         calibration_min_tokens: experts with fewer calibration tokens are
             rounded plainly (``H = 0``); default: the module's number of
             inputs (at least :data:`pyfuse.calibration.MIN_EXPERT_TOKENS`).
@@ -347,8 +348,6 @@ def _check_calibration(policy, calibration, dequantize):
     if policy == "calibrated" and calibration is None:
         raise UserError("--policy calibrated needs --calibration DATA.jsonl (the inputs whose X^T X "
                         "steers the rounding)")
-    if calibration is not None and policy != "calibrated":
-        raise UserError(f"--calibration is used by --policy calibrated only, not {policy}")
     if calibration is not None and not Path(calibration).exists():
         raise UserError(f"--calibration {calibration} does not exist")
 
