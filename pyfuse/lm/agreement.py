@@ -47,6 +47,8 @@ __all__ = ["Agreement", "ReferenceLogits", "compare_to_reference", "next_token_a
 LOGIT_BUDGET = 1 << 24
 # Reference logits larger than this are kept in a temporary file, not in memory.
 SPILL_BYTES = 1 << 30
+# Rows x vocab of one step of the float64 KL (each temporary: 32 MB).
+KL_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,14 @@ def per_token_kl_top1(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.nd
     d -= (p * d).sum(axis=-1, keepdims=True)  # centred: E_p[d] = 0, so KL = log E_p[exp(-d)]
     kl = np.log1p(np.sum(p * np.expm1(-d), axis=-1))
     return np.maximum(kl, 0.0), a.argmax(axis=-1) == b.argmax(axis=-1)
+
+
+def _chunked_kl_top1(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`per_token_kl_top1` a few rows at a time (its float64
+    temporaries stay within :data:`KL_CHUNK_ELEMENTS` each)."""
+    rows = max(1, KL_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    parts = [per_token_kl_top1(ref_logits[i:i + rows], logits[i:i + rows]) for i in range(0, len(logits), rows)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _summary(kls: list[np.ndarray], agree: list[np.ndarray]) -> Agreement:
@@ -165,9 +175,13 @@ class ReferenceLogits:
                                                     dtype=np.float32, shape=shape)
         else:
             self._store = np.empty(shape, dtype=np.float32)
-        for batch in track(self.batches, label):
-            for i, lg in zip(batch, _batch_logits(model, self.seqs, batch)):
-                self._store[offsets[i]:offsets[i + 1]] = lg
+        try:
+            for batch in track(self.batches, label):
+                for i, lg in zip(batch, _batch_logits(model, self.seqs, batch)):
+                    self._store[offsets[i]:offsets[i + 1]] = lg
+        except BaseException:
+            self.close()  # no temporary file left behind
+            raise
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self._store[self._offsets[i]:self._offsets[i + 1]]
@@ -224,7 +238,7 @@ def compare_to_reference(reference: ReferenceLogits, model, *, adapter: str | os
             if lg.shape[-1] != reference.vocab:
                 raise UserError(f"agreement: the models' vocabularies differ ({reference.vocab} and "
                                 f"{lg.shape[-1]} logits)")
-            kls[i], agree[i] = per_token_kl_top1(reference[i], lg)
+            kls[i], agree[i] = _chunked_kl_top1(reference[i], lg)
     summary = _summary(kls, agree)
     return (summary, np.concatenate(kls), np.concatenate(agree)) if per_token else summary
 
