@@ -30,6 +30,7 @@ import gc
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -171,6 +172,8 @@ class ReferenceLogits:
         shape = (int(offsets[-1]), self.vocab)
         if shape[0] * shape[1] * 4 > spill_bytes:
             self._dir = tempfile.mkdtemp(prefix="pyfuse-agreement-")
+            # removed by close(), or when this object goes or the interpreter exits
+            self._remove = weakref.finalize(self, shutil.rmtree, self._dir, True)
             self._store = np.lib.format.open_memmap(os.path.join(self._dir, "logits.npy"), mode="w+",
                                                     dtype=np.float32, shape=shape)
         else:
@@ -189,7 +192,7 @@ class ReferenceLogits:
     def close(self) -> None:
         self._store = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove()
             self._dir = None
 
     def __enter__(self):
