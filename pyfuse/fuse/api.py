@@ -61,7 +61,7 @@ from ..io.files import sigterm_as_interrupt
 from ..io.hub import resolve_model_dir
 from ..io.outputs import check_file_destination, check_paths, publish_text
 from ..io.model_dir import ModelDir
-from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
+from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_POLICIES,
                        RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
 from . import compute, export, report as reporting
 from .plan import Job, Plan, make_plan
@@ -139,7 +139,8 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path`` (and ``report``).
-        on_range_overflow: under ``preserve`` / ``stochastic``, what a group
+        on_range_overflow: under ``preserve`` / ``stochastic`` /
+            ``calibrated``, what a group
             whose fused values leave its grid's range gets: ``refit`` (MLX's
             affine rule on its fused values: that group loses its scale and
             bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
@@ -290,9 +291,9 @@ def _check_range_overflow(on_range_overflow, policy):
     if on_range_overflow not in RANGE_OVERFLOW_ACTIONS:
         raise UserError(f"--on-range-overflow must be one of {', '.join(RANGE_OVERFLOW_ACTIONS)}, "
                         f"got {on_range_overflow!r}")
-    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
+    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in RANGE_OVERFLOW_POLICIES:
         raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
-                        f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
+                        f"grid ({', '.join(RANGE_OVERFLOW_POLICIES)}), not to --policy {policy}")
 
 
 def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:

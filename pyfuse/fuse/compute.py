@@ -29,7 +29,7 @@ from ..io.model_dir import ModelDir, QParams
 from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
 from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups, requant_to_reference
-from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES
+from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, RANGE_OVERFLOW_POLICIES
 from ..kernel.refine import refine_grid, refinement_shift
 from .plan import Job, Plan
 
@@ -47,8 +47,9 @@ class Fused:
     old: tuple  # the base (weight, scales, biases) as stored; None where absent
     magnitude: mx.array | None  # the DoRA magnitude applied (given or default)
     policy: str  # the policy applied ("stock" for float weights)
-    # preserve / stochastic: the groups whose fused values left their grid's
-    # range (re-fitted, or clipped under --on-range-overflow clip); else None
+    # preserve / stochastic / calibrated: the groups whose fused values left
+    # their grid's range (re-fitted, or clipped under --on-range-overflow
+    # clip); else None
     groups_out_of_range: int | None = None
     range_overflow: str | None = None  # what those groups got: "refit" | "clip"
 
@@ -120,7 +121,7 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
     # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
     use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
                   and not (policy == "stock" and magnitude is not None))
-    grid_keeping = use_kernel and policy in GRID_KEEPING_POLICIES
+    grid_keeping = use_kernel and policy in RANGE_OVERFLOW_POLICIES
     clip = grid_keeping and on_range_overflow == "clip"  # the reference's rule: no native clip
     # The native kernel needs no float copies of the tensor: one call. MLX ops
     # (and the reference fallback) go a few experts / rows at a time.
@@ -163,7 +164,7 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
 
 def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc, *, policy: str,
                  seed: int, action: str) -> int:
-    """preserve / stochastic, some rows (experts): under ``refit`` without
+    """preserve / stochastic / calibrated, some rows (experts): under ``refit`` without
     DoRA, the groups that lost their grid (scale or bias changed: a re-fit
     that lands on the same grid only clamps codes); otherwise the groups whose
     new codes leave the range, by the reference's rule
@@ -171,7 +172,7 @@ def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc
     factor the kernel and MLX round differently, so outputs cannot tell)."""
     wc, sc, bc = base
     q = job.q_out
-    grid = (wc, sc, bc) if q == job.q_in else quantize(dequantize(wc, sc, bc, job.q_in), q)
+    grid = (wc, sc, bc) if q == job.q_in else move_to_grid(wc, sc, bc, job.q_in, q)
     if action == "refit" and mc is None:  # no float work: the kept grid is the input's
         return int(((res[1] != grid[1]) | (res[2] != grid[2])).sum().item())
     ac, bc_ = job_factors(job, rows)
