@@ -6,6 +6,7 @@ and ``pyfuse fuse --policy calibrated --calibration`` end to end."""
 from __future__ import annotations
 
 import filecmp
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -118,13 +119,29 @@ def test_calibrated_zero_adapter_is_byte_identical(fuse_work, tiny_moe_dir, cali
         assert filecmp.cmp(p, out / p.name, shallow=False), p.name
 
 
+def test_calibration_under_other_policies_only_measures(fuse_work, tiny_moe_dir, calib_jsonl):
+    """--calibration with preserve: the same model bytes as without it; the
+    report gains each module's output error (the figures themselves are
+    checked against their definition in tests/e2e/test_calibration_e2e.py)."""
+    adapter = make_adapter(tiny_moe_dir, fuse_work / "calib_pres", keys=[DOWN], b_std=1e-3)
+    outs = {}
+    for name, extra in (("plain", []), ("measured", ["--calibration", calib_jsonl])):
+        outs[name] = fuse_work / f"calib_pres_{name}"
+        r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", outs[name],
+                    "--policy", "preserve", "--report", fuse_work / f"calib_pres_{name}.json", *extra)
+        assert r.code == 0, r.err
+    for p in outs["plain"].iterdir():
+        assert filecmp.cmp(p, outs["measured"] / p.name, shallow=False), p.name
+    reports = {n: json.loads((fuse_work / f"calib_pres_{n}.json").read_text())["tensors"] for n in outs}
+    assert all("output_error" not in r for r in reports["plain"])
+    assert all(r["output_error"] > 0 and r["calibration"]["tokens"] > 0 for r in reports["measured"])
+
+
 def test_calibration_errors(fuse_work, tiny_moe_dir, calib_jsonl):
     adapter = make_adapter(tiny_moe_dir, fuse_work / "calib_err", keys=[DOWN], b_std=1e-3)
     base = ["fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", fuse_work / "never"]
     r = run_cli(*base, "--policy", "calibrated")
     assert r.code == 2 and "needs --calibration" in r.err
-    r = run_cli(*base, "--policy", "preserve", "--calibration", calib_jsonl)
-    assert r.code == 2 and "--policy calibrated only" in r.err
     r = run_cli(*base, "--policy", "calibrated", "--calibration", fuse_work / "missing.jsonl")
     assert r.code == 2 and "does not exist" in r.err
     assert not (fuse_work / "never").exists()
