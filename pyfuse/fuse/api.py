@@ -117,6 +117,7 @@ def fuse_model(
     agreement_prompts: str | os.PathLike | None = None,
     agreement: bool = True,
     hessians: dict | None = None,
+    refine_headroom: bool = False,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -193,6 +194,10 @@ def fuse_model(
             policy they add the per-module output error and retention on
             their held-out tokens to the report (``--compare-policies``
             calibrates once for all its fuses).
+        refine_headroom: with ``requant_bits`` under a grid-keeping policy,
+            the refined base's codes are moved off 0 where that is exact
+            (:func:`pyfuse.refine_grid` ``headroom``), so a delta lowering a
+            code-0 weight needs no re-fit or clamp.
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -231,7 +236,8 @@ def fuse_model(
             hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
-                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
+                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp,
+                          headroom=refine_headroom)
         with sigterm_as_interrupt():
             try:
                 written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
@@ -258,14 +264,14 @@ def fuse_model(
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
                 report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
-                hessians: dict | None = None, damp: float | None = None):
+                hessians: dict | None = None, damp: float | None = None, headroom: bool = False):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
         mh = (hessians or {}).get(job.path)
         fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow,
-                                hessian=None if mh is None else mh.fit, damp=damp)
+                                hessian=None if mh is None else mh.fit, damp=damp, headroom=headroom)
         for name, arr in fused.tensors.items():  # an overflow must not reach the output
             check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
