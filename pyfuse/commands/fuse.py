@@ -131,6 +131,11 @@ def add_arguments(p) -> None:
                    help="re-quantize the fused tensors with N bits (recorded per module in config.json)")
     p.add_argument("--requant-group-size", type=int, default=None, metavar="G",
                    help="re-quantize the fused tensors with group size G")
+    p.add_argument("--refine-headroom", action="store_true",
+                   help="with --requant-bits under preserve/stochastic/calibrated: move each refined group's "
+                        "codes off 0 (bias z - k*scale) where mx.dequantize on this device gives every weight "
+                        "bit for bit, so a delta lowering a code-0 weight needs no re-fit (exact under MLX's "
+                        "unfused dequantize rule only; see docs/faithful_fuse.md)")
     p.add_argument("--only", metavar="REGEX", default=None,
                    help="fuse only the modules whose path matches REGEX (e.g. 'layers\\.(10|11)\\.')")
     p.add_argument("--layers", default=None, metavar="GROUP|RANGE",
@@ -173,7 +178,7 @@ def run_compare(args) -> int:
         agreement_prompts=args.agreement_prompts, agreement=args.agreement,
         seed=args.seed, on_range_overflow=args.on_range_overflow, only=args.only, layers=args.layers,
         modules=args.modules, lenient=args.lenient, trust_remote_code=args.trust_remote_code,
-        requant_group_size=args.requant_group_size, damp=args.damp,
+        requant_group_size=args.requant_group_size, damp=args.damp, refine_headroom=args.refine_headroom,
         **({"report_sample": None} if args.exact_report else {}))
     if args.json:
         import json
@@ -204,7 +209,7 @@ def run(args) -> int:
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
-        agreement_prompts=args.agreement_prompts, agreement=args.agreement,
+        agreement_prompts=args.agreement_prompts, agreement=args.agreement, refine_headroom=args.refine_headroom,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
