@@ -40,9 +40,10 @@ from ..experiment.outputs import sha256_file
 from ..experiment.plan import build_plan
 from ..experiment.steps import RUNNERS
 from .collect import RankError, broadcast_json, describe, together
-from .group import LAUNCHER_ENV, current
+from .group import LAUNCHER_ENV, alone, current
 
-SHARDED_KINDS = frozenset({"eval-mc"})
+# every rank runs these steps: eval-mc on its shard of the items, fuse on its share of the modules
+SHARDED_KINDS = frozenset({"eval-mc", "fuse"})
 # mlx-lm's trainer uses MLX's world group (data-parallel when it is larger than one): on rank 0
 # alone it runs in a child process outside the group, as one process
 ALONE_KINDS = frozenset({"train"})
@@ -79,6 +80,9 @@ class Leader:
             broadcast_json({"run": step.dirname}, f"starting step {step.dirname}")
         elif self.active and step.kind in ALONE_KINDS:
             return _outside_the_group(step.kind, step.options, inputs, out)
+        elif self.active:
+            with alone():  # the others wait for rank 0's next word, not in this step's collectives
+                return RUNNERS[step.kind](step.options, inputs, out)
         return RUNNERS[step.kind](step.options, inputs, out)
 
     def __enter__(self) -> Leader:
