@@ -23,7 +23,7 @@ from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
 from .outputs import HASH_LIMIT, sha256_file
 from .prereg import canonical_json
-from .resolve import condition_stages, evaluated_suites, is_fused, members
+from .resolve import calibration_source, condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
 
 ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
@@ -275,6 +275,10 @@ class _Planner:
             return self.setg().out(SETG_DATA)
         return self.source(self.spec.resolve(self.spec.data[ref]))
 
+    def calibration(self, ref: str) -> Artifact:
+        kind, name = calibration_source(self.spec, ref)
+        return self.train_data(name) if kind != "path" else self.source(self.spec.resolve(name))
+
     def mc_data(self, ref: str) -> Artifact:
         if ref.startswith("setg.") and ref not in self.spec.data:
             return self.setg().out(f"{SETG_ITEMS}/{ref.split('.', 1)[1]}.jsonl")
@@ -345,6 +349,10 @@ class _Planner:
     def _train(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
         data = self.train_data(opts["data"])
         st = self.step("train", opts, {"model": cp.model, "data": data}, f"{cp.name}: stage {n_stage} train")
+        if opts["fine_tune_type"] == "full":  # a model of the same quantization, no adapter
+            cp.model = st.out(MODEL)
+            cp.stages.append({"kind": "train", "step": st.dirname, "options": opts})
+            return
         cp.adapter = st.out(ADAPTER)
         if cp.fused_adapters:  # a stacked adapter: how much it shares the subspaces of the one fused before
             cp.overlaps.append(self.step("compare", {}, {"adapter_a": cp.fused_adapters[-1], "adapter_b": cp.adapter},
@@ -380,8 +388,10 @@ class _Planner:
                                  f"{cp.name}: stage {n_stage} dither residual")
             st = self.step("fuse", {**opts, "policy": "stochastic", "dither": False},
                            {"model": stock.out(MODEL), "adapter": residual.out(ADAPTER)}, label + " (dithered)")
-        else:
-            st = self.step("fuse", opts, {"model": base_model, "adapter": adapter}, label)
+        else:  # calibration data is an input (its content, not its name, is the step's identity)
+            calib = {} if opts.get("calibration") is None else {"calibration": self.calibration(opts["calibration"])}
+            st = self.step("fuse", {k: v for k, v in opts.items() if k != "calibration"},
+                           {"model": base_model, "adapter": adapter, **calib}, label)
         noise = None
         setting = opts["policy"]
         if base_quant is not None and not opts["dequantize"]:
@@ -389,7 +399,9 @@ class _Planner:
             gs = opts["requant_group_size"] or base_quant["group_size"]
             setting = f"{bits}-bit g{gs}, {opts['policy']}" + (f", dithered (seed {opts['seed']})"
                                                               if opts["dither"] else "")
-            if self.spec.report.noise_floor and not opts["dither"]:
+            # (a grid-keeping fuse onto a finer grid refines the base exactly; the noise floor would re-fit it)
+            refined = opts["policy"] != "stock" and (bits, gs) != (base_quant["bits"], base_quant["group_size"])
+            if self.spec.report.noise_floor and not opts["dither"] and not refined:
                 noise = self.step("noise-floor", {
                     "group_size": gs, "bits": bits, "policy": opts["policy"],
                     "seed": opts["seed"], "outputs": self.spec.report.noise_floor_outputs,
