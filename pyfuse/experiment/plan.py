@@ -22,6 +22,7 @@ from ..errors import UserError
 from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
 from .outputs import HASH_LIMIT, sha256_file
+from .plan_recipe import apply_stage, pairs_data, persona_step
 from .prereg import canonical_json
 from .resolve import condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
@@ -138,6 +139,7 @@ class ConditionPlan:
     mc_sets: dict[str, Step] = field(default_factory=dict)  # dataset -> eval-mc step, the primary first
     identity: Step | None = None
     behaviour: Step | None = None
+    persona: Step | None = None
     fused_adapters: list[Artifact] = field(default_factory=list)  # the adapters its fuse stages fused, in order
     overlaps: list[Step] = field(default_factory=list)  # compare steps of stacked adapters
     family: str | None = None  # the seeded condition of a member
@@ -163,6 +165,7 @@ class Plan:
     comparisons: list[tuple[str, str]] = field(default_factory=list)
     families: dict[str, list[str]] = field(default_factory=dict)  # seeded condition -> member names
     datasets: list[str] = field(default_factory=list)  # multiple-choice datasets, the primary first
+    pairs: dict[str, Step] = field(default_factory=dict)  # spec.pairs name -> its pairs step
 
     def ordered(self) -> list[Step]:
         return list(self.steps.values())
@@ -192,6 +195,7 @@ class Plan:
                 "mc_sets": {ds: st.dirname for ds, st in c.mc_sets.items()},
                 "identity": c.identity.dirname if c.identity else None,
                 "behaviour": c.behaviour.dirname if c.behaviour else None,
+                "persona": c.persona.dirname if c.persona else None,
                 "overlaps": [st.dirname for st in c.overlaps],
                 "family": c.family, "seed": c.seed,
                 "flip_reference": c.flip_reference.dirname if c.flip_reference else None,
@@ -211,6 +215,7 @@ class Plan:
             "comparisons": [list(p) for p in self.comparisons],
             "families": self.families,
             "datasets": self.datasets,
+            "pairs": {name: st.dirname for name, st in self.pairs.items()},
             "analysis": self.spec.analysis.model_dump() if self.spec.analysis is not None else None,
         }
 
@@ -273,6 +278,8 @@ class _Planner:
     def train_data(self, ref: str) -> Artifact:
         if ref in ("setg", "setg.train"):
             return self.setg().out(SETG_DATA)
+        if ref in self.spec.pairs and ref not in self.spec.data:
+            return pairs_data(self, ref)
         return self.source(self.spec.resolve(self.spec.data[ref]))
 
     def mc_data(self, ref: str) -> Artifact:
@@ -335,7 +342,8 @@ class _Planner:
         model, quant, adapter = self.model_of(self.spec.conditions[name].from_)
         cp = ConditionPlan(name=key, model=model, adapter=adapter, quant=quant,
                            family=name if member else None, seed=seed)
-        stage = {"train": self._train, "zero": self._zero, "placebo": self._placebo, "fuse": self._fuse}
+        stage = {"train": self._train, "zero": self._zero, "placebo": self._placebo, "fuse": self._fuse,
+                 "apply": lambda *a: apply_stage(self, *a)}
         for n_stage, (_, kind, opts) in enumerate(condition_stages(self.spec, name, seed), 1):
             stage[kind](cp, opts, n_stage)
         self._busy.discard(f"condition {key!r}")
@@ -463,6 +471,8 @@ class _Planner:
                 inputs["adapter"] = cp.adapter
             cp.behaviour = self.step("eval-behaviour", beh.model_dump(exclude={"suite"}), inputs,
                                      f"{cp.name}: evaluate behaviour")
+        if "persona" in suites:
+            cp.persona = persona_step(self, cp)
 
 
 def build_plan(spec: Spec, split_seed: int | None) -> Plan:

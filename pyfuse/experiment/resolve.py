@@ -32,7 +32,8 @@ def family_of(spec: Spec, member: str) -> str | None:
 
 
 def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> list[tuple[str, str, dict]]:
-    """The condition's stages expanded (``stack`` -> train, [zero], fuse) as
+    """The condition's stages expanded (``stack`` -> train, [zero], fuse;
+    ``apply`` as given: ``{condition, adapter}``) as
     ``(path, kind, options)`` with options resolved against the defaults
     (and, for a member of a seeded condition, its seed added)."""
     out = []
@@ -49,6 +50,8 @@ def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> l
             out.append((f"{where}.placebo", "placebo", {"seed": st.placebo.seed + offset}))
         elif kind == "fuse":
             out.append((f"{where}.fuse", "fuse", resolve_fuse(spec, st.fuse, offset)))
+        elif kind == "apply":
+            out.append((f"{where}.apply", "apply", st.apply.model_dump()))
         else:
             out.append((f"{where}.stack.train", "train", resolve_train(spec, st.stack.train)))
             if st.stack.zero:
@@ -93,7 +96,7 @@ def evaluated_suites(spec: Spec, name: str) -> list[str]:
 def ends_with_adapter(spec: Spec, name: str) -> bool:
     pending = False
     for _, kind, _ in condition_stages(spec, name):
-        if kind == "train":
+        if kind in ("train", "apply"):
             pending = True
         elif kind == "fuse":
             pending = False
