@@ -1,8 +1,11 @@
-"""Why calibrated + refined falls short of preserve + refined on the tiny
-MoE (docs/faithful_fuse.md): the output error on held-out tokens of one
-refined 3 -> 8-bit down_proj under calibrated rounding with codes clamped to
-[0, 255] (the policy), with codes left unbounded (as if the grid had room),
-and under plain nearest rounding, clamped. Run after
+"""Why calibrated + refined fell short of preserve + refined on the tiny
+MoE, and what head-room at the bottom of the refined grid changes
+(docs/faithful_fuse.md): the output error on held-out tokens of one refined
+3 -> 8-bit down_proj, on the refined grid with head-room
+(``refine_grid(headroom=True)``, the default) and without it, under
+calibrated rounding with codes clamped to [0, 255] (the policy), with codes
+left unbounded (as if the grid had room), and under plain nearest rounding,
+clamped. Run after
 `python bench/compare_policies.py --work DIR` (it reuses DIR's model,
 adapter and calibration data).
 
@@ -37,27 +40,30 @@ def main():
     ad = mx.load(str(work / "adapter" / "adapters.safetensors"))
     mh = collect_hessians(work / "moe", work / "calib.jsonl", [path])[path]
     w, s, b = (base[f"{path}.{n}"] for n in ("weight", "scales", "biases"))
-    w8, s8, b8 = refine_grid(w, s, b, group_size=64, bits=3, to_bits=8)
     a, bb = ad[f"{path}.lora_a"], ad[f"{path}.lora_b"]
-    scale = np.asarray(mx.repeat(s8.astype(mx.float32), 64, axis=-1))
-    bias = np.asarray(mx.repeat(b8.astype(mx.float32), 64, axis=-1))
-    steps = (np.asarray(delta_f32(a, bb, 20.0)) / scale).astype(np.float32)
-    codes = np.asarray(unpack_codes(w8, 64, 8))
-    prop = np.asarray(propagation_matrix(mh.fit))
     old = np.asarray(mx.dequantize(w, s, b, group_size=64, bits=3))
-    inv = (np.float32(1) / scale).astype(np.float32)
-    rows = {"calibrated, codes clamped to [0, 255]": calibrated_codes(codes, steps, inv, scale, prop, 8),
-            "calibrated, codes unbounded": calibrated_codes(codes, steps, inv, scale, prop, 8, clamp=False),
-            "nearest, clamped": np.clip(np.rint(codes + steps), 0, 255)}
+    prop = np.asarray(propagation_matrix(mh.fit))
     print(f"{path}, refined 3 -> 8 bits; {sum(mh.held_out_tokens)} held-out routed tokens\n")
-    print("| rounding | output error | output retention | codes outside [0, 255] |")
-    print("|---|---:|---:|---:|")
-    for name, new in rows.items():
-        deq = new * scale + bias
-        fid = output_fidelity(lambda e: (mx.array(old[e]), mx.array(deq[e])), w.shape[0], a, bb, 20.0,
-                              mh.held_out)
-        print(f"| {name} | {fid['output_error']:.3f} | {fid['output_retention']:.3f} | "
-              f"{int(np.sum((new < 0) | (new > 255)))} |")
+    print("| refined grid | rounding | output error | output retention | codes outside [0, 255] |")
+    print("|---|---|---:|---:|---:|")
+    for headroom in (False, True):
+        w8, s8, b8 = refine_grid(w, s, b, group_size=64, bits=3, to_bits=8, headroom=headroom)
+        scale = np.asarray(mx.repeat(s8.astype(mx.float32), 64, axis=-1))
+        bias = np.asarray(mx.repeat(b8.astype(mx.float32), 64, axis=-1))
+        steps = (np.asarray(delta_f32(a, bb, 20.0)) / scale).astype(np.float32)
+        codes = np.asarray(unpack_codes(w8, 64, 8))
+        inv = (np.float32(1) / scale).astype(np.float32)
+        shifted = float(np.mean(np.asarray(b8 != b)))
+        grid = f"head-room ({shifted:.0%} of groups moved up)" if headroom else "codes x 32 (no head-room)"
+        rows = {"calibrated, clamped (the policy)": calibrated_codes(codes, steps, inv, scale, prop, 8),
+                "calibrated, unbounded": calibrated_codes(codes, steps, inv, scale, prop, 8, clamp=False),
+                "nearest, clamped": np.clip(np.rint(codes + steps), 0, 255)}
+        for name, new in rows.items():
+            deq = new * scale + bias
+            fid = output_fidelity(lambda e: (mx.array(old[e]), mx.array(deq[e])), w.shape[0], a, bb, 20.0,
+                                  mh.held_out)
+            print(f"| {grid} | {name} | {fid['output_error']:.3f} | {fid['output_retention']:.3f} | "
+                  f"{int(np.sum((new < 0) | (new > 255)))} |")
 
 
 if __name__ == "__main__":

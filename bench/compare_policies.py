@@ -29,29 +29,12 @@ from pyfuse.calibration.fidelity import output_fidelity  # noqa: E402
 from pyfuse.calibration.texts import calibration_sequences  # noqa: E402
 from pyfuse.demo.tiny_model import build_tiny_model, build_tokenizer  # noqa: E402
 from pyfuse.fuse import fuse_model  # noqa: E402
+from pyfuse.lm.agreement import compare_to_reference, reference_logits  # noqa: E402
 from pyfuse.lm.load import load_for_inference  # noqa: E402
 
 WORDS = ("the a cat dog runs jumps over under big small red blue water fire city river model expert token "
          "layer data paris france four eight").split()
 POLICIES = ("stock", "preserve", "stochastic", "calibrated")
-
-
-def next_token_logprobs(model_dir, seqs, adapter=None):
-    model = load_for_inference(model_dir, adapter).model
-    out = []
-    for s in seqs:
-        logits = model(mx.array([s]))[0].astype(mx.float32)
-        out.append(np.asarray(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
-    return out
-
-
-def kl_and_top1(ref, got):
-    kl, agree, n = 0.0, 0, 0
-    for p, q in zip(ref, got):
-        kl += float(np.sum(np.exp(p) * (p - q)))
-        agree += int(np.sum(p.argmax(-1) == q.argmax(-1)))
-        n += p.shape[0]
-    return kl / n, agree / n
 
 
 def module_output(base, fused, adapter, mh, bits):
@@ -105,7 +88,7 @@ def main():
     hessians = collect_hessians(model, data, paths)
     held = [s for i, s in enumerate(calibration_sequences(load_for_inference(model).tokenizer, data,
                                                           max_seq_len=2048)) if i % 4 == 3]
-    reference = next_token_logprobs(model, held, adapter)
+    reference = reference_logits(model, held, adapter=adapter)
     base = model_tensors(model)
     print(f"tiny qwen3_moe 3-bit g64; LoRA rank 4 on down_proj of layers 2-3 (b std {args.b_std}, scale 20); "
           f"{args.rows} calibration sequences, {len(held)} held out\n")
@@ -122,11 +105,13 @@ def main():
             outs = [module_output(base, fused, adapter, hessians[p], rb or 3) for p in paths]
             err = float(np.mean([o["output_error"] for o in outs]))
             ret = float(np.mean([o["output_retention"] for o in outs]))
-            kl, top1 = kl_and_top1(reference, next_token_logprobs(res.save_path, held))
+            agree = compare_to_reference(reference, res.save_path)
+            kl, top1 = agree.kl_mean, agree.top1_agreement
             changed = changed_share(base, model_tensors(twin.save_path), paths, rb or 3)
             grid = "3-bit" if rb is None else ("8-bit refined" if policy != "stock" else "8-bit re-fitted")
             print(f"| {policy} | {grid} | {res.summary['retention']:.3f} | {err:.3f} | {ret:.3f} | {kl:.2e} | "
                   f"{top1:.4f} | {changed} | {fused_bytes(model, res.save_path, paths)} |")
+    reference.close()
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

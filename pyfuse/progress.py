@@ -21,16 +21,27 @@ def enabled() -> bool:
     return sys.stderr.isatty()
 
 
+# Bars open now: rich shows one live display at a time, so a bar opened inside
+# another (a fuse inside `pyfuse fuse --compare-policies`) stays silent.
+_open = 0
+
+
 @contextmanager
 def progress_bar():
-    """A rich Progress (or a no-op stand-in) for ``add_task``/``advance``."""
-    if not enabled():
+    """A rich Progress (or a no-op stand-in) for ``add_task``/``advance``;
+    the stand-in too inside another bar."""
+    global _open
+    if not enabled() or _open:
         yield _Silent()
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  transient=False) as progress:
-        yield progress
+    _open += 1
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                      transient=False) as progress:
+            yield progress
+    finally:
+        _open -= 1
 
 
 def track(iterable, description: str, total: int | None = None):

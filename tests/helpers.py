@@ -205,6 +205,31 @@ def leftovers(parent: Path) -> list[str]:
     return [p.name for p in Path(parent).iterdir() if TMP_MARK in p.name]
 
 
+# -- whole-model agreement, with mlx-lm and scipy as the oracle ----------------------------------
+
+
+def mlx_lm_logits(model_dir, seqs, adapter=None) -> list:
+    """Per sequence, float64 next-token logits of one plain forward pass of the
+    model as ``mlx_lm.load`` builds it (with ``adapter_path`` unfused)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    model, _ = load(str(model_dir), adapter_path=None if adapter is None else str(adapter))
+    return [np.asarray(model(mx.array([s]))[0].astype(mx.float32)).astype(np.float64) for s in seqs]
+
+
+def scipy_kl_top1(ref: list, got: list):
+    """Per token ``KL(softmax(ref) || softmax(got))`` (``scipy.special.rel_entr``)
+    and top-1 agreement, concatenated over sequences."""
+    import numpy as np
+    from scipy.special import rel_entr, softmax
+
+    kl = np.concatenate([rel_entr(softmax(a, -1), softmax(b, -1)).sum(-1) for a, b in zip(ref, got)])
+    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ref, got)])
+    return kl, agree
+
+
 # -- multiple-choice rows and results ---------------------------------------------------------
 
 

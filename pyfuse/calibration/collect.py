@@ -6,10 +6,23 @@ Each chosen module (an mlx-lm ``(Quantized)Linear`` or
 ``model.layers.3.mlp.switch_mlp.down_proj``) is wrapped for the pass by a
 recorder that adds ``x^T x`` of every input row it sees, in float32: for a
 SwitchLinear, per expert, from the tokens the router sent to that expert
-(the same rows ``gather_qmm`` multiplies by that expert). Sequences run one
-at a time and every sum is evaluated after each, so memory stays at the model
-plus one sequence's activations plus the sums (``in x in`` floats per expert
-of each chosen module).
+(the same rows ``gather_qmm`` multiplies by that expert).
+
+The pass streams layer by layer (:func:`_layer_by_layer`): the model is
+loaded lazily, every calibration sequence is embedded, then each decoder
+layer up to the last one holding a chosen module runs over all sequences
+before the next, and is dropped once done. Memory is bounded by: the
+embedding plus ONE decoder layer's weights (later layers and the head are
+never read), the hidden states of all calibration tokens at one layer
+(``tokens x hidden`` floats in the compute dtype: 200k tokens x 2048
+float32 = 1.6 GB) and the sums (``in x in`` float32 per expert of each
+chosen module). Each layer is called with the arguments the model's own
+forward gives it (captured by running the forward once per sequence with
+every layer an identity), so mlx-lm's model classes are reused as they are.
+A model whose layout is not ``model.model.layers`` (or an already loaded
+model, which is not ours to dismantle) runs whole, one sequence at a time
+(:func:`_whole_model`): the model plus one sequence's activations plus the
+sums.
 
 Every ``held_out``-th sequence (by position) feeds a second sum instead, for
 output-space figures on activations the calibration did not see.
@@ -28,12 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..progress import track
@@ -163,26 +178,127 @@ def collect_hessians(
     min_tokens: int | None = None,
     held_out_every: int = HELD_OUT_EVERY,
     max_seq_len: int = MAX_SEQ_LEN,
+    layer_by_layer: bool = True,
 ) -> dict[str, ModuleHessian]:
     """``X^T X`` of each module in ``modules`` (tensor paths) over ``data``
     (an mlx-lm ``.jsonl`` file or data directory: ``text``, ``messages`` or
-    ``prompt``/``completion`` rows) run through the base model ``model``."""
+    ``prompt``/``completion`` rows) run through the base model ``model``.
+    ``layer_by_layer=False`` runs the whole model per sequence instead (same
+    sums; the oracle of the layer-wise pass in the tests)."""
     from ..lm.load import load_for_inference
 
     paths = list(dict.fromkeys(modules))
     if min_tokens is not None and (not isinstance(min_tokens, int) or min_tokens < 0):
         raise UserError(f"--calibration-min-tokens must be a whole number >= 0, got {min_tokens!r}")
-    loaded = load_for_inference(model)
+    owned = isinstance(model, (str, os.PathLike))
+    loaded = load_for_inference(model, lazy=owned and layer_by_layer)
     seqs = calibration_sequences(loaded.tokenizer, data, max_seq_len=max_seq_len)
+    targets = [_target(i, len(seqs), held_out_every) for i in range(len(seqs))]
+    last = _last_layer(paths)
     with recording(loaded.model, paths) as recorders:
-        for i, seq in enumerate(track(seqs, "calibration (base model)")):
-            target = "held_out" if held_out_every and len(seqs) > 1 and i % held_out_every == held_out_every - 1 \
-                else "fit"
-            for rec in recorders.values():
-                rec.target = target
-            mx.eval(loaded.model(mx.array([seq])))
-            mx.eval([a for rec in recorders.values() for a in rec.arrays()])
+        done = (owned and layer_by_layer and last is not None
+                and _layer_by_layer(loaded.model, seqs, targets, recorders, last))
+        if not done:
+            _whole_model(loaded.model, seqs, targets, recorders)
     return {p: _finish(p, rec, min_tokens) for p, rec in recorders.items()}
+
+
+def _target(i: int, n: int, held_out_every: int) -> str:
+    held = held_out_every and n > 1 and i % held_out_every == held_out_every - 1
+    return "held_out" if held else "fit"
+
+
+def _set_target(recorders: dict, target: str) -> None:
+    for rec in recorders.values():
+        rec.target = target
+
+
+def _whole_model(model, seqs, targets, recorders) -> None:
+    """The whole model per sequence (the model plus one sequence's activations)."""
+    for seq, target in zip(track(seqs, "calibration (base model)"), targets):
+        _set_target(recorders, target)
+        mx.eval(model(mx.array([seq])))
+        mx.eval([a for rec in recorders.values() for a in rec.arrays()])
+
+
+def _last_layer(paths: list[str]) -> int | None:
+    """The last decoder layer holding a chosen module, when every path is
+    ``model.layers.N....`` (else None: the layer-wise pass does not apply)."""
+    found = [_LAYER_PATH.match(p) for p in paths]
+    if not paths or not all(found):
+        return None
+    return max(int(m.group(1)) for m in found)
+
+
+_LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class _Stop(Exception):
+    """Raised by the last capture stub: nothing after it is needed."""
+
+
+class _Capture:
+    """Stands for decoder layer ``index`` while the model's own forward runs:
+    records the arguments it is called with (besides the hidden state) and
+    passes the hidden state through unchanged."""
+
+    def __init__(self, index: int, last: int, sink: list):
+        self.index, self.last, self.sink = index, last, sink
+
+    def __call__(self, h, *args, **kwargs):
+        if self.index == 0:
+            self.sink.append(h)
+        self.sink.append((args, kwargs))
+        if self.index == self.last:
+            raise _Stop
+        return h
+
+
+def _captured(model, layers: list, seq: list[int], last: int) -> list | None:
+    """``[h0, (args, kwargs) of layer 0, ..., of layer last]`` for one
+    sequence, from the model's forward with identity layers (None when the
+    forward does not reach layer ``last`` that way)."""
+    sink: list = []
+    model.model.layers = [_Capture(i, last, sink) for i in range(len(layers))]
+    try:
+        model(mx.array([seq]))
+    except _Stop:
+        pass
+    except (AttributeError, TypeError, IndexError):  # a forward that looks into its layers
+        return None
+    finally:
+        model.model.layers = layers
+    if len(sink) != last + 2:
+        return None
+    mx.eval([x for _, x in tree_flatten(sink) if isinstance(x, mx.array)])
+    return sink
+
+
+def _layer_by_layer(model, seqs, targets, recorders, last: int) -> bool:
+    """Layers ``0..last`` one at a time over every sequence (False, having
+    run nothing, when the model's layout does not allow it)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, list) or len(layers) <= last or not seqs:
+        return False
+    calls = []
+    for seq in track(seqs, "calibration (embedding)"):
+        got = _captured(model, layers, seq, last)
+        if got is None:
+            return False
+        calls.append(got)
+    states = [c[0] for c in calls]
+    for i in track(range(last + 1), "calibration (layer by layer)"):
+        for s, (call, target) in enumerate(zip(calls, targets)):
+            _set_target(recorders, target)
+            args, kwargs = call[i + 1]
+            states[s] = layers[i](states[s], *args, **kwargs)
+            mx.eval(states[s], [a for rec in recorders.values() for a in rec.arrays()])
+        # this layer is done: drop its weights (the model is ours and discarded)
+        layers[i].update(tree_map(lambda _: _EMPTY, layers[i].parameters()))
+    return True
+
+
+_EMPTY = mx.zeros((0,))
 
 
 def _finish(path: str, rec: _Recorder, min_tokens: int | None) -> ModuleHessian:

@@ -31,3 +31,16 @@ def calibration_sequences(tokenizer, data, *, max_seq_len: int) -> list[list[int
     if not seqs:
         raise UserError(f"{loaded.source}: no tokens to calibrate with")
     return seqs
+
+
+def is_held_out(i: int, n: int, every: int) -> bool:
+    """Whether sequence ``i`` of ``n`` is held out when every ``every``-th is
+    (none when ``every`` is 0 or there is one sequence): the rule of
+    :func:`pyfuse.calibration.collect_hessians`."""
+    return bool(every) and n > 1 and i % every == every - 1
+
+
+def held_out_sequences(tokenizer, data, *, every: int, max_seq_len: int) -> list[list[int]]:
+    """The token ids of the sequences of ``data`` that the calibration holds out."""
+    seqs = calibration_sequences(tokenizer, data, max_seq_len=max_seq_len)
+    return [s for i, s in enumerate(seqs) if is_held_out(i, len(seqs), every)]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
-from ._args import add_force, add_model, add_quiet, add_seed, comma_list, console, print_warnings
+from ..errors import UserError
+from ._args import add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console, print_warnings
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -49,6 +50,19 @@ are kept (config.json changes only with --dequantize / --requant-*).
 exactly onto the finer grid (scale / 2^m, codes * 2^m: every dequantized
 weight bit-identical), so the delta lands on 2^m-times finer steps.
 
+--compare-policies fuses the adapter under stock, preserve, stochastic and
+calibrated (calibrated with --calibration only), each on the stored grid and
+refined to --requant-bits (default 8), into temporary directories that are
+removed (no model is written), and prints per policy x grid: weight
+retention, output error and output retention on held-out calibration tokens
+(with --calibration), KL(unfused || fused) per token and top-1 agreement
+against the base model with the adapter applied unfused (on
+--agreement-prompts, or the held-out calibration sequences), the share of
+weights the adapter's zero-delta twin changes, and the bytes added; --json
+prints it as JSON. --save-path and --policy are not used then.
+
+  pyfuse fuse --model M --adapter-path A --compare-policies --calibration calib.jsonl
+
 A table of what survived re-quantization is printed (retention = share of
 the adapter's delta that is really in the fused weights, noise = the rest of
 the change in units of the delta); --report writes every figure as JSON.
@@ -57,7 +71,7 @@ the change in units of the delta); --report writes every figure as JSON.
 
 # Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
 # inside an input or another output (pyfuse.io.outputs.check_paths).
-INPUTS = {"model": "--model", "adapter_path": "--adapter-path"}
+INPUTS = {"model": "--model", "adapter_path": "--adapter-path", "agreement_prompts": "--agreement-prompts"}
 OUTPUTS = {"save_path": "--save-path", "report": "--report"}
 NESTED_OK = [("--report", "--save-path")]  # the report may go into the new model directory
 
@@ -92,14 +106,23 @@ def add_arguments(p) -> None:
                         "[0, 2^bits-1], scale and bias kept) or error (refuse, naming the module) "
                         f"(default: {DEFAULT_RANGE_OVERFLOW})")
     p.add_argument("--calibration", metavar="DATA.jsonl", default=None,
-                   help="--policy calibrated: mlx-lm data (text, messages or prompt/completion rows; a .jsonl "
-                        "file or a data directory) run through the base model once for X^T X per fused "
-                        "module and expert; every 4th sequence is held out for the report's output error")
+                   help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
+                        "directory) run through the base model once for X^T X per fused module and expert: "
+                        "it steers --policy calibrated (which needs it); every 4th sequence is held out for "
+                        "the report's output error and output retention per module (under every policy)")
     p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
                    help="experts with fewer calibration tokens are rounded plainly (default: the module's "
                         "number of inputs, at least 32: fewer leave X^T X rank-deficient)")
     p.add_argument("--damp", type=float, default=None,
                    help="--policy calibrated: H + damp * mean(diag H) * I is inverted (default: 0.01)")
+    p.add_argument("--agreement-prompts", metavar="DATA.jsonl", default=None,
+                   help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
+                        "directory) on which the fused model's next-token distributions are compared with "
+                        "the base model's with the adapter applied unfused: KL(unfused || fused) per token and "
+                        "top-1 agreement, printed and in --report (default with --calibration: its held-out "
+                        "sequences)")
+    p.add_argument("--no-agreement", dest="agreement", action="store_false",
+                   help="skip that comparison (it loads the base model and the fused model once more)")
     p.add_argument("--report", metavar="FILE.json", default=None,
                    help="write the fidelity report (every tensor and a summary) as JSON")
     p.add_argument("--requant-bits", type=int, default=None, metavar="N",
@@ -123,11 +146,52 @@ def add_arguments(p) -> None:
     p.add_argument("--exact-report", action="store_true",
                    help="measure every weight for the report (default: tensors over 2M weights are "
                         "measured on evenly spaced rows; slower on CPU)")
+    p.add_argument("--compare-policies", nargs="?", const="all", default=None, metavar="P,...",
+                   help="write no model: fuse under every policy (or these), on the stored grid and refined "
+                        "to --requant-bits (default 8), and print what each keeps and costs (see above)")
+    add_json(p, "the --compare-policies table")
     add_quiet(p, "print no table, only warnings and errors")
 
 
+# Flags that ask for an output, which --compare-policies does not write.
+_WRITING = {"dequantize": "--dequantize", "export_gguf": "--export-gguf", "upload_repo": "--upload-repo",
+            "report": "--report"}
+
+
+def run_compare(args) -> int:
+    from ..fuse.compare import compare_policies, format_comparison, legend
+
+    given = [flag for dest, flag in _WRITING.items() if getattr(args, dest)]
+    if given:
+        raise UserError(f"--compare-policies writes no model: {', '.join(given)} cannot be combined with it")
+    policies = None if args.compare_policies == "all" else checked_list(args.compare_policies, "--compare-policies")
+    result = compare_policies(
+        args.model, args.adapter_path, policies=policies, requant_bits=args.requant_bits,
+        calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens,
+        agreement_prompts=args.agreement_prompts, agreement=args.agreement,
+        seed=args.seed, on_range_overflow=args.on_range_overflow, only=args.only, layers=args.layers,
+        modules=args.modules, lenient=args.lenient, trust_remote_code=args.trust_remote_code,
+        requant_group_size=args.requant_group_size, damp=args.damp,
+        **({"report_sample": None} if args.exact_report else {}))
+    if args.json:
+        import json
+
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    if not args.quiet:
+        console(min_width=150).print(format_comparison(result))
+        print("\n".join(legend(result)))
+    print_warnings("pyfuse fuse", result.warnings, label="note")
+    return 0
+
+
 def run(args) -> int:
+    if args.compare_policies is not None:
+        return run_compare(args)
+    if args.json:
+        raise UserError("--json prints the --compare-policies table; the fuse's report is --report FILE.json")
     from ..fuse import format_table, fuse_model
+    from ..fuse.agreement import format_agreement
 
     result = fuse_model(
         args.model, args.adapter_path, args.save_path,
@@ -138,6 +202,7 @@ def run(args) -> int:
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
+        agreement_prompts=args.agreement_prompts, agreement=args.agreement,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary
@@ -145,6 +210,8 @@ def run(args) -> int:
         longest = max(len(r["name"]) for r in result.report["tensors"])
         console(min_width=longest + 90).print(format_table(result.report))
     print_warnings("pyfuse fuse", s["warnings"])
+    if (line := format_agreement(s)) is not None:
+        print(f"pyfuse fuse: {line}")
     extra = []
     if s["configured_without_weights"]:
         extra.append(f"{len(s['configured_without_weights'])} configured without weights")

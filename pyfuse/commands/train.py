@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..train.full import REQUANT_POLICIES
 from ..train.settings import FINE_TUNE_TYPES, OPTIMIZERS
 from ._args import add_model, comma_list, print_warnings
 
-HELP = "train a LoRA/DoRA adapter (mlx_lm lora's flags and YAML; schedules, checkpoints, resume)"
+HELP = "train a LoRA/DoRA adapter, or fully fine-tune layers (mlx_lm lora's flags and YAML; checkpoints, resume)"
 DESCRIPTION = """\
 Train a LoRA or DoRA adapter on mlx-lm's model, layers, datasets and
 training step, and write a standard mlx-lm adapter directory
@@ -29,6 +30,24 @@ scale = alpha / rank, --rank/--dropout/--keys set lora_parameters,
 --save-every checkpoints hold everything to --resume after a kill with
 identical results, --select-best keeps the best validation loss's adapter,
 --early-stop-patience N stops after N validations without improvement.
+
+Full fine-tuning (--fine-tune-type full, mlx-lm's spelling): every
+parameter of the chosen layers trains (--num-layers N: the last N, as
+mlx-lm; --layers: explicit indices; --keys: only those modules of them),
+and --adapter-path becomes a MODEL directory (config.json, tokenizer,
+safetensors) that pyfuse eval, noise-floor and experiments use like a fused
+model. On a quantized base the chosen layers' quantized modules are
+dequantized (mx.dequantize) and trained in float; at the end their weights
+are re-quantized at each module's own bits / group size / mode by
+--requant-policy (stock: mx.quantize afresh, new codes, scales and biases;
+preserve / stochastic: each group keeps its scale and bias, codes move
+towards the trained weight; a group whose trained values leave its grid
+is re-fitted, and Adam moves every weight, so expect many). Norms and other float tensors are written as
+trained, every tensor outside the chosen layers byte-identical to the base.
+The output's training/ folder holds the trained float tensors (a full
+fine-tune adapter: `pyfuse fuse --adapter-path OUT/training` re-quantizes
+them otherwise), the loss curve and README.md naming every re-quantized
+tensor.
 
 Data (--data): a directory with train.jsonl and optionally valid.jsonl and
 test.jsonl, or one .jsonl file, in mlx-lm's formats: chat {"messages":
@@ -68,7 +87,9 @@ def _add_mlx_lm_flags(p: argparse.ArgumentParser) -> None:
     add_model(p, default=None, help="the mlx-lm model directory (or model: in --config)")
     p.add_argument("--train", action="store_true", default=None, help="accepted for mlx_lm lora (always trains)")
     p.add_argument("--data", help="directory with train.jsonl [+ valid.jsonl, test.jsonl], or one .jsonl file")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora or dora (default: lora)")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES,
+                   help="lora, dora, or full: train every parameter of the chosen layers and write a model "
+                        "directory (default: lora)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer (default: adam)")
     p.add_argument("--mask-prompt", action="store_true", default=None,
                    help="compute the loss on the completion / last assistant turn only")
@@ -82,7 +103,8 @@ def _add_mlx_lm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accumulation-steps", "--grad-accumulation", dest="grad_accumulation_steps", type=int,
                    help="minibatches per optimizer update (default: 1)")
     p.add_argument("--resume-adapter-file", help="start from these adapter weights (mlx-lm's; see --resume)")
-    p.add_argument("--adapter-path", help="output adapter directory (default: adapters)")
+    p.add_argument("--adapter-path", help="output adapter directory, or model directory with "
+                                          "--fine-tune-type full (default: adapters)")
     p.add_argument("--save-every", type=int, help="checkpoint every N iterations (default: 100)")
     p.add_argument("--test", action="store_true", default=None, help="report the loss on test.jsonl at the end")
     p.add_argument("--test-batches", type=int, help="test batches, -1 for all (default: 500)")
@@ -129,6 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the interrupted run of --adapter-path from its last checkpoint")
     p.add_argument("--force", action="store_true", default=None,
                    help="replace an existing --adapter-path (or interrupted run)")
+    p.add_argument("--requant-policy", choices=REQUANT_POLICIES,
+                   help="--fine-tune-type full on a quantized base: how the trained weights of its quantized "
+                        "modules are re-quantized: stock (mx.quantize afresh; default) or preserve / stochastic "
+                        "(each group's scale and bias kept)")
     p.add_argument("--quiet", action="store_true", default=None, help="do not print the training log")
 
 
@@ -162,7 +188,9 @@ def _print_summary(result) -> None:
         loss += f", stopped early at iteration {cfg['final_iteration']}"
     if result.resumed_from is not None:
         loss += f", resumed from iteration {result.resumed_from}"
-    print(f"pyfuse train: wrote {result.adapter_path} ({cfg['fine_tune_type']}, rank {cfg['lora_parameters']['rank']}, "
-          f"scale {cfg['lora_parameters']['scale']:g}, {len(result.modules)} modules in {where}, "
+    kind = (f"full fine-tune (model directory; {len(cfg.get('requantized', []))} weights re-quantized, "
+            f"{cfg['requant_policy']})" if cfg["fine_tune_type"] == "full" else
+            f"{cfg['fine_tune_type']}, rank {cfg['lora_parameters']['rank']}, scale {cfg['lora_parameters']['scale']:g}")
+    print(f"pyfuse train: wrote {result.adapter_path} ({kind}, {len(result.modules)} modules in {where}, "
           f"{result.trainable_parameters:,} trainable parameters{loss}, {result.seconds:.1f} s)")
 

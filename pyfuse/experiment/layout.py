@@ -37,7 +37,7 @@ TMP_PREFIX = ".tmp-"
 
 # A step's outputs (inside its directory)
 ADAPTER = "adapter"                # train, zero, placebo, dither
-MODEL = "model"                    # fuse
+MODEL = "model"                    # fuse; train with fine_tune_type full
 FUSE_REPORT = "fuse_report.json"   # fuse
 ROWS = "rows.jsonl"                # eval-mc, eval-identity, eval-persona: one row per item / prompt
 SUMMARY = "summary.json"           # eval-mc, eval-identity, eval-persona, pairs

@@ -21,43 +21,13 @@ from pathlib import Path
 from ..errors import UserError
 from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
-from .outputs import HASH_LIMIT, sha256_file
+from .fingerprint import fingerprint
 from .plan_recipe import apply_stage, pairs_data, persona_step
 from .prereg import canonical_json
-from .resolve import condition_stages, evaluated_suites, is_fused, members
+from .resolve import calibration_source, condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
 
 ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
-
-
-# ---------------------------------------------------------------------------
-# Fingerprints of user-supplied paths
-# ---------------------------------------------------------------------------
-
-
-def _file_fingerprint(path: Path) -> dict:
-    st = path.stat()
-    if st.st_size <= HASH_LIMIT:
-        return {"size": st.st_size, "sha256": sha256_file(path)}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def fingerprint(path: Path) -> dict:
-    """Content fingerprint of a file or directory (hidden entries skipped);
-    independent of where it lives."""
-    path = Path(path)
-    if path.is_file():
-        return {"type": "file", **_file_fingerprint(path)}
-    if path.is_dir():
-        entries = []
-        for p in sorted(path.rglob("*")):
-            rel = p.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-                continue
-            entries.append([rel.as_posix(), _file_fingerprint(p)])
-        return {"type": "dir", "sha256": hashlib.sha256(canonical_json(entries).encode()).hexdigest(),
-                "files": len(entries)}
-    raise UserError(f"{path} does not exist")
 
 
 # ---------------------------------------------------------------------------
@@ -282,6 +252,10 @@ class _Planner:
             return pairs_data(self, ref)
         return self.source(self.spec.resolve(self.spec.data[ref]))
 
+    def calibration(self, ref: str) -> Artifact:
+        kind, name = calibration_source(self.spec, ref)
+        return self.train_data(name) if kind != "path" else self.source(self.spec.resolve(name))
+
     def mc_data(self, ref: str) -> Artifact:
         if ref.startswith("setg.") and ref not in self.spec.data:
             return self.setg().out(f"{SETG_ITEMS}/{ref.split('.', 1)[1]}.jsonl")
@@ -353,6 +327,10 @@ class _Planner:
     def _train(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
         data = self.train_data(opts["data"])
         st = self.step("train", opts, {"model": cp.model, "data": data}, f"{cp.name}: stage {n_stage} train")
+        if opts["fine_tune_type"] == "full":  # a model of the same quantization, no adapter
+            cp.model = st.out(MODEL)
+            cp.stages.append({"kind": "train", "step": st.dirname, "options": opts})
+            return
         cp.adapter = st.out(ADAPTER)
         if cp.fused_adapters:  # a stacked adapter: how much it shares the subspaces of the one fused before
             cp.overlaps.append(self.step("compare", {}, {"adapter_a": cp.fused_adapters[-1], "adapter_b": cp.adapter},
@@ -388,8 +366,10 @@ class _Planner:
                                  f"{cp.name}: stage {n_stage} dither residual")
             st = self.step("fuse", {**opts, "policy": "stochastic", "dither": False},
                            {"model": stock.out(MODEL), "adapter": residual.out(ADAPTER)}, label + " (dithered)")
-        else:
-            st = self.step("fuse", opts, {"model": base_model, "adapter": adapter}, label)
+        else:  # calibration data is an input (its content, not its name, is the step's identity)
+            calib = {} if opts.get("calibration") is None else {"calibration": self.calibration(opts["calibration"])}
+            st = self.step("fuse", {k: v for k, v in opts.items() if k != "calibration"},
+                           {"model": base_model, "adapter": adapter, **calib}, label)
         noise = None
         setting = opts["policy"]
         if base_quant is not None and not opts["dequantize"]:
@@ -397,7 +377,9 @@ class _Planner:
             gs = opts["requant_group_size"] or base_quant["group_size"]
             setting = f"{bits}-bit g{gs}, {opts['policy']}" + (f", dithered (seed {opts['seed']})"
                                                               if opts["dither"] else "")
-            if self.spec.report.noise_floor and not opts["dither"]:
+            # (a grid-keeping fuse onto a finer grid refines the base exactly; the noise floor would re-fit it)
+            refined = opts["policy"] != "stock" and (bits, gs) != (base_quant["bits"], base_quant["group_size"])
+            if self.spec.report.noise_floor and not opts["dither"] and not refined:
                 noise = self.step("noise-floor", {
                     "group_size": gs, "bits": bits, "policy": opts["policy"],
                     "seed": opts["seed"], "outputs": self.spec.report.noise_floor_outputs,

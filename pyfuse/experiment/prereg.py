@@ -41,7 +41,7 @@ from .criterion import TEST_DESCRIPTIONS, parse
 from .layout import LOCK_FILE
 from .outputs import sha256_file
 from .power import family_of, power_table, underpowered
-from .resolve import condition_stages
+from .resolve import calibration_source, condition_stages
 from .spec import Spec
 
 FORMAT = "pyfuse-prereg/2"
@@ -73,8 +73,14 @@ def sha256_path(path: Path) -> str:
 
 def data_paths(spec: Spec) -> dict[str, Path]:
     """Every data file the spec names, by field: ``data.NAME``,
-    ``evaluation.identity.suite``, ``preregistration.discordance_from``."""
+    ``evaluation.identity.suite``, ``preregistration.discordance_from``, a
+    fuse stage's ``calibration`` given as a path."""
     out = {f"data.{name}": spec.resolve(p) for name, p in spec.data.items()}
+    for name in spec.conditions:
+        for where, kind, opts in condition_stages(spec, name):
+            ref = opts.get("calibration") if kind == "fuse" else None
+            if ref is not None and calibration_source(spec, ref)[0] == "path":
+                out[f"{where}.calibration"] = spec.resolve(ref)
     if spec.evaluation.identity is not None and spec.evaluation.identity.suite is not None:
         out["evaluation.identity.suite"] = spec.resolve(spec.evaluation.identity.suite)
     if spec.evaluation.persona is not None and spec.evaluation.persona.suite is not None:

@@ -86,6 +86,18 @@ def resolve_fuse(spec: Spec, opts: FuseOptions, seed_offset: int = 0) -> dict:
     return out
 
 
+def calibration_source(spec: Spec, ref: str) -> tuple[str, str]:
+    """What a fuse stage's ``calibration`` names: ``("data", NAME)`` (a name
+    from ``data``), ``("setg", ref)`` (``setg`` / ``setg.train``: the Set-G
+    training rows) or ``("path", ref)`` (a file or directory, relative to the
+    spec file)."""
+    if ref in spec.data:
+        return "data", ref
+    if ref in ("setg", "setg.train"):
+        return "setg", ref
+    return "path", ref
+
+
 def evaluated_suites(spec: Spec, name: str) -> list[str]:
     cond = spec.conditions[name]
     if cond.evaluate is not None:
@@ -95,8 +107,10 @@ def evaluated_suites(spec: Spec, name: str) -> list[str]:
 
 def ends_with_adapter(spec: Spec, name: str) -> bool:
     pending = False
-    for _, kind, _ in condition_stages(spec, name):
-        if kind in ("train", "apply"):
+    for _, kind, opts in condition_stages(spec, name):
+        if kind == "train":
+            pending = opts["fine_tune_type"] != "full"  # a full fine-tune yields a model
+        elif kind == "apply":
             pending = True
         elif kind == "fuse":
             pending = False

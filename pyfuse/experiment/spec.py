@@ -36,6 +36,7 @@ Layout (every section but ``models`` and ``conditions`` is optional)::
           - fuse: {policy: stock}               # fuse it -> the new current model
           - fuse: {policy: stock, dither: true} # (zero-delta only) stock grid, stochastic rounding (seed)
           - fuse: {layers: early, modules: ["*.mlp.*"]}  # a partial fuse (pyfuse.fuse.layers); layers: sweep
+          - fuse: {policy: calibrated, calibration: setg, requant_bits: 8}  # X^T X from data (a name or path)
           - stack: {train: {...}, fuse: {...}, zero: false}  # train + [zero] + fuse
           - apply: {condition: NAME}            # another condition's last adapter (or adapter: DIR)
         evaluate: [mc, identity]    # default: every suite in `evaluation`
@@ -136,7 +137,7 @@ class TrainOptions(RecipeTrainOptions):
     come from ``defaults.train``, then from pyfuse train's own defaults)."""
 
     data: StrictStr | None = None
-    fine_tune_type: Literal["lora", "dora"] | None = None
+    fine_tune_type: Literal["lora", "dora", "full"] | None = None  # full: the stage yields a model
     rank: typing.Annotated[StrictInt, Field(ge=1, le=MAX_LORA_RANK)] | None = None
     alpha: float | None = Field(default=None, gt=0)
     dropout: float | None = Field(default=None, ge=0, lt=1)
@@ -180,6 +181,16 @@ class FuseOptions(_Strict):
     dither: StrictBool | None = None  # zero-delta adapters: the stock grid, codes rounded stochastically
     layers: FuseLayers = None  # early | middle | late | all | "4-7" | [0, 2] | sweep (the condition's sweep value)
     modules: list[StrictStr] | None = Field(default=None, min_length=1)  # globs of whole module paths
+    # pyfuse fuse --calibration / --calibration-min-tokens / --damp: mlx-lm data (a `data` name, setg,
+    # or a path) whose X^T X steers policy calibrated and gives every policy's report its output error
+    calibration: StrictStr | None = None
+    calibration_min_tokens: typing.Annotated[StrictInt, Field(ge=0)] | None = None
+    damp: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @field_validator("damp", mode="before")
+    @classmethod
+    def _damp(cls, v):
+        return None if v is None else _number(v)
 
     @field_validator("only")
     @classmethod

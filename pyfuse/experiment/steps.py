@@ -7,12 +7,13 @@ are in :mod:`pyfuse.experiment.layout`.
 =============  ==========================================  ===============================
 kind           inputs                                      outputs (in the step directory)
 =============  ==========================================  ===============================
-train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter)
+train          model, data                                 ``adapter/`` (pyfuse.train.train_adapter);
+                                                           ``model/`` with fine_tune_type full
 zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.adapters.zero)
 placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
 dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse
                adapter (zero-delta)                        stochastically (pyfuse.adapters.dither)
-fuse           model, adapter                              ``model/``, ``fuse_report.json``
+fuse           model, adapter [, calibration data]         ``model/``, ``fuse_report.json``
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
 eval-behaviour model [, adapter], suite                     ``rows.jsonl``, ``summary.json``
@@ -46,7 +47,8 @@ def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
 
     kwargs = {k: v for k, v in opts.items() if k != "data"}
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the command's own summary
-        res = train_adapter(str(inputs["model"]), str(inputs["data"]), out / ADAPTER, verbose=False,
+        res = train_adapter(str(inputs["model"]), str(inputs["data"]),
+                            out / (MODEL if opts.get("fine_tune_type") == "full" else ADAPTER), verbose=False,
                             **kwargs)
     return {"modules": len(res.modules), "trainable_parameters": res.trainable_parameters,
             "first_loss": res.first_loss, "final_loss": res.final_loss, "seconds": res.seconds,
@@ -82,7 +84,8 @@ def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
                      dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True,
-                     layers=opts.get("layers"), modules=opts.get("modules"))
+                     layers=opts.get("layers"), modules=opts.get("modules"), calibration=inputs.get("calibration"),
+                     calibration_min_tokens=opts.get("calibration_min_tokens"), damp=opts.get("damp"))
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
             "codes_changed", "groups_refit", "kernel", "warnings")

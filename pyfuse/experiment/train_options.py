@@ -23,6 +23,7 @@ class RecipeTrainOptions(BaseModel):
     save_every: typing.Annotated[StrictInt, Field(ge=1)] | None = None
     select_best: StrictBool | None = None
     early_stop_patience: typing.Annotated[StrictInt, Field(ge=0)] | None = None
+    requant_policy: Literal["stock", "preserve", "stochastic"] | None = None  # fine_tune_type full, quantized base
 
     @field_validator("beta", "lr_schedule", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .criterion import parse, parse_pvalue
-from .resolve import condition_stages, ends_with_adapter, evaluated_suites
+from .resolve import calibration_source, condition_stages, ends_with_adapter, evaluated_suites
 from .spec import NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec
 from .validate_recipe import (apply_problems, check_persona_suite, fit_problems, missing_recipe_paths,
                               pairs_dependencies, pairs_problems, recipe_dependencies)
@@ -87,7 +87,7 @@ def _stage_order(spec: Spec, name: str) -> Problems:
     stage data); zero, placebo and fuse need an adapter; a dithered fuse
     needs a zero-delta one."""
     problems = []
-    pending, last, dora = False, None, False
+    pending, last, dora, full = False, None, False, None
     for where, kind, opts in condition_stages(spec, name):
         if kind == "train":
             if pending:
@@ -99,15 +99,19 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 p = _data_ref_problem(spec, opts["data"], training=True)
                 if p:
                     problems.append((f"{where}.data", p))
-            pending, dora = True, opts["fine_tune_type"] == "dora"
+            pending, dora = opts["fine_tune_type"] != "full", opts["fine_tune_type"] == "dora"
+            full = where if opts["fine_tune_type"] == "full" else None
         elif kind == "apply":
             if pending:
                 problems.append((where, "the previous stage's adapter is not fused yet; add a fuse "
                                  "stage before applying another adapter"))
             problems += apply_problems(spec, name, where, opts)
-            pending, dora = True, False
+            pending, dora, full = True, False, None
         elif kind in ("zero", "placebo", "fuse"):
-            if not pending:
+            if not pending and full is not None:
+                problems.append((where, f"{full} has fine_tune_type full: it yields a model, not an adapter; "
+                                 f"there is nothing to {kind} (remove this stage)"))
+            elif not pending:
                 problems.append((where, f"a {kind} stage needs an adapter: put it after a train or apply stage"))
             if kind == "placebo" and dora:
                 problems.append((where, "placebo adapters are defined for LoRA (a DoRA magnitude is learned "
@@ -115,7 +119,8 @@ def _stage_order(spec: Spec, name: str) -> Problems:
             if kind == "fuse" and opts["dither"]:
                 problems += _dither_problems(where, opts, last)
             if kind == "fuse":
-                pending = False
+                problems += _calibration_problems(spec, where, opts)
+                pending, full = False, None
         last = kind
     return problems
 
@@ -127,6 +132,27 @@ def _dither_problems(where: str, opts: dict, last: str | None) -> Problems:
     if opts["policy"] != "stock" or opts["dequantize"] or opts["requant_bits"] or opts["requant_group_size"]:
         out.append((f"{where}.dither", "dither re-rounds the stock fuse's grid: it needs policy stock, "
                     "without dequantize or requant_bits / requant_group_size"))
+    return out
+
+
+def _calibration_problems(spec: Spec, where: str, opts: dict) -> Problems:
+    """A fuse stage's calibration options, as ``pyfuse fuse`` takes them:
+    policy calibrated needs data; dampening and the token threshold need it."""
+    ref = opts.get("calibration")
+    if ref is None:
+        if opts["policy"] == "calibrated":
+            return [(f"{where}.calibration", "required by policy calibrated (mlx-lm data whose X^T X steers "
+                     "the rounding: a name from data, setg, or a path)")]
+        field = next((k for k in ("calibration_min_tokens", "damp") if opts.get(k) is not None), None)
+        return [(f"{where}.{field}", "needs calibration (the data it applies to)")] if field else []
+    out = []
+    if opts.get("damp") is not None and opts["policy"] != "calibrated":
+        out.append((f"{where}.damp", f"is used by policy calibrated only, not {opts['policy']}"))
+    if opts["dither"]:
+        out.append((f"{where}.calibration", "a dithered fuse takes no calibration data"))
+    kind, _ = calibration_source(spec, ref)
+    if kind == "setg" and spec.setg is None:
+        out.append((f"{where}.calibration", f"{ref!r} needs a setg section"))
     return out
 
 
@@ -300,6 +326,8 @@ def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
         for where, kind, opts in condition_stages(spec, name):
             if kind == "train" and opts["data"] in ("setg", "setg.train"):
                 d.setdefault("setg", f"{where}.data")
+            if kind == "fuse" and opts.get("calibration") in ("setg", "setg.train"):
+                d.setdefault("setg", f"{where}.calibration")
         for node, field in recipe_dependencies(spec, name).items():
             d.setdefault(node, field)
         deps[f"model:{name}"] = d
@@ -398,6 +426,13 @@ def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
     beh = spec.evaluation.behaviour
     if beh is not None and not spec.resolve(beh.suite).is_file():
         out.append(("evaluation.behaviour.suite", "behaviour suite", spec.resolve(beh.suite)))
+    for name in spec.conditions:
+        for where, kind, opts in condition_stages(spec, name):
+            ref = opts.get("calibration") if kind == "fuse" else None
+            if ref is not None and calibration_source(spec, ref)[0] == "path" and \
+                    not spec.resolve(ref).exists():
+                out.append((f"{where}.calibration", "calibration data (a path: no `data` entry has this name)",
+                            spec.resolve(ref)))
     pr = spec.preregistration
     if pr is not None and pr.discordance_from is not None:
         r = spec.resolve(pr.discordance_from)

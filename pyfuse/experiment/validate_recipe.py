@@ -45,8 +45,10 @@ def pairs_problems(spec: Spec) -> Problems:
 
 
 def has_adapter(spec: Spec, name: str) -> bool:
-    """Whether the condition's stages make an adapter (one to apply elsewhere)."""
-    return any(kind in ("train", "apply") for _, kind, _ in condition_stages(spec, name))
+    """Whether the condition's stages make an adapter (one to apply elsewhere;
+    a full fine-tune makes a model)."""
+    return any(kind == "apply" or (kind == "train" and opts["fine_tune_type"] != "full")
+               for _, kind, opts in condition_stages(spec, name))
 
 
 def apply_problems(spec: Spec, name: str, where: str, opts: dict) -> Problems:
@@ -99,7 +101,7 @@ def trained_on(spec: Spec, name: str) -> str | None:
     for _, kind, opts in condition_stages(spec, name):
         if kind == "apply" and opts["condition"] is not None:
             adapter_of = None if opts["condition"] == name else trained_on(spec, opts["condition"])
-        elif kind == "train":
+        elif kind == "train" and opts["fine_tune_type"] != "full":
             adapter_of = name
     return root_model(spec, name) if adapter_of == name else adapter_of
 

@@ -64,6 +64,7 @@ from ..io.model_dir import ModelDir
 from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
                        RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
 from . import compute, export, report as reporting
+from .agreement import agreement_data, measure_fused
 from .plan import Job, Plan, make_plan
 from .writer import write_model
 
@@ -113,6 +114,9 @@ def fuse_model(
     calibration: str | os.PathLike | None = None,
     calibration_min_tokens: int | None = None,
     damp: float | None = None,
+    agreement_prompts: str | os.PathLike | None = None,
+    agreement: bool = True,
+    hessians: dict | None = None,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -166,12 +170,28 @@ def fuse_model(
         calibration: mlx-lm data (``.jsonl`` or a data directory: ``text``,
             ``messages`` or ``prompt``/``completion`` rows) that the base
             model is run over to get ``X^T X`` of each fused module's inputs
-            (per expert): needed by ``policy="calibrated"``. Every 4th
-            sequence is held out for the report's output-space figures.
+            (per expert): needed by ``policy="calibrated"``; under the other
+            policies it only adds the report's output-space figures. Every
+            4th sequence is held out for those figures.
         calibration_min_tokens: experts with fewer calibration tokens are
             rounded plainly (``H = 0``); default: the module's number of
             inputs (at least :data:`pyfuse.calibration.MIN_EXPERT_TOKENS`).
         damp: the calibrated policy's dampening (share of mean diag H).
+        agreement_prompts: mlx-lm data (as ``calibration``) on which the
+            fused model is compared with the base model with the adapter
+            applied unfused (mlx-lm's loader): the report's summary gets
+            ``kl_to_unfused`` (mean per-token KL(unfused || fused) of the
+            next-token distributions), ``top1_agreement`` and ``agreement``
+            (:mod:`pyfuse.fuse.agreement`). By default, with
+            ``calibration``: its held-out sequences.
+        agreement: False: no whole-model comparison (not even with
+            ``calibration``).
+        hessians: ``X^T X`` already collected for the fused modules
+            (:func:`pyfuse.calibration.collect_hessians`), used instead of a
+            calibration pass (``calibration`` must then be None); under every
+            policy they add the per-module output error and retention on
+            their held-out tokens to the report (``--compare-policies``
+            calibrates once for all its fuses).
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -185,7 +205,10 @@ def fuse_model(
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
-    _check_calibration(policy, calibration, dequantize)
+    if hessians is None:
+        _check_calibration(policy, calibration, dequantize)
+    elif calibration is not None:
+        raise UserError("give calibration data or collected hessians, not both")
     mdir = ModelDir(model_path)
     try:
         _check_remote_code(mdir, trust_remote_code)
@@ -194,14 +217,17 @@ def fuse_model(
         only = _layer_selection(mdir, only, layers, modules)
         only_re = _compile_only(only)
         adapter = read_adapter(adapter_path)
-        check_paths({"--model": model_path, "--adapter-path": adapter_path},
+        check_paths({"--model": model_path, "--adapter-path": adapter_path, "--agreement-prompts": agreement_prompts},
                     {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
         _check_save_path(save_path, force)
         if report is not None:
             _check_report_path(Path(report), save_path, force)
         plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
                          requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
-        hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
+        agree_data = agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
+                                    enabled=agreement)
+        if hessians is None:
+            hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
                           on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
@@ -220,6 +246,7 @@ def fuse_model(
                                  requant_bits=requant_bits, requant_group_size=requant_group_size,
                                  only=only, written=written, seconds=time.monotonic() - started,
                                  on_range_overflow=on_range_overflow)
+    _add_agreement(rep, model_path, adapter_path, save_path, agree_data)
     report_path = None if report is None else _write_report(Path(report), rep, save_path, force)
     gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
     if upload_repo is not None:
@@ -248,6 +275,13 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
         return fused.tensors
 
     return run
+
+
+def _add_agreement(rep: dict, model_path, adapter_path, save_path: Path, data) -> None:
+    """The whole-model figures (:mod:`pyfuse.fuse.agreement`) into the report's summary."""
+    fields, warnings = measure_fused(model_path, adapter_path, save_path, data)
+    rep["summary"].update(fields)
+    rep["summary"]["warnings"] += warnings
 
 
 def _write_report(path: Path, rep: dict, save_path: Path, force: bool) -> Path:
@@ -311,8 +345,6 @@ def _check_calibration(policy, calibration, dequantize):
     if policy == "calibrated" and calibration is None:
         raise UserError("--policy calibrated needs --calibration DATA.jsonl (the inputs whose X^T X "
                         "steers the rounding)")
-    if calibration is not None and policy != "calibrated":
-        raise UserError(f"--calibration is used by --policy calibrated only, not {policy}")
     if calibration is not None and not Path(calibration).exists():
         raise UserError(f"--calibration {calibration} does not exist")
 

@@ -71,11 +71,12 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def load_model(model, adapter_path: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(model, adapter_path: str | os.PathLike | None = None, *, lazy: bool = False) -> LoadedModel:
     """A model path (an mlx-lm model directory) or a ``(model, tokenizer)``
     pair -> :class:`LoadedModel`, loaded as mlx-lm loads it (with an
-    unfused ``adapter_path`` if given). A directory that does not load
-    raises :class:`UserError` naming it and the reason."""
+    unfused ``adapter_path`` if given; ``lazy``: weights read from disk only
+    when first used). A directory that does not load raises
+    :class:`UserError` naming it and the reason."""
     if isinstance(model, LoadedModel):
         if adapter_path is not None:
             raise UserError("adapter_path needs a model path, not an already loaded model")
@@ -108,7 +109,7 @@ def load_model(model, adapter_path: str | os.PathLike | None = None) -> LoadedMo
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            m, tok = load(str(path))
+            m, tok = load(str(path), lazy=lazy)
             if adapter_path is not None:  # mlx-lm's load_adapters, with pyfuse's DoRA layers (MoE experts)
                 load_adapters(m, adapter_path)
                 m.eval()
@@ -118,11 +119,11 @@ def load_model(model, adapter_path: str | os.PathLike | None = None) -> LoadedMo
     return LoadedModel(m, tok, str(path))
 
 
-def load_for_inference(model, adapter_path: str | os.PathLike | None = None) -> LoadedModel:
+def load_for_inference(model, adapter_path: str | os.PathLike | None = None, *, lazy: bool = False) -> LoadedModel:
     """:func:`load_model` for running the model: a path is loaded and the
     compute-dtype policy applied; an already loaded model runs as given
     (call :func:`use_compute_dtype` on it to apply the policy)."""
-    loaded = load_model(model, adapter_path)
+    loaded = load_model(model, adapter_path, lazy=lazy)
     if isinstance(model, (str, os.PathLike)):
         use_compute_dtype(loaded.model)
     return loaded

@@ -8,12 +8,13 @@ loader (``1e-5`` is a float). pyfuse's additions: ``layers`` (explicit
 indices instead of "the last ``num_layers``"), ``alpha`` (``scale = alpha /
 rank``), ``keys``, ``rank``, ``dropout`` (shortcuts into
 ``lora_parameters``), ``early_stop_patience``, ``select_best``, ``resume``,
-``force``, and ``train_mode`` (``sft``, ``dpo``, ``orpo``) with ``beta``
-(the names of mlx-lm-lora, the package that adds DPO to mlx-lm).
+``force``, ``train_mode`` (``sft``, ``dpo``, ``orpo``) with ``beta``
+(the names of mlx-lm-lora, the package that adds DPO to mlx-lm), and
+``requant_policy`` (``fine_tune_type: full`` on a quantized base: how the
+trained weights are re-quantized, :mod:`.full`).
 
 Keys of mlx-lm that pyfuse refuses rather than ignore silently:
-``fine_tune_type: full`` (pyfuse trains adapters), ``report_to`` (no
-network), a Hugging Face ``data`` name (local files only).
+``report_to`` (no network), a Hugging Face ``data`` name (local files only).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ EXTRA_DEFAULTS = {
     "resume": False,
     "force": False,
     "quiet": False,
+    "requant_policy": "stock",
 }
 # mlx-lm keys that only mean something to mlx-lm's own command line
 _IGNORED = ("train", "config", "project_name", "trust_remote_code")
@@ -105,8 +107,6 @@ def _lora_parameters(s: dict) -> dict:
 
 
 def _check_refused(s: dict) -> None:
-    if s["fine_tune_type"] == "full":
-        raise UserError("fine_tune_type full is not an adapter: pyfuse train trains lora or dora")
     if s.get("report_to"):
         raise UserError(f"report_to {s['report_to']!r}: pyfuse does not report to online services "
                         "(the losses are in loss.json)")
@@ -126,7 +126,7 @@ def train_kwargs(s: dict) -> dict:
                              "resume_adapter_file", "save_every", "test", "test_batches", "max_seq_length",
                              "grad_checkpoint", "grad_accumulation_steps", "clear_cache_threshold",
                              "lr_schedule", "mask_prompt", "early_stop_patience", "select_best", "resume",
-                             "force", "train_mode", "beta")}
+                             "force", "train_mode", "beta", "requant_policy")}
     out.update(rank=lp["rank"], scale=lp["scale"], dropout=lp["dropout"], keys=lp.get("keys"), layers=layers,
                verbose=not s.get("quiet"))
     return out

@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..io.outputs import check_destination, publish
 from .checkpoint import BEST_WEIGHTS, RunStore, run_dir_for
 from .data import TrainingData, load_training_data
+from .full import DEFAULT_REQUANT_POLICY, check_requant_policy, unfreeze_layers, write_model
 from .loop import LoopArgs, evaluate, run_loop, sft_objective
 from .outputs import ADAPTER_CONFIG, adapter_config, finish_dir, read_run_config, write_json
 from .settings import FINE_TUNE_TYPES, check_settings
@@ -142,7 +143,7 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
                   clear_cache_threshold: int = 0, early_stop_patience: int = 0, select_best: bool = False,
                   resume: bool = False, resume_adapter_file: str | None = None, test: bool = False,
                   test_batches: int = 500, train_mode: str = "sft", beta: float = 0.1, force: bool = False,
-                  verbose: bool = False,
+                  requant_policy: str = DEFAULT_REQUANT_POLICY, verbose: bool = False,
                   on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train a LoRA/DoRA adapter and write an mlx-lm adapter directory at
     ``adapter_path`` (atomically; resumable after a kill).
@@ -152,7 +153,10 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
             pair (which is then modified in place: LoRA layers are inserted).
         data: a directory with ``train.jsonl`` [+ ``valid.jsonl``,
             ``test.jsonl``], a ``.jsonl`` file, or a list of rows.
-        fine_tune_type: ``lora`` or ``dora``.
+        fine_tune_type: ``lora``, ``dora``, or ``full``: every parameter of
+            the chosen layers trains and ``adapter_path`` becomes a model
+            directory of the base's quantization (:mod:`.full`: quantized
+            modules are trained dequantized and re-quantized at the end).
         rank, alpha, scale, dropout: the LoRA rank, ``scale = alpha / rank``
             (or ``scale`` itself, as mlx-lm's ``lora_parameters``), dropout.
         keys: module names inside a layer (``self_attn.q_proj``,
@@ -177,6 +181,9 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
         resume: continue the interrupted run of ``adapter_path`` from its
             last checkpoint (the same settings required).
         force: replace an existing ``adapter_path`` / interrupted run.
+        requant_policy: ``full`` on a quantized base: how the trained
+            weights are re-quantized (``stock``: afresh; ``preserve`` /
+            ``stochastic``: on each group's grid).
         verbose: print the training log to stdout.
         on_step: called with each finished step's number.
     """
@@ -194,6 +201,11 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
                 "test_batches": test_batches, "train_mode": train_mode, "beta": beta}
     scale = float(alpha) / rank if scale is None and isinstance(rank, int) and rank > 0 else scale
     check_settings(fine_tune_type, rank, scale, dropout, settings)
+    if fine_tune_type == "full":
+        check_requant_policy(requant_policy)
+        if not isinstance(model, (str, os.PathLike)):
+            raise UserError("fine_tune_type full needs a model directory (its output is written over it)")
+        settings["requant_policy"] = requant_policy
     final = Path(adapter_path)
     td = _checked_data(data, mask_prompt, batch_size, test)
     if (train_mode == "sft") != (td.format != "pairs"):
@@ -230,9 +242,14 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
                                                                s["max_seq_length"], warnings), sft_objective()
     else:  # before the adapter layers: the reference is the starting model
         (train_set, valid_set, test_set), objective = preference_sets(net, tokenizer, td, s, run_dir, resume)
-    lora_parameters = {"rank": rank, "scale": float(scale), "dropout": float(dropout), "keys": targets.lora_keys}
-    trainable, wrapped = add_adapter_layers(net, targets.num_layers, lora_parameters, fine_tune_type,
-                                            set(targets.modules), s["seed"])
+    if fine_tune_type == "full":
+        lora_parameters = None
+        trainable, wrapped = unfreeze_layers(net, targets, keys is not None, s["seed"])
+    else:
+        lora_parameters = {"rank": rank, "scale": float(scale), "dropout": float(dropout),
+                           "keys": targets.lora_keys}
+        trainable, wrapped = add_adapter_layers(net, targets.num_layers, lora_parameters, fine_tune_type,
+                                                set(targets.modules), s["seed"])
     if s["resume_adapter_file"]:
         net.load_weights(str(s["resume_adapter_file"]), strict=False)
     n_params = sum(v.size for v in trainable.values())
@@ -264,9 +281,12 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
             print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
     config.update(best_iteration=prog.best_iteration, best_val_loss=prog.best_val,
                   stopped_early=prog.stopped_early, final_iteration=prog.iteration, test_loss=test_loss)
-    finish_dir(run_dir, net, trainable, config, prog,
-               f"{fine_tune_type} r={rank} scale={scale:g} lr={s['learning_rate']:g} ({final.name})", warnings)
-    publish(run_dir, final, force)
+    what = "full" if lora_parameters is None else f"{fine_tune_type} r={rank} scale={scale:g}"
+    finish_dir(run_dir, net, trainable, config, prog, f"{what} lr={s['learning_rate']:g} ({final.name})", warnings)
+    if fine_tune_type == "full":
+        write_model(lm.name, run_dir, final, config, policy=s["requant_policy"], seed=s["seed"], force=force)
+    else:
+        publish(run_dir, final, force)
     return TrainResult(adapter_path=final, config=config, modules=wrapped, losses=prog.train,
                        val_losses=prog.val, trainable_parameters=n_params, seconds=time.perf_counter() - started,
                        warnings=warnings, best_iteration=prog.best_iteration, stopped_early=prog.stopped_early,

@@ -35,7 +35,7 @@ def adapter_config(model_name: str, td: TrainingData, fine_tune_type: str, targe
         "num_layers": targets.num_layers,
         "layers": targets.layers,
         "lora_parameters": lora_parameters,
-        "alpha": lora_parameters["scale"] * lora_parameters["rank"],
+        "alpha": None if lora_parameters is None else lora_parameters["scale"] * lora_parameters["rank"],
         **settings,
         **extra,
         "train_rows": len(td.train),

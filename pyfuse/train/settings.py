@@ -7,7 +7,7 @@ import math
 from ..errors import UserError
 from ..options import MAX_LORA_RANK
 
-FINE_TUNE_TYPES = ("lora", "dora")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 
 __all__ = ["FINE_TUNE_TYPES", "OPTIMIZERS", "check_int", "check_number", "check_settings"]

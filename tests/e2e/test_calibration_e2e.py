@@ -1,7 +1,8 @@
 """The calibrated fuse end to end on the tiny qwen3_moe with ~200 calibration
 sequences (enough tokens per expert for a full-rank H): the report's
 output-space figures against the same figures computed here, and how the
-calibrated policy compares with preserve on held-out tokens."""
+calibrated policy compares with preserve on held-out tokens (preserve's
+report carries the same figures when given calibration data)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_calibrated_fuse_reports_output_error(fuse_work, tiny_moe_dir, calib_lar
     res = fuse_model(tiny_moe_dir, adapter, fuse_work / f"calib_small_out_{requant_bits}", policy="calibrated",
                      calibration=calib_large, requant_bits=requant_bits)
     pres = fuse_model(tiny_moe_dir, adapter, fuse_work / f"calib_small_pres_{requant_bits}", policy="preserve",
-                      requant_bits=requant_bits)
+                      requant_bits=requant_bits, calibration=calib_large)  # measured only: same rounding
     path = f"model.layers.3.{DOWN}"
     rec = next(r for r in res.report["tensors"] if r["module"] == path)
     assert rec["calibration"]["tokens"] > 0 and rec["calibration"]["experts_fallback"] == 0
@@ -63,6 +64,8 @@ def test_calibrated_fuse_reports_output_error(fuse_work, tiny_moe_dir, calib_lar
            for name, t in (("calibrated", ours), ("preserve", theirs))}
     assert rec["output_error"] == pytest.approx(fid["calibrated"]["output_error"], rel=1e-4)
     assert rec["output_retention"] == pytest.approx(fid["calibrated"]["output_retention"], rel=1e-4)
+    rec_pres = next(r for r in pres.report["tensors"] if r["module"] == path)
+    assert rec_pres["output_error"] == pytest.approx(fid["preserve"]["output_error"], rel=1e-4)
     if requant_bits:
         assert fid["calibrated"]["output_error"] < 0.5 and fid["preserve"]["output_error"] < 0.5
     else:

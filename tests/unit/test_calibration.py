@@ -6,6 +6,7 @@ and ``pyfuse fuse --policy calibrated --calibration`` end to end."""
 from __future__ import annotations
 
 import filecmp
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -118,13 +119,62 @@ def test_calibrated_zero_adapter_is_byte_identical(fuse_work, tiny_moe_dir, cali
         assert filecmp.cmp(p, out / p.name, shallow=False), p.name
 
 
+def test_calibration_under_other_policies_only_measures(fuse_work, tiny_moe_dir, calib_jsonl):
+    """--calibration with preserve: the same model bytes as without it; the
+    report gains each module's output error (the figures themselves are
+    checked against their definition in tests/e2e/test_calibration_e2e.py)."""
+    adapter = make_adapter(tiny_moe_dir, fuse_work / "calib_pres", keys=[DOWN], b_std=1e-3)
+    outs = {}
+    for name, extra in (("plain", []), ("measured", ["--calibration", calib_jsonl])):
+        outs[name] = fuse_work / f"calib_pres_{name}"
+        r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", outs[name],
+                    "--policy", "preserve", "--report", fuse_work / f"calib_pres_{name}.json", *extra)
+        assert r.code == 0, r.err
+    for p in outs["plain"].iterdir():
+        assert filecmp.cmp(p, outs["measured"] / p.name, shallow=False), p.name
+    reports = {n: json.loads((fuse_work / f"calib_pres_{n}.json").read_text())["tensors"] for n in outs}
+    assert all("output_error" not in r for r in reports["plain"])
+    assert all(r["output_error"] > 0 and r["calibration"]["tokens"] > 0 for r in reports["measured"])
+
+
 def test_calibration_errors(fuse_work, tiny_moe_dir, calib_jsonl):
     adapter = make_adapter(tiny_moe_dir, fuse_work / "calib_err", keys=[DOWN], b_std=1e-3)
     base = ["fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", fuse_work / "never"]
     r = run_cli(*base, "--policy", "calibrated")
     assert r.code == 2 and "needs --calibration" in r.err
-    r = run_cli(*base, "--policy", "preserve", "--calibration", calib_jsonl)
-    assert r.code == 2 and "--policy calibrated only" in r.err
     r = run_cli(*base, "--policy", "calibrated", "--calibration", fuse_work / "missing.jsonl")
     assert r.code == 2 and "does not exist" in r.err
     assert not (fuse_work / "never").exists()
+
+
+def test_layer_by_layer_equals_whole_model(tiny_moe_dir, calib_jsonl, monkeypatch):
+    """The streamed pass (layers 0..last fused one, each over every sequence)
+    gives the sums of the whole-model pass, and does not fall back to it."""
+    from pyfuse.calibration import collect
+
+    paths = [f"model.layers.0.{DOWN}", f"model.layers.{LAYER}.{GATE}", f"model.layers.{LAYER}.{DOWN}"]
+    whole = collect_hessians(tiny_moe_dir, calib_jsonl, paths, min_tokens=0, layer_by_layer=False)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the layer-wise pass fell back to the whole model")
+
+    monkeypatch.setattr(collect, "_whole_model", refuse)
+    streamed = collect_hessians(tiny_moe_dir, calib_jsonl, paths, min_tokens=0)
+    for p in paths:
+        a, b = streamed[p], whole[p]
+        assert (a.tokens, a.held_out_tokens) == (b.tokens, b.held_out_tokens)
+        for x, y in ((a.fit, b.fit), (a.held_out, b.held_out)):
+            y = np.asarray(y)
+            np.testing.assert_allclose(np.asarray(x), y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
+def test_layer_by_layer_stops_at_the_last_fused_layer(tiny_moe_dir, calib_jsonl, monkeypatch):
+    """Layers after the last fused one never run (nor are read)."""
+    from pyfuse.calibration import collect
+
+    ran = []
+    original = collect._Capture.__call__
+    monkeypatch.setattr(collect._Capture, "__call__", lambda self, *a, **k: (ran.append(self.index),
+                                                                             original(self, *a, **k))[1])
+    collect_hessians(tiny_moe_dir, calib_jsonl, [f"model.layers.0.{DOWN}"], min_tokens=0)
+    assert ran and set(ran) == {0}

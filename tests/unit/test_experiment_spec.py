@@ -47,7 +47,7 @@ BAD_SPECS = [
      "conditions.A1.stages[1].fuse.policy: must be one of stock, preserve, stochastic, calibrated (got 'stok')"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(lr=1),
      "conditions.A1.stages[0].train.lr: unknown field (known: train_mode, beta, lr_schedule, save_every, "
-     "select_best, early_stop_patience, data, fine_tune_type, rank,"),
+     "select_best, early_stop_patience, requant_policy, data, fine_tune_type, rank,"),
     (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(rank=0),
      "conditions.A1.stages[0].train.rank: must be greater than or equal to 1 (got 0)"),
     (lambda s: s["conditions"]["A1"].update({"from": "nobody"}),
@@ -114,6 +114,14 @@ BAD_SPECS = [
      "train.rank: must be less than or equal to 4096 (got 100000000)"),
     (lambda s: s["preregistration"].update(criterion="diff(A1, A0) >= 500pp"),
      "diff(A1, A0) >= 500pp: diff lies in [-1, 1]"),
+    # a full fine-tune yields a model: nothing to fuse (or to zero)
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(fine_tune_type="full"),
+     "conditions.A1.stages[1].fuse: conditions.A1.stages[0].train has fine_tune_type full: it yields a model, "
+     "not an adapter; there is nothing to fuse (remove this stage)"),
+    (lambda s: s["conditions"]["A0"]["stages"][0]["train"].update(fine_tune_type="full"),
+     "conditions.A0.stages[1].zero: conditions.A0.stages[0].train has fine_tune_type full"),
+    (lambda s: s["conditions"]["A1"]["stages"][0]["train"].update(requant_policy="calibrated"),
+     "conditions.A1.stages[0].train.requant_policy: must be one of stock, preserve, stochastic"),
 ]
 
 
@@ -433,3 +441,26 @@ def test_the_plan_reads_a_mixed_precision_model_as_the_fuse_does(tmp_path, tiny_
         nf = cp.fuses[0].noise_floor
         assert (nf.options["bits"], nf.options["group_size"]) == (bits, 64)
         assert nf.inputs["model"].source == Path(tiny_moe_mixed_dir).resolve()
+
+
+def test_a_full_fine_tune_stage_yields_the_conditions_model(tmp_path, tiny_llama_dir):
+    """train with fine_tune_type full: the step's model/ is the condition's
+    model (no adapter, the base's quantization), a later LoRA stage trains
+    and fuses on it, and the shared full training is one step."""
+    (tmp_path / "chat.jsonl").write_text("")
+    full = {"train": {"fine_tune_type": "full", "layers": "3", "requant_policy": "preserve"}}
+    spec = spec_from_dict({
+        "models": {"m": str(tiny_llama_dir)}, "data": {"chat": "chat.jsonl"},
+        "defaults": {"train": {"data": "chat"}},
+        "conditions": {"F": {"from": "m", "stages": [full]},
+                       "FL": {"from": "m", "stages": [full, {"train": {}}, {"fuse": {}}]}},
+    }, path=tmp_path / "spec.yaml")
+    plan = build_plan(spec, None)
+    f, fl = plan.conditions["F"], plan.conditions["FL"]
+    assert f.adapter is None and f.fuses == [] and f.quant == {"bits": 4, "group_size": 64}
+    train = f.model.step
+    assert (train.kind, f.model.sub, train.options["fine_tune_type"], train.options["requant_policy"]) == \
+        ("train", "model", "full", "preserve")
+    (fuse,) = [r.fuse for r in fl.fuses]
+    assert fuse.inputs["model"].step is train  # the LoRA stage trained and fused on the full fine-tune
+    assert sum(1 for st in plan.steps.values() if st.kind == "train") == 2

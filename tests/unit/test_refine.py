@@ -28,15 +28,32 @@ def quantized(shape, dtype, group_size, bits, seed=0, std=0.02):
 @pytest.mark.parametrize("bits,to_bits", [(b, t) for b in BITS for t in BITS if t >= b])
 def test_refined_grid_dequantizes_bit_for_bit(dtype, bits, to_bits):
     w, s, b = quantized((3, 8, 256), dtype, 64, bits, seed=bits)
+    inputs = [mx.array(np.array(w))] + [mx.array(np.array(x.astype(mx.float32))) for x in (s, b)]
     w2, s2, b2 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits)
+    kept_inputs = (w, s.astype(mx.float32), b.astype(mx.float32))
+    assert all(mx.array_equal(x, y).item() for x, y in zip(kept_inputs, inputs))  # inputs never modified
     assert w2.shape == (3, 8, 256 * to_bits // 32) and s2.dtype == dtype and b2.dtype == dtype
     assert identical(mx.dequantize(w2, s2, b2, group_size=64, bits=to_bits),
                      mx.dequantize(w, s, b, group_size=64, bits=bits))
     m = refinement_shift(bits, to_bits, 64)
     assert ((1 << bits) - 1) << m <= (1 << to_bits) - 1 < ((1 << bits) - 1) << (m + 1)
-    # the codes are the old ones times 2^m and the bias is kept
-    assert mx.array_equal(unpack_codes(w2, 64, to_bits), unpack_codes(w, 64, bits) * (1 << m)).item()
-    assert identical(b2, b)
+    # the codes are the old ones times 2^m plus one shift k per group within
+    # the spare codes; the bias is kept where k = 0
+    spare = (1 << to_bits) - 1 - (((1 << bits) - 1) << m)
+    k = (np.asarray(unpack_codes(w2, 64, to_bits)) - np.asarray(unpack_codes(w, 64, bits)) * (1 << m))
+    k = k.reshape(*s.shape, 64)
+    assert np.all(k == k[..., :1]) and k.min() >= 0 and k.max() <= spare
+    kept = k[..., 0] == 0
+    raw = lambda x: np.asarray(x.astype(mx.float32))  # noqa: E731  (exact for bf16/f16/f32)
+    assert np.array_equal(raw(b2)[kept], raw(b)[kept])
+    if spare >= 3:  # head-room is found for some groups, and none is found for no reason
+        assert (~kept).any()
+    # without head-room: the codes times 2^m and the bias kept, exactly
+    w3, s3, b3 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits, headroom=False)
+    assert mx.array_equal(unpack_codes(w3, 64, to_bits), unpack_codes(w, 64, bits) * (1 << m)).item()
+    assert identical(b3, b) and identical(s3, s2)
+    assert identical(mx.dequantize(w3, s3, b3, group_size=64, bits=to_bits),
+                     mx.dequantize(w, s, b, group_size=64, bits=bits))
 
 
 @pytest.mark.parametrize("to_group_size", (32, 64))

@@ -66,9 +66,17 @@ def test_refusals(tmp_path):
                            (("--num-layers", "4", "--layers", "1,2"), "not both")]:
         with pytest.raises(UserError, match=fragment):
             train_kwargs(resolve(_parse("--model", "m", "--data", "d", *argv)))
-    (tmp_path / "full.yaml").write_text("fine_tune_type: full\n")
-    with pytest.raises(UserError, match="not an adapter"):
-        train_kwargs(resolve(_parse("-c", str(tmp_path / "full.yaml"))))
+
+
+def test_full_fine_tune_keys(tmp_path):
+    """mlx-lm's spelling in YAML (fine_tune_type: full, num_layers: the last
+    N) reaches train_adapter; the CLI overrides the YAML's requant_policy."""
+    (tmp_path / "full.yaml").write_text("fine_tune_type: full\nnum_layers: 2\nrequant_policy: preserve\n")
+    kw = train_kwargs(resolve(_parse("-c", str(tmp_path / "full.yaml"))))
+    assert (kw["fine_tune_type"], kw["layers"], kw["requant_policy"]) == ("full", "last:2", "preserve")
+    kw = train_kwargs(resolve(_parse("-c", str(tmp_path / "full.yaml"), "--requant-policy", "stock")))
+    assert kw["requant_policy"] == "stock"
+    assert train_kwargs(resolve(_parse("--fine-tune-type", "full")))["requant_policy"] == "stock"
 
 
 def test_lr_schedule_warmup_and_cosine_as_mlx_lm_expresses_it():

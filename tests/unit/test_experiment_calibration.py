@@ -1,0 +1,162 @@
+"""A fuse stage's calibration options in an experiment spec (`calibration`,
+`calibration_min_tokens`, `damp`, with `policy: calibrated` and
+`requant_bits`): the refusals that name the field, the step identity (the
+calibration data's content is an input of the fuse step; its name is not),
+the lock (a calibration path is hashed with the data), and the step's model
+byte-identical to `pyfuse fuse` run with the same flags."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+
+import pytest
+
+from pyfuse.experiment import build_plan
+from pyfuse.experiment.load import spec_from_dict
+from pyfuse.experiment.prereg import data_paths
+from pyfuse.experiment.spec import SpecError
+from pyfuse.experiment.steps import RUNNERS
+
+from helpers import DOWN, make_adapter, run_cli, write_jsonl
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+         "Two plus two is four, and four plus four is eight.", "Mixture of experts models route each token.",
+         "Water boils at one hundred degrees.", "A tiny model reads tiny sentences."]
+FAITHFUL = {"policy": "calibrated", "calibration": "calib", "requant_bits": 8, "damp": 0.02,
+            "calibration_min_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_moe_dir):
+    root = tmp_path_factory.mktemp("exp_calib")
+    write_jsonl(root / "calib.jsonl", [{"text": t} for t in TEXTS])
+    write_jsonl(root / "other.jsonl", [{"text": t.upper()} for t in TEXTS])
+    spec = {"models": {"m": str(tiny_moe_dir)}, "data": {"calib": "calib.jsonl", "other": "other.jsonl"},
+            "conditions": {"A1": {"from": "m", "stages": [{"train": {"data": "calib"}}, {"fuse": dict(FAITHFUL)}]},
+                           "A0": {"from": "m", "stages": [{"train": {"data": "calib"}}, "zero",
+                                                          {"fuse": dict(FAITHFUL)}]},
+                           "S": {"from": "m", "stages": [{"train": {"data": "calib"}}, {"fuse": {}}]}}}
+    return {"root": root, "spec": spec}
+
+
+def _load(work, spec):
+    return spec_from_dict(spec, source="spec.yaml", path=work["root"] / "spec.yaml")
+
+
+def _fuse_step(plan, name):
+    stage = [s for s in plan.conditions[name].stages if s["kind"] == "fuse"][-1]
+    return next(s for s in plan.steps.values() if s.dirname == stage["step"])
+
+
+def _a1_fuse(spec, **over):
+    spec["conditions"]["A1"]["stages"][1]["fuse"].update(over)
+    for k in [k for k, v in over.items() if v is None]:
+        spec["conditions"]["A1"]["stages"][1]["fuse"].pop(k)
+    return spec
+
+
+BAD = [
+    (dict(calibration=None, damp=None, calibration_min_tokens=None),
+     "conditions.A1.stages[1].fuse.calibration: required by policy calibrated"),
+    (dict(policy="preserve", calibration=None, calibration_min_tokens=None),
+     "conditions.A1.stages[1].fuse.damp: needs calibration"),
+    (dict(policy="preserve"), "conditions.A1.stages[1].fuse.damp: is used by policy calibrated only, not preserve"),
+    (dict(calibration="setg"), "conditions.A1.stages[1].fuse.calibration: 'setg' needs a setg section"),
+    (dict(calibration="missing.jsonl"),
+     "conditions.A1.stages[1].fuse.calibration: calibration data (a path: no `data` entry has this name) does "
+     "not exist"),
+    (dict(damp=-1), "conditions.A1.stages[1].fuse.damp: must be greater than or equal to 0 (got -1)"),
+    (dict(damp="lots"), "conditions.A1.stages[1].fuse.damp: must be a number, got 'lots'"),
+    (dict(calibration_min_tokens=1.5), "conditions.A1.stages[1].fuse.calibration_min_tokens: must be an integer"),
+]
+
+
+@pytest.mark.parametrize("over, expected", BAD)
+def test_bad_calibration_options_name_the_field(work, over, expected):
+    with pytest.raises(SpecError) as err:
+        _load(work, _a1_fuse(copy.deepcopy(work["spec"]), **over))
+    assert expected in str(err.value), str(err.value)
+    assert str(err.value).count("\n") == 0  # one problem, one line
+
+
+def test_calibration_through_setg_closes_a_cycle(work):
+    """A condition whose fuse calibrates on Set-G while Set-G is mined with
+    that condition's model: refused, naming the calibration field."""
+    spec = copy.deepcopy(work["spec"])
+    spec["data"]["mmlu"] = "calib.jsonl"
+    spec["conditions"]["P"] = {"from": "m", "stages": [{"train": {"data": "calib"}},
+                                                       {"fuse": {"policy": "preserve", "calibration": "setg"}}]}
+    spec["setg"] = {"data": "mmlu", "base": "m", "persona": "P"}
+    with pytest.raises(SpecError) as err:
+        _load(work, spec)
+    assert "conditions.P.stages[1].fuse.calibration: circular reference: P -> setg -> P" in str(err.value)
+    # the same calibration in a condition that Set-G does not need: its fuse reads Set-G's training rows
+    spec["setg"]["persona"] = "S"
+    plan = build_plan(_load(work, spec), split_seed=0)
+    calib = _fuse_step(plan, "P").inputs["calibration"]
+    assert calib.step is plan.setg and calib.sub == "data"
+
+
+def test_step_identity_follows_the_calibration_content_not_its_name(work):
+    root = work["root"]
+    plan = build_plan(_load(work, work["spec"]), split_seed=None)
+    a1, a0, stock = (_fuse_step(plan, n) for n in ("A1", "A0", "S"))
+    assert a1.options["policy"] == "calibrated" and a1.options["damp"] == 0.02 and "calibration" not in a1.options
+    assert a1.inputs["calibration"].source == root / "calib.jsonl"
+    assert a1.inputs["calibration"] is a0.inputs["calibration"]
+    # a fuse without calibration has no calibration keys (the step keys of older specs are unchanged)
+    assert "calibration" not in stock.inputs and not {"calibration_min_tokens", "damp"} & set(stock.options)
+    # the same file given as a path: the same step; other data, damp or token threshold: another step,
+    # and the training before it is the same step
+    by_path = build_plan(_load(work, _a1_fuse(copy.deepcopy(work["spec"]), calibration=str(root / "calib.jsonl"))),
+                         split_seed=None)
+    assert _fuse_step(by_path, "A1").key == a1.key
+    for over in (dict(calibration="other"), dict(damp=0.05), dict(calibration_min_tokens=9), dict(requant_bits=None)):
+        other = build_plan(_load(work, _a1_fuse(copy.deepcopy(work["spec"]), **over)), split_seed=None)
+        assert _fuse_step(other, "A1").key != a1.key, over
+        assert _fuse_step(other, "A0").key == a0.key
+    # edited content at the same path: another key
+    spec = _a1_fuse(copy.deepcopy(work["spec"]), calibration="edited.jsonl")
+    write_jsonl(root / "edited.jsonl", [{"text": t} for t in TEXTS])
+    first = _fuse_step(build_plan(_load(work, spec), split_seed=None), "A1").key
+    assert first == a1.key  # same content as calib.jsonl
+    write_jsonl(root / "edited.jsonl", [{"text": t} for t in TEXTS[:-1]])
+    assert _fuse_step(build_plan(_load(work, spec), split_seed=None), "A1").key != first
+    # a calibration path is one of the data files the lock hashes
+    assert data_paths(_load(work, spec))["conditions.A1.stages[1].fuse.calibration"] == root / "edited.jsonl"
+    # no refined noise floor (it would re-fit the base, not refine it); the stock fuse keeps its own
+    assert plan.conditions["A1"].fuses[0].noise_floor is None
+    assert plan.conditions["A1"].fuses[0].setting == "8-bit g64, calibrated"
+    assert plan.conditions["S"].fuses[0].noise_floor is not None
+
+
+def test_fuse_step_is_byte_identical_to_the_cli(work, tiny_moe_dir):
+    """The planned step's options through the step runner, and `pyfuse fuse`
+    with the same flags: the same model bytes and the same report figures."""
+    root = work["root"]
+    adapter = make_adapter(tiny_moe_dir, root / "adapter", keys=[DOWN], b_std=1e-3)
+    step = _fuse_step(build_plan(_load(work, work["spec"]), split_seed=None), "A1")
+    out = root / "step_out"
+    out.mkdir()
+    RUNNERS["fuse"](step.options, {"model": tiny_moe_dir, "adapter": adapter,
+                                   "calibration": step.inputs["calibration"].source}, out)
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", root / "cli_out",
+                "--policy", "calibrated", "--calibration", root / "calib.jsonl", "--requant-bits", "8",
+                "--damp", "0.02", "--calibration-min-tokens", "8", "--report", root / "cli.json")
+    assert r.code == 0, r.err
+    files = sorted(p.name for p in (out / "model").iterdir())
+    assert files == sorted(p.name for p in (root / "cli_out").iterdir())
+    for name in files:
+        assert filecmp.cmp(out / "model" / name, root / "cli_out" / name, shallow=False), name
+    ours = json.loads((out / "fuse_report.json").read_text())["tensors"]
+    theirs = json.loads((root / "cli.json").read_text())["tensors"]
+    assert ours == theirs
+    assert all(t["calibration"]["min_expert_tokens"] >= 0 and t["output_error"] is not None for t in ours)
+    # a different damp changes the model: the option reaches the fuse
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", root / "cli_damp",
+                "--policy", "calibrated", "--calibration", root / "calib.jsonl", "--requant-bits", "8",
+                "--damp", "5", "--calibration-min-tokens", "8")
+    assert r.code == 0, r.err
+    assert any(not filecmp.cmp(out / "model" / n, root / "cli_damp" / n, shallow=False) for n in files)
