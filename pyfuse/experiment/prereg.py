@@ -83,6 +83,8 @@ def data_paths(spec: Spec) -> dict[str, Path]:
                 out[f"{where}.calibration"] = spec.resolve(ref)
     if spec.evaluation.identity is not None and spec.evaluation.identity.suite is not None:
         out["evaluation.identity.suite"] = spec.resolve(spec.evaluation.identity.suite)
+    if spec.evaluation.persona is not None and spec.evaluation.persona.suite is not None:
+        out["evaluation.persona.suite"] = spec.resolve(spec.evaluation.persona.suite)
     if spec.preregistration is not None and spec.preregistration.discordance_from is not None:
         out["preregistration.discordance_from"] = spec.resolve(spec.preregistration.discordance_from)
     return out

@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..io.files import atomic_write_text
 from ..stats import wilson_interval
 from .behaviour import report_lines as behaviour_report_lines
+from .persona import report_lines as persona_report_lines
 from .layout import DONE, FUSE_REPORT, LOCK_FILE, NOISE_FLOOR, PLAN_FILE, PRUNED, REPORT_FILE, STEPS_DIR, step_dir
 from .outputs import check_outputs
 from .policies import report_lines as policy_report_lines
@@ -149,6 +150,7 @@ def write_report(out: str | os.PathLike) -> Path:
     lines += policy_report_lines(results)
     lines += _identity_section(out, conds)
     lines += behaviour_report_lines(results)
+    lines += persona_report_lines(results)
     lines += _prereg_section(lock.document if lock else None, record, v)
     return atomic_write_text(out / REPORT_FILE, "\n".join(lines) + "\n")
 

@@ -32,7 +32,8 @@ def family_of(spec: Spec, member: str) -> str | None:
 
 
 def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> list[tuple[str, str, dict]]:
-    """The condition's stages expanded (``stack`` -> train, [zero], fuse) as
+    """The condition's stages expanded (``stack`` -> train, [zero], fuse;
+    ``apply`` as given: ``{condition, adapter}``) as
     ``(path, kind, options)`` with options resolved against the defaults
     (and, for a member of a seeded condition, its seed added)."""
     out = []
@@ -49,6 +50,8 @@ def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> l
             out.append((f"{where}.placebo", "placebo", {"seed": st.placebo.seed + offset}))
         elif kind == "fuse":
             out.append((f"{where}.fuse", "fuse", resolve_fuse(spec, st.fuse, offset)))
+        elif kind == "apply":
+            out.append((f"{where}.apply", "apply", st.apply.model_dump()))
         else:
             out.append((f"{where}.stack.train", "train", resolve_train(spec, st.stack.train)))
             if st.stack.zero:
@@ -119,6 +122,8 @@ def ends_with_adapter(spec: Spec, name: str) -> bool:
     for _, kind, opts in condition_stages(spec, name):
         if kind == "train":
             pending = opts["fine_tune_type"] != "full"  # a full fine-tune yields a model
+        elif kind == "apply":
+            pending = True
         elif kind == "fuse":
             pending = False
     return pending
