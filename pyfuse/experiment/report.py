@@ -164,6 +164,17 @@ def _interval(c: dict) -> tuple[float, float] | None:
     return wilson_interval(sum(c["correct"]), c["n"])
 
 
+
+def _stage_label(st: dict) -> str:
+    """A stage in the conditions table: a fuse with its setting, a full fine-tune marked."""
+    if st["kind"] == "fuse":
+        return f"fuse ({st['setting']})"
+    if st["kind"] == "train" and st.get("options", {}).get("fine_tune_type") == "full":
+        layers = st["options"].get("layers")
+        return "train (full" + (f", layers {layers})" if layers is not None else ")")
+    return st["kind"]
+
+
 def _conditions_section(out: Path, plan: dict, conds: dict) -> list[str]:
     lines = ["## Conditions\n",
              "| condition | from | stages | accuracy | 95 % CI (Wilson) | n | identity | model |",
@@ -171,8 +182,7 @@ def _conditions_section(out: Path, plan: dict, conds: dict) -> list[str]:
     shown = {n: c for n, c in conds.items() if not c.get("family")}
     for name, c in shown.items():
         pc = plan["conditions"].get(name, {})
-        stages = " → ".join(st["kind"] + (f" ({st['setting']})" if st["kind"] == "fuse" else "")
-                            for st in pc.get("stages", [])) or "—"
+        stages = " → ".join(_stage_label(st) for st in pc.get("stages", [])) or "—"
         ci = _interval(c)
         if ci is not None:
             k, n = sum(c["correct"]), c["n"]
