@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
 from ..errors import UserError
-from ._args import add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console, print_warnings
+from ._args import (add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console,
+                    print_warnings)
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -53,8 +54,8 @@ weight bit-identical), so the delta lands on 2^m-times finer steps.
 
 --compare-policies fuses the adapter under stock, preserve, stochastic and
 calibrated (calibrated with --calibration only), each on the stored grid and
-refined to --requant-bits (default 8), into temporary directories that are
-removed (no model is written), and prints per policy x grid: weight
+refined to --requant-bits (default 8), into temporary directories (under
+$TMPDIR) that are removed (no model is written), and prints per policy x grid: weight
 retention, output error and output retention on held-out calibration tokens
 (with --calibration), KL(unfused || fused) per token and top-1 agreement
 against the base model with the adapter applied unfused (on
@@ -111,7 +112,8 @@ def add_arguments(p) -> None:
                    help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
                         "directory) run through the base model once for X^T X per fused module and expert: "
                         "it steers --policy calibrated (which needs it); every 4th sequence is held out for "
-                        "the report's output error and output retention per module (under every policy)")
+                        "the report's output error and output retention per module (under every policy) and "
+                        "is --agreement-prompts' default (with --compare-policies: for every row)")
     p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
                    help="experts with fewer calibration tokens are rounded plainly (default: the module's "
                         "number of inputs, at least 32: fewer leave X^T X rank-deficient)")

@@ -54,6 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed import fuse as ranks
+from ..distributed import together, writes
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.checks import check_finite
@@ -215,51 +217,72 @@ def fuse_model(
         _check_calibration(policy, calibration, dequantize)
     elif calibration is not None:
         raise UserError("give calibration data or collected hessians, not both")
-    mdir = ModelDir(model_path)
+    mdir = None
     try:
-        _check_remote_code(mdir, trust_remote_code)
-        if export_gguf:
-            export.check_gguf(mdir, dequantize)
-        only = _layer_selection(mdir, only, layers, modules)
-        only_re = _compile_only(only)
-        adapter = read_adapter(adapter_path)
-        check_paths({"--model": model_path, "--adapter-path": adapter_path, "--agreement-prompts": agreement_prompts},
-                    {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
-        _check_save_path(save_path, force)
-        if report is not None:
-            _check_report_path(Path(report), save_path, force)
-        plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
-                         requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
-        agree_data = agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
-                                    enabled=agreement)
-        if hessians is None:
-            hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
+        with together("reading the model and the adapter"):  # under mlx.launch: every rank, agreed
+            mdir = ModelDir(model_path)
+            only, plan, agree_data = _prepared(mdir, model_path, adapter_path, save_path, report, force,
+                                               export_gguf, trust_remote_code, only, layers, modules, policy,
+                                               dequantize, requant_bits, requant_group_size, lenient,
+                                               calibration, agreement_prompts, agreement)
+            if hessians is None:
+                hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
                           on_range_overflow=on_range_overflow, hessians=hessians, damp=damp,
                           headroom=refine_headroom)
-        with sigterm_as_interrupt():
-            try:
-                written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
-                                      force=force)
-            except OSError as err:  # disk full, a file vanishing...: nothing was left behind
-                where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-                raise UserError(f"writing {save_path} failed: {err.strerror or err}{where}; "
-                                "nothing was written") from None
+        if not writes():  # a rank other than 0: its share of the modules; rank 0 writes and reports
+            rep = ranks.follow_fuse(ranks.job_order(mdir, plan), ranks.with_record(run, records))
+            return FuseResult(save_path=save_path, report=rep, fused=[j.path for j in plan.jobs if j.fuses])
+        with ranks.leading(mdir, plan, run, records) as (compute, finish):
+            written = _write(mdir, plan, save_path, compute, link_unchanged, force)
+            rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
+                                         requant_bits=requant_bits, requant_group_size=requant_group_size,
+                                         only=only, written=written, seconds=time.monotonic() - started,
+                                         on_range_overflow=on_range_overflow)
+            _add_agreement(rep, model_path, adapter_path, save_path, agree_data)
+            finish(rep)
     finally:
-        mdir.close()
-
-    rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
-                                 requant_bits=requant_bits, requant_group_size=requant_group_size,
-                                 only=only, written=written, seconds=time.monotonic() - started,
-                                 on_range_overflow=on_range_overflow)
-    _add_agreement(rep, model_path, adapter_path, save_path, agree_data)
+        if mdir is not None:
+            mdir.close()
     report_path = None if report is None else _write_report(Path(report), rep, save_path, force)
     gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
     if upload_repo is not None:
         export.upload(save_path, upload_repo)
     return FuseResult(save_path=save_path, report=rep, report_path=report_path,
                       fused=[j.path for j in plan.jobs if j.fuses], gguf_path=gguf)
+
+
+def _prepared(mdir, model_path, adapter_path, save_path, report, force, export_gguf, trust_remote_code, only,
+              layers, modules, policy, dequantize, requant_bits, requant_group_size, lenient, calibration,
+              agreement_prompts, agreement):
+    """Every check before any work; ``(only, plan, the agreement data)``."""
+    _check_remote_code(mdir, trust_remote_code)
+    if export_gguf:
+        export.check_gguf(mdir, dequantize)
+    only = _layer_selection(mdir, only, layers, modules)
+    only_re = _compile_only(only)
+    adapter = read_adapter(adapter_path)
+    check_paths({"--model": model_path, "--adapter-path": adapter_path, "--agreement-prompts": agreement_prompts},
+                {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
+    if writes():  # the other ranks of a launch write nothing (and may not see rank 0's disk)
+        _check_save_path(save_path, force)
+        if report is not None:
+            _check_report_path(Path(report), save_path, force)
+    plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
+                     requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
+    return only, plan, agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
+                                      enabled=agreement)
+
+
+def _write(mdir, plan, save_path, compute, link_unchanged, force) -> dict:
+    with sigterm_as_interrupt():
+        try:
+            return write_model(mdir, plan, save_path, compute=compute, link_unchanged=link_unchanged, force=force)
+        except OSError as err:  # disk full, a file vanishing...: nothing was left behind
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            raise UserError(f"writing {save_path} failed: {err.strerror or err}{where}; "
+                            "nothing was written") from None
 
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
@@ -287,6 +310,9 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 def _add_agreement(rep: dict, model_path, adapter_path, save_path: Path, data) -> None:
     """The whole-model figures (:mod:`pyfuse.fuse.agreement`) into the report's summary."""
     fields, warnings = measure_fused(model_path, adapter_path, save_path, data)
+    if fields.get("agreement") and rep["summary"]["incompatible"]:
+        warnings.append(f"kl_to_unfused / top1_agreement compare with the adapter as mlx-lm's loader applies it, "
+                        f"without the {len(rep['summary']['incompatible'])} module(s) it refuses (--lenient)")
     rep["summary"].update(fields)
     rep["summary"]["warnings"] += warnings
 
