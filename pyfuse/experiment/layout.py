@@ -39,11 +39,12 @@ TMP_PREFIX = ".tmp-"
 ADAPTER = "adapter"                # train, zero, placebo, dither
 MODEL = "model"                    # fuse; train with fine_tune_type full
 FUSE_REPORT = "fuse_report.json"   # fuse
-ROWS = "rows.jsonl"                # eval-mc, eval-identity: one row per item / prompt
-SUMMARY = "summary.json"           # eval-mc, eval-identity
+ROWS = "rows.jsonl"                # eval-mc, eval-identity, eval-persona: one row per item / prompt
+SUMMARY = "summary.json"           # eval-mc, eval-identity, eval-persona, pairs
 SETG_DATA = "data"                 # setg: train/valid/test.jsonl, items.json, counts.json
 SETG_ITEMS = "items"               # setg: <split>.jsonl, the MMLU-Pro rows of each split
 NOISE_FLOOR = "noise_floor.json"   # noise-floor
+PAIRS_DATA = "data"                # pairs: train.jsonl [+ valid.jsonl] of DPO pairs
 
 
 def step_dir(out: Path, dirname: str) -> Path:

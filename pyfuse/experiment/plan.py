@@ -21,42 +21,13 @@ from pathlib import Path
 from ..errors import UserError
 from .criterion import parse
 from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
-from .outputs import HASH_LIMIT, sha256_file
+from .fingerprint import fingerprint
+from .plan_recipe import apply_stage, pairs_data, persona_step
 from .prereg import canonical_json
 from .resolve import calibration_source, condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
 
 ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
-
-
-# ---------------------------------------------------------------------------
-# Fingerprints of user-supplied paths
-# ---------------------------------------------------------------------------
-
-
-def _file_fingerprint(path: Path) -> dict:
-    st = path.stat()
-    if st.st_size <= HASH_LIMIT:
-        return {"size": st.st_size, "sha256": sha256_file(path)}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def fingerprint(path: Path) -> dict:
-    """Content fingerprint of a file or directory (hidden entries skipped);
-    independent of where it lives."""
-    path = Path(path)
-    if path.is_file():
-        return {"type": "file", **_file_fingerprint(path)}
-    if path.is_dir():
-        entries = []
-        for p in sorted(path.rglob("*")):
-            rel = p.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-                continue
-            entries.append([rel.as_posix(), _file_fingerprint(p)])
-        return {"type": "dir", "sha256": hashlib.sha256(canonical_json(entries).encode()).hexdigest(),
-                "files": len(entries)}
-    raise UserError(f"{path} does not exist")
 
 
 # ---------------------------------------------------------------------------
@@ -138,6 +109,7 @@ class ConditionPlan:
     mc_sets: dict[str, Step] = field(default_factory=dict)  # dataset -> eval-mc step, the primary first
     identity: Step | None = None
     behaviour: Step | None = None
+    persona: Step | None = None
     fused_adapters: list[Artifact] = field(default_factory=list)  # the adapters its fuse stages fused, in order
     overlaps: list[Step] = field(default_factory=list)  # compare steps of stacked adapters
     family: str | None = None  # the seeded condition of a member
@@ -163,6 +135,7 @@ class Plan:
     comparisons: list[tuple[str, str]] = field(default_factory=list)
     families: dict[str, list[str]] = field(default_factory=dict)  # seeded condition -> member names
     datasets: list[str] = field(default_factory=list)  # multiple-choice datasets, the primary first
+    pairs: dict[str, Step] = field(default_factory=dict)  # spec.pairs name -> its pairs step
 
     def ordered(self) -> list[Step]:
         return list(self.steps.values())
@@ -192,6 +165,7 @@ class Plan:
                 "mc_sets": {ds: st.dirname for ds, st in c.mc_sets.items()},
                 "identity": c.identity.dirname if c.identity else None,
                 "behaviour": c.behaviour.dirname if c.behaviour else None,
+                "persona": c.persona.dirname if c.persona else None,
                 "overlaps": [st.dirname for st in c.overlaps],
                 "family": c.family, "seed": c.seed,
                 "flip_reference": c.flip_reference.dirname if c.flip_reference else None,
@@ -211,6 +185,7 @@ class Plan:
             "comparisons": [list(p) for p in self.comparisons],
             "families": self.families,
             "datasets": self.datasets,
+            "pairs": {name: st.dirname for name, st in self.pairs.items()},
             "analysis": self.spec.analysis.model_dump() if self.spec.analysis is not None else None,
         }
 
@@ -273,6 +248,8 @@ class _Planner:
     def train_data(self, ref: str) -> Artifact:
         if ref in ("setg", "setg.train"):
             return self.setg().out(SETG_DATA)
+        if ref in self.spec.pairs and ref not in self.spec.data:
+            return pairs_data(self, ref)
         return self.source(self.spec.resolve(self.spec.data[ref]))
 
     def calibration(self, ref: str) -> Artifact:
@@ -339,7 +316,8 @@ class _Planner:
         model, quant, adapter = self.model_of(self.spec.conditions[name].from_)
         cp = ConditionPlan(name=key, model=model, adapter=adapter, quant=quant,
                            family=name if member else None, seed=seed)
-        stage = {"train": self._train, "zero": self._zero, "placebo": self._placebo, "fuse": self._fuse}
+        stage = {"train": self._train, "zero": self._zero, "placebo": self._placebo, "fuse": self._fuse,
+                 "apply": lambda *a: apply_stage(self, *a)}
         for n_stage, (_, kind, opts) in enumerate(condition_stages(self.spec, name, seed), 1):
             stage[kind](cp, opts, n_stage)
         self._busy.discard(f"condition {key!r}")
@@ -475,6 +453,8 @@ class _Planner:
                 inputs["adapter"] = cp.adapter
             cp.behaviour = self.step("eval-behaviour", beh.model_dump(exclude={"suite"}), inputs,
                                      f"{cp.name}: evaluate behaviour")
+        if "persona" in suites:
+            cp.persona = persona_step(self, cp)
 
 
 def build_plan(spec: Spec, split_seed: int | None) -> Plan:

@@ -41,7 +41,7 @@ from .criterion import TEST_DESCRIPTIONS, parse
 from .layout import LOCK_FILE
 from .outputs import sha256_file
 from .power import family_of, power_table, underpowered
-from .resolve import calibration_source, condition_stages
+from .resolve import calibration_source, condition_stages, model_shaping
 from .spec import Spec
 
 FORMAT = "pyfuse-prereg/2"
@@ -83,6 +83,8 @@ def data_paths(spec: Spec) -> dict[str, Path]:
                 out[f"{where}.calibration"] = spec.resolve(ref)
     if spec.evaluation.identity is not None and spec.evaluation.identity.suite is not None:
         out["evaluation.identity.suite"] = spec.resolve(spec.evaluation.identity.suite)
+    if spec.evaluation.persona is not None and spec.evaluation.persona.suite is not None:
+        out["evaluation.persona.suite"] = spec.resolve(spec.evaluation.persona.suite)
     if spec.preregistration is not None and spec.preregistration.discordance_from is not None:
         out["preregistration.discordance_from"] = spec.resolve(spec.preregistration.discordance_from)
     return out
@@ -103,7 +105,8 @@ def _design(spec: Spec, names) -> dict:
         if name in out or name not in spec.conditions:
             continue
         cond = spec.conditions[name]
-        stages = [{kind: opts} for _, kind, opts in condition_stages(spec, name)]
+        stages = [{kind: model_shaping(opts) if kind == "fuse" else opts}  # measurement-only options left out
+                  for _, kind, opts in condition_stages(spec, name)]
         out[name] = {"from": cond.from_, "stages": stages, "seeds": cond.seeds,
                      "from_kind": "condition" if cond.from_ in spec.conditions else "model"}
         if cond.from_ in spec.conditions:

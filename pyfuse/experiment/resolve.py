@@ -32,7 +32,8 @@ def family_of(spec: Spec, member: str) -> str | None:
 
 
 def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> list[tuple[str, str, dict]]:
-    """The condition's stages expanded (``stack`` -> train, [zero], fuse) as
+    """The condition's stages expanded (``stack`` -> train, [zero], fuse;
+    ``apply`` as given: ``{condition, adapter}``) as
     ``(path, kind, options)`` with options resolved against the defaults
     (and, for a member of a seeded condition, its seed added)."""
     out = []
@@ -49,6 +50,8 @@ def condition_stages(spec: Spec, name: str, member_seed: int | None = None) -> l
             out.append((f"{where}.placebo", "placebo", {"seed": st.placebo.seed + offset}))
         elif kind == "fuse":
             out.append((f"{where}.fuse", "fuse", resolve_fuse(spec, st.fuse, offset)))
+        elif kind == "apply":
+            out.append((f"{where}.apply", "apply", st.apply.model_dump()))
         else:
             out.append((f"{where}.stack.train", "train", resolve_train(spec, st.stack.train)))
             if st.stack.zero:
@@ -83,6 +86,18 @@ def resolve_fuse(spec: Spec, opts: FuseOptions, seed_offset: int = 0) -> dict:
     return out
 
 
+CALIBRATION_KEYS = ("calibration", "calibration_min_tokens", "damp")
+
+
+def model_shaping(fuse_opts: dict) -> dict:
+    """A fuse's options that shape its model: calibration data steers only
+    the calibrated policy (under the others it only adds the report's output
+    error), so it is left out of the pre-registered design there."""
+    if fuse_opts.get("policy") == "calibrated":
+        return fuse_opts
+    return {k: v for k, v in fuse_opts.items() if k not in CALIBRATION_KEYS}
+
+
 def calibration_source(spec: Spec, ref: str) -> tuple[str, str]:
     """What a fuse stage's ``calibration`` names: ``("data", NAME)`` (a name
     from ``data``), ``("setg", ref)`` (``setg`` / ``setg.train``: the Set-G
@@ -107,6 +122,8 @@ def ends_with_adapter(spec: Spec, name: str) -> bool:
     for _, kind, opts in condition_stages(spec, name):
         if kind == "train":
             pending = opts["fine_tune_type"] != "full"  # a full fine-tune yields a model
+        elif kind == "apply":
+            pending = True
         elif kind == "fuse":
             pending = False
     return pending

@@ -38,12 +38,15 @@ Layout (every section but ``models`` and ``conditions`` is optional)::
           - fuse: {layers: early, modules: ["*.mlp.*"]}  # a partial fuse (pyfuse.fuse.layers); layers: sweep
           - fuse: {policy: calibrated, calibration: setg, requant_bits: 8}  # X^T X from data (a name or path)
           - stack: {train: {...}, fuse: {...}, zero: false}  # train + [zero] + fuse
+          - apply: {condition: NAME}            # another condition's last adapter (or adapter: DIR)
         evaluate: [mc, identity]    # default: every suite in `evaluation`
     evaluation:
       mc: {data: setg.test, method: generate, batch_size: 8, max_tokens: 1024, limit: null}
       # or a list of such (results and comparisons per dataset; the first is the primary)
       identity: {suite: PATH, persona_name: ..., max_tokens: ...}
       behaviour: {suite: PATH, samples: 4, temperature: 0.7, seed: 0}  # pyfuse eval behaviour's suite
+      persona: {suite: PATH}        # pyfuse eval persona's suite (none: the built-in example)
+    pairs: {NAME: {data: NAME, model: NAME, max_tokens: 256}}  # DPO pairs, a step (.spec_recipe)
     comparisons: [[A1, A0], {a: A1, b: persona}]
     analysis: {trained: A1, zero: A0, reference: persona, unfused: A1-unfused, placebo: placebo,
                dithered: dithered}  # roles for the decomposition and the null distributions
@@ -85,11 +88,12 @@ from .criterion import CriterionError, parse, parse_pvalue
 from .numbers import yaml_number as _number
 from .train_options import RecipeTrainOptions
 from .spec_coupling import BehaviourEval, FuseLayers, Sweep, TrainLayers, expand_sweeps
+from .spec_recipe import ApplyOptions, PairsSource, PersonaEval
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESERVED_NAMES = {"and", "or", "not", "setg"}
-STAGE_KINDS = ("train", "zero", "placebo", "fuse", "stack")
-EVAL_SUITES = ("mc", "identity", "behaviour")
+STAGE_KINDS = ("train", "zero", "placebo", "fuse", "stack", "apply")
+EVAL_SUITES = ("mc", "identity", "behaviour", "persona")
 SETG_SPLITS = ("train", "valid", "test")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -230,6 +234,7 @@ class Stage(_Strict):
     placebo: PlaceboOptions | None = None
     fuse: FuseOptions | None = None
     stack: StackOptions | None = None
+    apply: ApplyOptions | None = None  # an adapter of another condition, or a directory (.spec_recipe)
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +314,7 @@ class Evaluation(_Strict):
                          Discriminator(_mc_kind)] | None = None
     identity: IdentityEval | None = None
     behaviour: BehaviourEval | None = None
+    persona: PersonaEval | None = None
 
     @property
     def mc_sets(self) -> list[MCEval]:
@@ -457,6 +463,7 @@ class Spec(_Strict):
     models: dict[StrictStr, StrictStr] = Field(min_length=1)
     data: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     setg: SetG | None = None
+    pairs: dict[StrictStr, PairsSource] = Field(default_factory=dict)  # DPO pairs built by a step (.spec_recipe)
     defaults: Defaults = Field(default_factory=Defaults)
     conditions: dict[StrictStr, Condition] = Field(min_length=1)
     evaluation: Evaluation = Field(default_factory=Evaluation)
@@ -468,7 +475,7 @@ class Spec(_Strict):
     # filled by load_spec
     _path: Path | None = None
 
-    @field_validator("models", "data", "conditions", mode="before")
+    @field_validator("models", "data", "conditions", "pairs", mode="before")
     @classmethod
     def _none_is_empty(cls, v):
         return {} if v is None else v

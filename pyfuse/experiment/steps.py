@@ -17,6 +17,10 @@ fuse           model, adapter [, calibration data]         ``model/``, ``fuse_re
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
 eval-behaviour model [, adapter], suite                     ``rows.jsonl``, ``summary.json``
+eval-persona   model [, adapter] [, suite]                 ``rows.jsonl`` (`pyfuse eval persona --out`'s
+                                                           bytes), ``summary.json``
+pairs          model [, adapter], data (SFT)               ``data/`` (train[/valid].jsonl: `pyfuse pairs`),
+                                                           ``summary.json``
 compare        adapter_a, adapter_b (stacked adapters)      ``summary.json`` (pyfuse.analysis.subspace)
 setg           base_rows, persona_rows, data               ``data/`` (train/test[/valid].jsonl,
                                                            items.json, counts.json), ``items/``
@@ -35,7 +39,7 @@ import sys
 from pathlib import Path
 
 from ..io.files import read_jsonl, write_json, write_jsonl
-from .layout import ADAPTER, FUSE_REPORT, MODEL, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
+from .layout import ADAPTER, FUSE_REPORT, MODEL, PAIRS_DATA, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
 
 
 def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
@@ -126,6 +130,29 @@ def run_eval_behaviour(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
             "seconds": res.seconds}
 
 
+def run_eval_persona(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..evals.persona import evaluate_persona
+
+    res = evaluate_persona(str(inputs["model"]), str(inputs["suite"]) if "suite" in inputs else None,
+                           adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None,
+                           batch_size=opts["batch_size"])
+    write_jsonl(out / ROWS, res.rows)  # the bytes `pyfuse eval persona --out` writes
+    summary = {k: v for k, v in res.summary().items() if k != "model"}  # the model's path is the step's input
+    write_json(out / SUMMARY, {**summary, "warnings": res.warnings})
+    return {"passed": summary["passed"], "prefers_good": summary["prefers_good"], "n": summary["n"]}
+
+
+def run_pairs(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..data.pairs import make_pairs
+
+    res = make_pairs(str(inputs["model"]), str(inputs["data"]), out / PAIRS_DATA,
+                     adapter_path=str(inputs["adapter"]) if "adapter" in inputs else None, **opts)
+    summary = {"written": res.written, "identical": res.identical, "truncated": res.truncated,
+               "warnings": res.warnings}
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
 # A stacked adapter whose modules share this much of the first one's column
 # space (mean over the shared modules) is reported: the two write into the
 # same directions, so the second can overwrite what the first does.
@@ -185,6 +212,8 @@ RUNNERS = {
     "eval-mc": run_eval_mc,
     "eval-identity": run_eval_identity,
     "eval-behaviour": run_eval_behaviour,
+    "eval-persona": run_eval_persona,
+    "pairs": run_pairs,
     "compare": run_compare,
     "setg": run_setg,
     "noise-floor": run_noise_floor,

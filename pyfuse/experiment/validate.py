@@ -14,6 +14,8 @@ from ..errors import UserError
 from .criterion import parse, parse_pvalue
 from .resolve import calibration_source, condition_stages, ends_with_adapter, evaluated_suites
 from .spec import NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec
+from .validate_recipe import (apply_problems, check_persona_suite, fit_problems, missing_recipe_paths,
+                              pairs_dependencies, pairs_problems, recipe_dependencies)
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -24,8 +26,8 @@ def check_references(spec: Spec) -> Problems:
     """Every cross-check but the paths (see :func:`missing_paths`), in the
     order the problems are reported; the cycle check only when the rest
     passes (a cycle through an unknown name is that name's problem)."""
-    problems = (_names(spec) + _conditions(spec) + _setg(spec) + _evaluation(spec) + _comparisons(spec)
-                + _criterion(spec) + _family(spec) + _analysis(spec))
+    problems = (_names(spec) + pairs_problems(spec) + _conditions(spec) + _setg(spec) + _evaluation(spec)
+                + _comparisons(spec) + _criterion(spec) + _family(spec) + _analysis(spec))
     if not problems:
         cycle = find_cycle(spec)
         if cycle:
@@ -50,12 +52,12 @@ def _names(spec: Spec) -> Problems:
 
 
 def _data_ref_problem(spec: Spec, ref: str, *, training: bool) -> str | None:
-    if ref in spec.data:
+    if ref in spec.data or (training and ref in spec.pairs):
         return None
     if ref.startswith("setg") and ref in ({"setg", "setg.train"} if training else
                                           {f"setg.{s}" for s in SETG_SPLITS}):
         return None if spec.setg is not None else f"{ref!r} needs a setg section"
-    known = sorted(spec.data) + (["setg"] if training else [f"setg.{s}" for s in SETG_SPLITS])
+    known = sorted(spec.data) + (sorted(spec.pairs) + ["setg"] if training else [f"setg.{s}" for s in SETG_SPLITS])
     return f"unknown data {ref!r} (known: {', '.join(known)})"
 
 
@@ -81,8 +83,9 @@ def _conditions(spec: Spec) -> Problems:
 
 
 def _stage_order(spec: Spec, name: str) -> Problems:
-    """A train stage needs data and no unfused adapter before it; zero,
-    placebo and fuse need an adapter; a dithered fuse needs a zero-delta one."""
+    """A train or apply stage needs no unfused adapter before it (and a train
+    stage data); zero, placebo and fuse need an adapter; a dithered fuse
+    needs a zero-delta one."""
     problems = []
     pending, last, dora, full = False, None, False, None
     for where, kind, opts in condition_stages(spec, name):
@@ -98,12 +101,18 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                     problems.append((f"{where}.data", p))
             pending, dora = opts["fine_tune_type"] != "full", opts["fine_tune_type"] == "dora"
             full = where if opts["fine_tune_type"] == "full" else None
+        elif kind == "apply":
+            if pending:
+                problems.append((where, "the previous stage's adapter is not fused yet; add a fuse "
+                                 "stage before applying another adapter"))
+            problems += apply_problems(spec, name, where, opts)
+            pending, dora, full = True, False, None
         elif kind in ("zero", "placebo", "fuse"):
             if not pending and full is not None:
                 problems.append((where, f"{full} has fine_tune_type full: it yields a model, not an adapter; "
                                  f"there is nothing to {kind} (remove this stage)"))
             elif not pending:
-                problems.append((where, f"a {kind} stage needs an adapter: put it after a train stage"))
+                problems.append((where, f"a {kind} stage needs an adapter: put it after a train or apply stage"))
             if kind == "placebo" and dora:
                 problems.append((where, "placebo adapters are defined for LoRA (a DoRA magnitude is learned "
                                  "content with no placebo); train with fine_tune_type: lora"))
@@ -319,12 +328,15 @@ def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
                 d.setdefault("setg", f"{where}.data")
             if kind == "fuse" and opts.get("calibration") in ("setg", "setg.train"):
                 d.setdefault("setg", f"{where}.calibration")
+        for node, field in recipe_dependencies(spec, name).items():
+            d.setdefault(node, field)
         deps[f"model:{name}"] = d
         e = {f"model:{name}": f"conditions.{name}"}
         for i, mc in enumerate(spec.evaluation.mc_sets):
             if mc.data.startswith("setg.") and mc.data not in spec.data and "mc" in evaluated_suites(spec, name):
                 e.setdefault("setg", f"evaluation.mc[{i}].data" if i else "evaluation.mc.data")
         deps[f"eval:{name}"] = e
+    deps.update(pairs_dependencies(spec))
     if spec.setg is not None:
         d = {}
         for role in ("base", "persona"):
@@ -337,7 +349,7 @@ def dependencies(spec: Spec) -> dict[str, dict[str, str]]:
 
 def _node_label(node: str) -> str:
     kind, _, name = node.partition(":")
-    return {"model": name, "eval": f"{name} (evaluation)"}.get(kind, node)
+    return {"model": name, "eval": f"{name} (evaluation)", "pairs": f"pairs {name}"}.get(kind, node)
 
 
 def _edge_reason(src: str, dst: str) -> str:
@@ -426,12 +438,13 @@ def missing_paths(spec: Spec) -> list[tuple[str, str, Path]]:
         r = spec.resolve(pr.discordance_from)
         if not r.is_file():
             out.append(("preregistration.discordance_from", "noise-floor result", r))
-    return out
+    return out + missing_recipe_paths(spec)
 
 
 def check_suite(spec: Spec) -> list[tuple[str, str]]:
-    """Load the identity and behaviour suites (when they exist) with the spec's overrides."""
-    return _check_identity_suite(spec) + _check_behaviour_suite(spec)
+    """Load the identity, behaviour and persona suites (when they exist) with
+    the spec's overrides; check that applied adapters fit their models."""
+    return _check_identity_suite(spec) + _check_behaviour_suite(spec) + check_persona_suite(spec) + fit_problems(spec)
 
 
 def _check_behaviour_suite(spec: Spec) -> list[tuple[str, str]]:

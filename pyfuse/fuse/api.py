@@ -63,7 +63,7 @@ from ..io.files import sigterm_as_interrupt
 from ..io.hub import resolve_model_dir
 from ..io.outputs import check_file_destination, check_paths, publish_text
 from ..io.model_dir import ModelDir
-from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
+from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_POLICIES,
                        RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
 from . import compute, export, report as reporting
 from .agreement import agreement_data, measure_fused
@@ -119,6 +119,7 @@ def fuse_model(
     agreement_prompts: str | os.PathLike | None = None,
     agreement: bool = True,
     hessians: dict | None = None,
+    refine_headroom: bool = False,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -145,7 +146,8 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path`` (and ``report``).
-        on_range_overflow: under ``preserve`` / ``stochastic``, what a group
+        on_range_overflow: under ``preserve`` / ``stochastic`` /
+            ``calibrated``, what a group
             whose fused values leave its grid's range gets: ``refit`` (MLX's
             affine rule on its fused values: that group loses its scale and
             bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
@@ -194,6 +196,10 @@ def fuse_model(
             policy they add the per-module output error and retention on
             their held-out tokens to the report (``--compare-policies``
             calibrates once for all its fuses).
+        refine_headroom: with ``requant_bits`` under a grid-keeping policy,
+            the refined base's codes are moved off 0 where that is exact
+            (:func:`pyfuse.refine_grid` ``headroom``), so a delta lowering a
+            code-0 weight needs no re-fit or clamp.
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -223,7 +229,8 @@ def fuse_model(
                 hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
-                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
+                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp,
+                          headroom=refine_headroom)
         if not writes():  # a rank other than 0: its share of the modules; rank 0 writes and reports
             rep = ranks.follow_fuse(ranks.job_order(mdir, plan), ranks.with_record(run, records))
             return FuseResult(save_path=save_path, report=rep, fused=[j.path for j in plan.jobs if j.fuses])
@@ -280,14 +287,14 @@ def _write(mdir, plan, save_path, compute, link_unchanged, force) -> dict:
 
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
                 report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
-                hessians: dict | None = None, damp: float | None = None):
+                hessians: dict | None = None, damp: float | None = None, headroom: bool = False):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
         mh = (hessians or {}).get(job.path)
         fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow,
-                                hessian=None if mh is None else mh.fit, damp=damp)
+                                hessian=None if mh is None else mh.fit, damp=damp, headroom=headroom)
         for name, arr in fused.tensors.items():  # an overflow must not reach the output
             check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
@@ -303,6 +310,9 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 def _add_agreement(rep: dict, model_path, adapter_path, save_path: Path, data) -> None:
     """The whole-model figures (:mod:`pyfuse.fuse.agreement`) into the report's summary."""
     fields, warnings = measure_fused(model_path, adapter_path, save_path, data)
+    if fields.get("agreement") and rep["summary"]["incompatible"]:
+        warnings.append(f"kl_to_unfused / top1_agreement compare with the adapter as mlx-lm's loader applies it, "
+                        f"without the {len(rep['summary']['incompatible'])} module(s) it refuses (--lenient)")
     rep["summary"].update(fields)
     rep["summary"]["warnings"] += warnings
 
@@ -347,9 +357,9 @@ def _check_range_overflow(on_range_overflow, policy):
     if on_range_overflow not in RANGE_OVERFLOW_ACTIONS:
         raise UserError(f"--on-range-overflow must be one of {', '.join(RANGE_OVERFLOW_ACTIONS)}, "
                         f"got {on_range_overflow!r}")
-    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
+    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in RANGE_OVERFLOW_POLICIES:
         raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
-                        f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
+                        f"grid ({', '.join(RANGE_OVERFLOW_POLICIES)}), not to --policy {policy}")
 
 
 def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:
