@@ -27,6 +27,10 @@ is a few float32 roundings per step (relative 1e-7 per operation), which
 Adam's normalisation carries into the weights: tested to 1e-5 against one
 process (tests/e2e/test_distributed_train.py).
 
+Validation and the test loss: each rank evaluates its share of the
+batches, and the sums are added over the ranks: every rank gets the same
+validation loss, so the same best step and the same early stop.
+
 Dropout: each rank draws its masks from its own key (split from the
 shared key each step), so the ranks do not reuse one mask on different
 rows; the shared key advances identically on every rank (checkpoints stay
@@ -94,6 +98,13 @@ class DataParallel:
             start += g.size
         metrics = [sums[2 + j] / total_weight for j in range(len(metric_sums))]
         return sums[0] / total_weight, total_weight, metrics, tree_unflatten(out)
+
+    def sum_over_ranks(self, values: list) -> list:
+        """Each of ``values`` (scalars) summed over the ranks (one ``all_sum``)."""
+        import mlx.core as mx
+
+        total = mx.distributed.all_sum(mx.stack([v.astype(mx.float32) for v in values]), group=self.handle)
+        return [total[j] for j in range(len(values))]
 
     @contextmanager
     def own_random_key(self):
