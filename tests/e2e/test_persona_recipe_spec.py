@@ -86,4 +86,4 @@ def test_reduced_recipe_matches_the_cli(tmp_path, default_model_cache):
     assert mine and mine == {k: v for k, v in file_digests(cli_fused).items() if k.endswith(".safetensors")}
 
     report = (out / "report.md").read_text()
-    assert "## Persona check" in report and "| dpo-on-base |" in report and "Pairs `pairs`:" in report
+    assert "## Persona check" in report and "| dpo-on-base |" in report and "## DPO pairs" in report
