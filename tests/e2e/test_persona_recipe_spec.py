@@ -61,7 +61,7 @@ def test_reduced_recipe_matches_the_cli(tmp_path, default_model_cache):
     assert dpo_train["inputs"]["data"] == {"step": plan["pairs"]["pairs"], "out": "data"}
 
     # every condition's persona rows are `pyfuse eval persona --out`'s bytes
-    assert list(results["conditions"]) == ["base", "sft-adapter", "sft", "dpo-adapter", "dpo", "dpo-on-base"]
+    assert plan["condition_order"] == ["base", "sft-adapter", "sft", "dpo-adapter", "dpo", "dpo-on-base"]
     for name, c in results["conditions"].items():
         args = ["eval", "persona", "--model", out / c["model"] if c["model"].startswith("steps/") else c["model"],
                 "--suite", tmp_path / "suite.yaml", "--out", tmp_path / f"{name}.jsonl"]
