@@ -35,7 +35,7 @@ void calibrate_rows(const FuseParams& p, const CpuBuffers& buf, float* row_k, si
     for (size_t i = 0; i < in_dims; ++i) {
       const float* p_i = pe == nullptr ? nullptr : pe + i * in_dims;
       for (size_t k = 0; k < n; ++k) {
-        calibrated_step<T, bits, group_size>(int(i), int(in_dims), io.scales_in + (first + k) * p.groups_per_row,
+        calibrated_step<T, bits, group_size>(int(i), int(in_dims), io.scales_out + (first + k) * p.groups_per_row,
                                              t.data() + k * in_dims, p_i);
       }
     }

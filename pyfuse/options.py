@@ -31,6 +31,10 @@ DEFAULT_SEED = 0
 # (MLX's affine rule; the group loses its grid), clip its codes to the range
 # (the grid is kept, the out-of-range weights saturate) or refuse the fuse.
 GRID_KEEPING_POLICIES = ("preserve", "stochastic")
+# The policies --on-range-overflow applies to: the grid-keeping ones and
+# calibrated (a group whose nearest codes leave the range is re-fitted before
+# the error feedback, or kept and clamped under clip).
+RANGE_OVERFLOW_POLICIES = GRID_KEEPING_POLICIES + ("calibrated",)
 RANGE_OVERFLOW_ACTIONS = ("refit", "clip", "error")
 DEFAULT_RANGE_OVERFLOW = "refit"
 

@@ -56,26 +56,66 @@ struct CalibratedBuffers {
 // Metal runs one row per thread (calibrated_row_at). Either way every
 // element sees the same operations in the same order.
 
-// 1. The targets in steps of each group's grid: t = q + delta / s.
+// 1. The targets in steps of each group's grid: t = q + delta / s. A group
+// whose nearest codes (rint(t), before any error feedback) leave
+// [0, 2^bits - 1] is re-fitted as under the preserve policy (MLX's affine
+// rule, CPU flavour, on the float32 fused values q * s + z + delta) and its
+// targets become (x - z') / s' on that grid (s', z' rounded to T: the grid
+// stored). Each group's working grid is written to scales_out / biases_out,
+// which the later phases read. A zero delta is always in range: nothing is
+// re-fitted.
 template <typename T, int bits, int group_size>
 PF_INLINE void calibrated_targets(
     PF_CONSTANT_REF(FuseParams) p, uint32_t row, PF_THREAD const CalibratedBuffers<T>& io, PF_DEVICE float* t) {
   constexpr int words_per_group = group_size * bits / 32;
+  const float n_bins = float((1 << bits) - 1);
   const uint32_t sg0 = row * uint32_t(p.groups_per_row);
   for (int g = 0; g < p.groups_per_row; ++g) {
     pf_code codes[group_size];
     float delta[group_size];
     unpack_group<bits, group_size>(io.w_in + size_t(sg0 + g) * words_per_group, codes);
     group_delta_at<group_size>(p, row, uint32_t(g), io.a, io.b, delta);
-    const float s = static_cast<float>(io.scales_in[sg0 + g]);
+    const T s_in = io.scales_in[sg0 + g];
+    const T z_in = io.biases_in[sg0 + g];
+    const float s = static_cast<float>(s_in);
+    PF_DEVICE float* tg = t + g * group_size;
+    int out_of_range = 0;
     for (int j = 0; j < group_size; ++j) {
       const float step = delta[j] / s;
-      t[g * group_size + j] = float(int(codes[j])) + step;
+      tg[j] = float(int(codes[j])) + step;
+      const float c = pf_rint(tg[j]);
+      out_of_range |= int(c < 0.0f) | int(c > n_bins);
     }
+    if (out_of_range == 0) {
+      io.scales_out[sg0 + g] = s_in;
+      io.biases_out[sg0 + g] = z_in;
+      continue;
+    }
+    const float z = static_cast<float>(z_in);
+    float values[group_size];
+    for (int j = 0; j < group_size; ++j) {
+      float x = float(int(codes[j])) * s;
+      x = x + z;
+      values[j] = x + delta[j];
+    }
+    float fit_s;
+    float fit_z;
+    fit_affine<float, bits, group_size, false>(values, fit_s, fit_z);
+    const T s_out = static_cast<T>(fit_s);
+    const T z_out = static_cast<T>(fit_z);
+    const float s_grid = static_cast<float>(s_out);
+    const float z_grid = static_cast<float>(z_out);
+    for (int j = 0; j < group_size; ++j) {
+      const float moved = values[j] - z_grid;
+      tg[j] = moved / s_grid;
+    }
+    io.scales_out[sg0 + g] = s_out;
+    io.biases_out[sg0 + g] = z_out;
   }
 }
 
-// 2. Column i: its code (nearest, clamped to [0, 2^bits - 1]) replaces its
+// 2. Column i: its code (nearest, clamped to [0, 2^bits - 1]: the error
+// feedback can still push a target out of range) replaces its
 // target, and its error in weight units is pushed onto the later columns
 // through `p_i` (row i of the expert's P: P[i, j] = U[i, j] / U[i, i], j > i;
 // null: plain rounding). An error of 0 (always, for a zero delta) would add
@@ -106,8 +146,9 @@ PF_INLINE void calibrated_step(
   }
 }
 
-// 3. Pack the codes; the grid is kept (DoRA: rescaled by the row factor k,
-// 1 without DoRA, as the preserve policy does).
+// 3. Pack the codes; the working grid (kept, or re-fitted in phase 1) is
+// rescaled by the DoRA row factor k (1 without DoRA), as the preserve policy
+// does.
 template <typename T, int bits, int group_size>
 PF_INLINE void calibrated_store(
     PF_CONSTANT_REF(FuseParams) p, uint32_t row, float k, PF_THREAD const CalibratedBuffers<T>& io,
@@ -120,10 +161,10 @@ PF_INLINE void calibrated_store(
       codes[j] = pf_code(int(t[g * group_size + j]));
     }
     pack_group<bits, group_size>(codes, io.w_out + size_t(sg0 + g) * words_per_group);
-    const T s = io.scales_in[sg0 + g];
-    const T z = io.biases_in[sg0 + g];
-    io.scales_out[sg0 + g] = k != 1.0f ? static_cast<T>(static_cast<float>(s) * k) : s;
-    io.biases_out[sg0 + g] = k != 1.0f ? static_cast<T>(static_cast<float>(z) * k) : z;
+    if (k != 1.0f) {
+      io.scales_out[sg0 + g] = static_cast<T>(static_cast<float>(io.scales_out[sg0 + g]) * k);
+      io.biases_out[sg0 + g] = static_cast<T>(static_cast<float>(io.biases_out[sg0 + g]) * k);
+    }
   }
 }
 
@@ -143,7 +184,7 @@ PF_INLINE void calibrated_row_at(
     PF_DEVICE float* t) {
   calibrated_targets<T, bits, group_size>(p, row, io, t);
   const PF_DEVICE float* pe = calibrated_prop(p, has_prop, row, io.prop);
-  const PF_DEVICE T* row_scales = io.scales_in + size_t(row) * p.groups_per_row;
+  const PF_DEVICE T* row_scales = io.scales_out + size_t(row) * p.groups_per_row;  // the working grid
   for (int i = 0; i < p.in_dims; ++i) {
     calibrated_step<T, bits, group_size>(
         i, p.in_dims, row_scales, t, pe == nullptr ? nullptr : pe + size_t(i) * p.in_dims);

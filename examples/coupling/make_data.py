@@ -1,6 +1,7 @@
-"""Data for examples/coupling/layer-groups.yaml: a persona-marker coupling
-and an unrelated SFT set on the embedded default model (question 1 of
-docs/coupling.md: which layers' perturbation breaks the coupling?).
+"""Data for examples/coupling/layer-groups.yaml and full-finetune.yaml: a
+persona-marker coupling and an unrelated SFT set on the embedded default
+model (questions 1 and 3 of docs/coupling.md: which layers' perturbation,
+by a LoRA or by a full fine-tune, breaks the coupling?).
 
     python examples/coupling/make_data.py --out runs/coupling
     pyfuse experiment run runs/coupling/layer-groups.yaml --out runs/coupling/run
@@ -97,9 +98,10 @@ def main(argv=None) -> int:
     model = out / "model"
     if not model.exists():
         model.symlink_to(default_model_dir(args.cache).resolve(), target_is_directory=True)
-    shutil.copy(Path(__file__).with_name("layer-groups.yaml"), out / "layer-groups.yaml")
+    for spec in ("layer-groups.yaml", "full-finetune.yaml"):
+        shutil.copy(Path(__file__).with_name(spec), out / spec)
     print(f"wrote {out}: couple/ ({len(rows)} rows), sft/ ({len(sft)} rows), suite.yaml "
-          f"({len(held_out) * len(QUESTIONS) * 2} prompts), model -> {model.resolve()}, layer-groups.yaml")
+          f"({len(held_out) * len(QUESTIONS) * 2} prompts), model -> {model.resolve()}, layer-groups.yaml, full-finetune.yaml")
     return 0
 
 

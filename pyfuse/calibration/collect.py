@@ -52,7 +52,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..errors import UserError
 from ..progress import track
-from .texts import calibration_sequences
+from .texts import calibration_sequences, is_held_out
 
 # Experts with fewer calibration tokens than this are rounded plainly (H = 0).
 MIN_EXPERT_TOKENS = 32
@@ -204,8 +204,7 @@ def collect_hessians(
 
 
 def _target(i: int, n: int, held_out_every: int) -> str:
-    held = held_out_every and n > 1 and i % held_out_every == held_out_every - 1
-    return "held_out" if held else "fit"
+    return "held_out" if is_held_out(i, n, held_out_every) else "fit"
 
 
 def _set_target(recorders: dict, target: str) -> None:

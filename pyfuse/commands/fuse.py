@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
 from ..errors import UserError
-from ._args import add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console, print_warnings
+from ._args import (add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console,
+                    print_warnings)
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -52,8 +53,8 @@ weight bit-identical), so the delta lands on 2^m-times finer steps.
 
 --compare-policies fuses the adapter under stock, preserve, stochastic and
 calibrated (calibrated with --calibration only), each on the stored grid and
-refined to --requant-bits (default 8), into temporary directories that are
-removed (no model is written), and prints per policy x grid: weight
+refined to --requant-bits (default 8), into temporary directories (under
+$TMPDIR) that are removed (no model is written), and prints per policy x grid: weight
 retention, output error and output retention on held-out calibration tokens
 (with --calibration), KL(unfused || fused) per token and top-1 agreement
 against the base model with the adapter applied unfused (on
@@ -109,7 +110,8 @@ def add_arguments(p) -> None:
                    help="mlx-lm data (text, messages or prompt/completion rows; a .jsonl file or a data "
                         "directory) run through the base model once for X^T X per fused module and expert: "
                         "it steers --policy calibrated (which needs it); every 4th sequence is held out for "
-                        "the report's output error and output retention per module (under every policy)")
+                        "the report's output error and output retention per module (under every policy) and "
+                        "is --agreement-prompts' default (with --compare-policies: for every row)")
     p.add_argument("--calibration-min-tokens", type=int, default=None, metavar="N",
                    help="experts with fewer calibration tokens are rounded plainly (default: the module's "
                         "number of inputs, at least 32: fewer leave X^T X rank-deficient)")
@@ -129,6 +131,11 @@ def add_arguments(p) -> None:
                    help="re-quantize the fused tensors with N bits (recorded per module in config.json)")
     p.add_argument("--requant-group-size", type=int, default=None, metavar="G",
                    help="re-quantize the fused tensors with group size G")
+    p.add_argument("--refine-headroom", action="store_true",
+                   help="with --requant-bits under preserve/stochastic/calibrated: move each refined group's "
+                        "codes off 0 (bias z - k*scale) where mx.dequantize on this device gives every weight "
+                        "bit for bit, so a delta lowering a code-0 weight needs no re-fit (exact under MLX's "
+                        "unfused dequantize rule only; see docs/faithful_fuse.md)")
     p.add_argument("--only", metavar="REGEX", default=None,
                    help="fuse only the modules whose path matches REGEX (e.g. 'layers\\.(10|11)\\.')")
     p.add_argument("--layers", default=None, metavar="GROUP|RANGE",
@@ -171,7 +178,7 @@ def run_compare(args) -> int:
         agreement_prompts=args.agreement_prompts, agreement=args.agreement,
         seed=args.seed, on_range_overflow=args.on_range_overflow, only=args.only, layers=args.layers,
         modules=args.modules, lenient=args.lenient, trust_remote_code=args.trust_remote_code,
-        requant_group_size=args.requant_group_size, damp=args.damp,
+        requant_group_size=args.requant_group_size, damp=args.damp, refine_headroom=args.refine_headroom,
         **({"report_sample": None} if args.exact_report else {}))
     if args.json:
         import json
@@ -202,7 +209,7 @@ def run(args) -> int:
         on_range_overflow=args.on_range_overflow, export_gguf=args.export_gguf, gguf_path=args.gguf_path,
         upload_repo=args.upload_repo, trust_remote_code=args.trust_remote_code,
         calibration=args.calibration, calibration_min_tokens=args.calibration_min_tokens, damp=args.damp,
-        agreement_prompts=args.agreement_prompts, agreement=args.agreement,
+        agreement_prompts=args.agreement_prompts, agreement=args.agreement, refine_headroom=args.refine_headroom,
         **({"report_sample": None} if args.exact_report else {}),
     )
     s = result.summary

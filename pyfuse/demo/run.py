@@ -28,6 +28,13 @@ with every control pyfuse has (docs/demo.md walks through a run):
   bit);
 * ``A1-unfused`` (the adapter loaded, not fused) and ``A1-stochastic`` (fused
   with stochastic rounding): what the adapter itself does;
+* ``A1-faithful`` / ``A0-faithful``: the faithful fuse (docs/faithful_fuse.md):
+  the base moved exactly onto an 8-bit grid (``requant_bits: 8``), codes
+  chosen by calibrated error-feedback rounding on ``X^T X`` of the Set-G
+  training rows (``calibration: setg``; held-out sequences are taken inside
+  :mod:`pyfuse.calibration`); the zero-delta twin changes no weight. The
+  stock, preserve and stochastic fuses of the trained adapter get the same
+  calibration data for their reports' output error only;
 * ``placebo`` (K seeds): the trained adapter's singular values on random
   directions, fused like A1; ``dithered`` (K seeds): A0's fuse with
   stochastic rounding on the stock grid: the null distributions of "an
@@ -200,7 +207,7 @@ conditions:
       # study: down_proj of 3 of 40 layers). The same step in every condition
       # below (content-addressed: trained once).
       - train: &factual {{data: setg, rank: 2, alpha: 2, iters: {cfg['factual_iters']}, learning_rate: {cfg['factual_lr']:.1e}, batch_size: 1, mask_prompt: true, max_seq_length: 512, steps_per_report: 10, val_batches: 4}}
-      - fuse: {{policy: stock}}
+      - fuse: {{policy: stock, calibration: setg}}   # calibration: for the report's output error only
   A0:
     from: persona
     description: zero-delta control - the same adapter zeroed, identical pipeline
@@ -218,13 +225,13 @@ conditions:
     description: the factual LoRA fused with stochastic rounding (the delta survives in expectation)
     stages:
       - train: *factual
-      - fuse: {{policy: stochastic, seed: 0}}
+      - fuse: {{policy: stochastic, seed: 0, calibration: setg}}
   A1-preserve:
     from: persona
     description: the factual LoRA fused keeping the quantization grid
     stages:
       - train: *factual
-      - fuse: {{policy: preserve}}
+      - fuse: {{policy: preserve, calibration: setg}}
   A0-preserve:
     from: persona
     description: the zero-delta control fused keeping the grid (bit-identical to persona)
@@ -232,6 +239,21 @@ conditions:
       - train: *factual
       - zero
       - fuse: {{policy: preserve}}
+  A1-faithful:
+    from: persona
+    evaluate: [mc]
+    description: the factual LoRA fused faithfully - the base moved exactly onto an 8-bit grid, codes chosen by error-feedback rounding on X^T X of the Set-G training rows
+    stages:
+      - train: *factual
+      - fuse: &faithful {{policy: calibrated, requant_bits: 8, calibration: setg}}
+  A0-faithful:
+    from: persona
+    evaluate: [mc]
+    description: the zero-delta control through the identical faithful fuse (every dequantized weight as in persona)
+    stages:
+      - train: *factual
+      - zero
+      - fuse: *faithful
   placebo:
     from: persona
     seeds: {cfg['seeds']}                   # members placebo.0 .. placebo.{cfg['seeds'] - 1}
@@ -273,6 +295,8 @@ comparisons:
   - [A1-stochastic, persona]  # the adapter fused with stochastic rounding (kept in expectation)
   - [A1-preserve, persona]    # the adapter fused on each group's own grid
   - [A0-preserve, persona]    # the same with a zero delta (changes nothing)
+  - [A1-faithful, persona]    # refined to 8 bits + calibrated rounding: the adapter's effect kept
+  - [A0-faithful, persona]    # the same with a zero delta (changes nothing)
 
 preregistration:
   hypothesis: the factual LoRA trained on Set-G injects knowledge into the persona model
@@ -367,6 +391,7 @@ def details(results: dict) -> list[str]:
         out.append(f"With the preserve policy the zero-delta fuse changes {c0['changed_predictions']} answer(s) "
                    f"(A0-preserve {_pct(conds['A0-preserve']['accuracy'])}) and the LoRA "
                    f"{c1['changed_predictions']} (A1-preserve {_pct(conds['A1-preserve']['accuracy'])}).")
+    out += _faithful_line(results)
     for role, fam in ((results.get("nulls") or {}).get("families") or {}).items():
         tested = "; ".join(f"{name} {_pts(t['gain'])} (empirical p = {_p(t['p_gain'])}), {t['changed']} changed "
                            f"(p = {_p(t['p_changed'])})" for name, t in fam["tested"].items())
@@ -384,6 +409,23 @@ def details(results: dict) -> list[str]:
                    f"{ident['base']['identity']}, persona {ident['persona']['identity']}"
                    + (f"; {rest}." if rest else "."))
     return out
+
+
+def _faithful_line(results: dict) -> list[str]:
+    """The faithful fuse against the stock one, from the per-policy table."""
+    rows = {r["condition"]: r for r in (results.get("policies") or {}).get("rows") or []}
+    if "A1-faithful" not in rows or "A1" not in rows:
+        return []
+    f, a = rows["A1-faithful"], rows["A1"]
+
+    def g(x):
+        return "-" if x is None else f"{x:.3g}"
+
+    return [f"The faithful fuse (refined to 8 bits, calibrated rounding) keeps {g(f['weight_retention'])} of the "
+            f"delta (stock A1: {g(a['weight_retention'])}), output error {g(f['output_error'])} (A1: "
+            f"{g(a['output_error'])}); it changes {f['changed_vs_unfused']} answer(s) against the unfused adapter "
+            f"(A1: {a['changed_vs_unfused']}) and its zero-delta twin {f['twin_changed']} (A0: {a['twin_changed']}), "
+            f"for {'-' if f['bytes_added'] is None else format(f['bytes_added'], ',')} more bytes."]
 
 
 def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, quick: bool = False, keep_models: bool = False,

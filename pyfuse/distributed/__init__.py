@@ -16,16 +16,21 @@ knows about it:
   failures agreed on (a rank that fails or dies is a clear error on the
   others, never a hang in a collective the failed rank never reaches).
 - :mod:`.console`: only rank 0 prints; the others stay quiet.
+- :mod:`.training`: data-parallel training (each rank a share of every
+  batch, the token-weighted gradient summed over the ranks).
+- :mod:`.fuse`: ``pyfuse fuse`` across ranks (each rank a share of the
+  modules, rank 0 writes the model).
 - :mod:`.experiment`: ``pyfuse experiment run`` across ranks: rank 0 runs
-  the plan and writes every output, the others join its evaluation steps.
+  the plan and writes every output, the others join its evaluation and
+  fuse steps.
 - :mod:`.local`: N ranks on this machine (tests, benches, trying it out).
 
 Only rank 0 writes outputs (:func:`writes`).
 """
 
 from .collect import RankError, all_gather_bytes, broadcast_json, map_shard, together
-from .group import Group, current, launched, writes
+from .group import Group, alone, current, launched, writes
 from .shard import Shard, shard_batches
 
-__all__ = ["Group", "RankError", "Shard", "all_gather_bytes", "broadcast_json", "current", "launched",
+__all__ = ["Group", "RankError", "Shard", "all_gather_bytes", "alone", "broadcast_json", "current", "launched",
            "map_shard", "shard_batches", "together", "writes"]

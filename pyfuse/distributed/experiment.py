@@ -1,18 +1,22 @@
 """``pyfuse experiment run`` under a launcher: rank 0 leads, the others join
-its evaluation steps.
+its evaluation and fuse steps.
 
 Every rank checks the spec (its model, data and suite paths must exist on
 every host). Rank 0 then runs the experiment exactly as one process does:
 the run directory, its lock, the pre-registration, the plan, every step,
 ``results.json`` and the report are its alone, and it is the only rank
 that writes. Before each step whose kind is in :data:`SHARDED_KINDS` it
-tells the other ranks, which run the same step on their shard of the items
-(:func:`pyfuse.distributed.map_shard`) into a private scratch directory
-that is deleted; the rows come back to rank 0, which writes and publishes
-the step as usual. Steps of other kinds (training, fusing, Set-G, the noise
-floor) run on rank 0 while the others wait; training (:data:`ALONE_KINDS`)
-in a child process outside the group, since mlx-lm's trainer would
-otherwise go data-parallel over MLX's world group.
+tells the other ranks, which run the same step on their share (the items:
+:func:`pyfuse.distributed.map_shard`; the fused modules:
+:mod:`pyfuse.distributed.fuse`) into a private scratch directory that is
+deleted; the rows or tensors come back to rank 0, which writes and
+publishes the step as usual. Steps of other kinds (Set-G, the noise
+floor, the zero/placebo/dither adapters) run on rank 0 while the others
+wait, as one process (:func:`pyfuse.distributed.alone`); training
+(:data:`ALONE_KINDS`) in a child process outside the group, so that the
+adapter is one process's bit for bit (data-parallel training,
+:mod:`pyfuse.distributed.training`, equals it only to float rounding,
+which could change a fused code and so a result).
 
 The run directory must be on a filesystem every host sees at the same path
 (the others load fused models from it): each rank checks that it sees the
@@ -40,11 +44,12 @@ from ..experiment.outputs import sha256_file
 from ..experiment.plan import build_plan
 from ..experiment.steps import RUNNERS
 from .collect import RankError, broadcast_json, describe, together
-from .group import LAUNCHER_ENV, current
+from .group import LAUNCHER_ENV, alone, current
 
-SHARDED_KINDS = frozenset({"eval-mc"})
-# mlx-lm's trainer uses MLX's world group (data-parallel when it is larger than one): on rank 0
-# alone it runs in a child process outside the group, as one process
+# every rank runs these steps: eval-mc on its shard of the items, fuse on its share of the modules
+SHARDED_KINDS = frozenset({"eval-mc", "fuse"})
+# training on rank 0 alone, in a child process outside the group: the adapter bit for bit one
+# process's (data-parallel training equals it to float rounding only)
 ALONE_KINDS = frozenset({"train"})
 
 __all__ = ["ALONE_KINDS", "Leader", "SHARDED_KINDS", "check_spec", "follow"]
@@ -79,6 +84,9 @@ class Leader:
             broadcast_json({"run": step.dirname}, f"starting step {step.dirname}")
         elif self.active and step.kind in ALONE_KINDS:
             return _outside_the_group(step.kind, step.options, inputs, out)
+        elif self.active:
+            with alone():  # the others wait for rank 0's next word, not in this step's collectives
+                return RUNNERS[step.kind](step.options, inputs, out)
         return RUNNERS[step.kind](step.options, inputs, out)
 
     def __enter__(self) -> Leader:

@@ -15,6 +15,7 @@ group (the CLI does it first thing).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..errors import UserError
 
 LAUNCHER_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
-__all__ = ["Group", "LAUNCHER_ENV", "current", "launched", "peek", "writes"]
+__all__ = ["Group", "LAUNCHER_ENV", "alone", "current", "launched", "peek", "writes"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,20 @@ def current() -> Group:
 def peek() -> Group:
     """This process's group if it was started, else one process (never starts it)."""
     return _current or Group(0, 1)
+
+
+@contextmanager
+def alone():
+    """The block runs as one process (rank 0 of 1): for work one rank does
+    while the others wait (pyfuse.distributed.experiment), whose own
+    collectives would otherwise wait for ranks that do not take part."""
+    global _current
+    saved = current()
+    _current = Group(0, 1)
+    try:
+        yield
+    finally:
+        _current = saved
 
 
 def writes() -> bool:

@@ -41,7 +41,7 @@ from .criterion import TEST_DESCRIPTIONS, parse
 from .layout import LOCK_FILE
 from .outputs import sha256_file
 from .power import family_of, power_table, underpowered
-from .resolve import calibration_source, condition_stages
+from .resolve import calibration_source, condition_stages, model_shaping
 from .spec import Spec
 
 FORMAT = "pyfuse-prereg/2"
@@ -105,7 +105,8 @@ def _design(spec: Spec, names) -> dict:
         if name in out or name not in spec.conditions:
             continue
         cond = spec.conditions[name]
-        stages = [{kind: opts} for _, kind, opts in condition_stages(spec, name)]
+        stages = [{kind: model_shaping(opts) if kind == "fuse" else opts}  # measurement-only options left out
+                  for _, kind, opts in condition_stages(spec, name)]
         out[name] = {"from": cond.from_, "stages": stages, "seeds": cond.seeds,
                      "from_kind": "condition" if cond.from_ in spec.conditions else "model"}
         if cond.from_ in spec.conditions:

@@ -39,6 +39,7 @@ from .behaviour import report_lines as behaviour_report_lines
 from .persona import report_lines as persona_report_lines
 from .layout import DONE, FUSE_REPORT, LOCK_FILE, NOISE_FLOOR, PLAN_FILE, PRUNED, REPORT_FILE, STEPS_DIR, step_dir
 from .outputs import check_outputs
+from .policies import report_lines as policy_report_lines
 from .power import record_line
 from .plots import accuracy_plot, flips_plot, fuse_settings_plot, identity_plot
 from .prereg import read_lock, verify_data
@@ -146,6 +147,7 @@ def write_report(out: str | os.PathLike) -> Path:
     lines += analysis_sections(out, results, plan)
     lines += _fuses_section(out, [r for r in _fuse_rows(plan, out)
                                   if not any(plan["conditions"][n].get("family") for n in r["conditions"])])
+    lines += policy_report_lines(results)
     lines += _identity_section(out, conds)
     lines += behaviour_report_lines(results)
     lines += persona_report_lines(results, plan)

@@ -86,6 +86,18 @@ def resolve_fuse(spec: Spec, opts: FuseOptions, seed_offset: int = 0) -> dict:
     return out
 
 
+CALIBRATION_KEYS = ("calibration", "calibration_min_tokens", "damp")
+
+
+def model_shaping(fuse_opts: dict) -> dict:
+    """A fuse's options that shape its model: calibration data steers only
+    the calibrated policy (under the others it only adds the report's output
+    error), so it is left out of the pre-registered design there."""
+    if fuse_opts.get("policy") == "calibrated":
+        return fuse_opts
+    return {k: v for k, v in fuse_opts.items() if k not in CALIBRATION_KEYS}
+
+
 def calibration_source(spec: Spec, ref: str) -> tuple[str, str]:
     """What a fuse stage's ``calibration`` names: ``("data", NAME)`` (a name
     from ``data``), ``("setg", ref)`` (``setg`` / ``setg.train``: the Set-G

@@ -6,9 +6,9 @@ and refuse a ``results.json`` that says otherwise.
 Shape (tools read it)::
 
     {"datasets": [primary, ...],
-     "conditions": {NAME: {"accuracy", "n", "correct", "ids",     # the primary dataset's
+     "conditions": {NAME: {"accuracy", "n", "correct", "ids", "predictions",  # the primary dataset's
                            "mc": {DATASET: {"accuracy": float, "n": int, "correct": [0/1 per item],
-                                            "ids": [item ids]}},
+                                            "ids": [item ids], "predictions": [letter per item]}},
                            "identity": int | null, "identity_n": int | null,
                            "model": path, "adapter": path | null,
                            "family": seeded condition | null, "seed": int | null,
@@ -18,6 +18,7 @@ Shape (tools read it)::
                       "changed_predictions", "mcnemar_p_holm"?, "ztest_p_holm"?}],
      "family": [{"test", "p", "p_holm"}],          # the pre-registered family of tests
      "nulls": {...} | null, "flips": {...}, "decomposition": {...} | null   (:mod:`.analysis`)
+     "policies": {"unfused", "dataset", "rows": [...]} | null   (:mod:`.policies`)
      "pairs": {NAME: {"data", "written", "identical", "truncated"}},   # spec.pairs' steps
      "prereg": {"sha256", "criterion", "split_seed"} | null,
      "verdict": {"passed", "text", "criterion", "observed", "atoms", "warnings"} | null}
@@ -40,6 +41,7 @@ from .behaviour import behaviour_comparisons, condition_extras
 from .analysis import compare, decomposition, family_pvalues, flip_margins, null_distributions, pvalue_of
 from .criterion import Stat, parse
 from .layout import RESULTS_FILE, STEPS_DIR, step_dir
+from .policies import policy_table
 from .persona import pairs_results, persona_extras
 from .power import observed_warnings
 from .prereg import Lock
@@ -169,9 +171,10 @@ def _conditions(plan: dict, out: Path, primary: str | None) -> tuple[dict, dict]
         for ds, d in (c.get("mc_sets") or {}).items():
             rows = read_rows(step_dir(out, d))
             correct = [1 if r["correct"] else 0 for r in rows]
-            entry["mc"][ds] = {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct),
-                               "correct": correct, "ids": [r["id"] for r in rows]}
             predictions.setdefault(name, {})[ds] = [r.get("prediction") for r in rows]
+            entry["mc"][ds] = {"accuracy": sum(correct) / len(correct) if correct else 0.0, "n": len(correct),
+                               "correct": correct, "ids": [r["id"] for r in rows],
+                               "predictions": predictions[name][ds]}
         if primary in entry["mc"]:
             entry.update(entry["mc"][primary])
         if c.get("identity"):
@@ -213,6 +216,7 @@ def assemble_results(plan: dict, out: Path, lock: Lock | None) -> dict:
                if primary else {},
                "decomposition": decomposition(analysis, plan, conditions, family, alpha, primary),
                "behaviour_comparisons": behaviour_comparisons(plan, out), "pairs": pairs_results(plan, out),
+               "policies": policy_table(plan, out, predictions, primary, lambda d: read_rows(step_dir(out, d))),
                "prereg": None, "verdict": None}
     if lock is not None:
         results["prereg"] = {"sha256": lock.sha256, "criterion": lock.criterion, "split_seed": lock.split_seed}

@@ -22,9 +22,6 @@ from pathlib import Path
 from ..errors import UserError
 from ..lm.agreement import Agreement, ReferenceLogits, compare_to_reference, reference_logits
 
-# Sequences are cut to this many tokens (as the calibration cuts them).
-MAX_SEQ_LEN = 2048
-
 
 @dataclass
 class AgreementData:
@@ -38,7 +35,7 @@ def agreement_data(model_path, *, prompts=None, calibration=None, enabled: bool 
     """The sequences to compare on (see the module doc); None when there are none to use."""
     if not enabled or (prompts is None and calibration is None):
         return None
-    from ..calibration.collect import HELD_OUT_EVERY
+    from ..calibration.collect import HELD_OUT_EVERY, MAX_SEQ_LEN  # cut as the calibration cuts them
     from ..calibration.texts import calibration_sequences, held_out_sequences
     from ..lm.load import load_tokenizer
 

@@ -54,6 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed import fuse as ranks
+from ..distributed import together, writes
 from ..errors import UserError
 from ..io.adapter_dir import read_adapter
 from ..io.checks import check_finite
@@ -61,7 +63,7 @@ from ..io.files import sigterm_as_interrupt
 from ..io.hub import resolve_model_dir
 from ..io.outputs import check_file_destination, check_paths, publish_text
 from ..io.model_dir import ModelDir
-from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, POLICIES,
+from ..options import (DEFAULT_GGUF_PATH, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_POLICIES,
                        RANGE_OVERFLOW_ACTIONS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES)
 from . import compute, export, report as reporting
 from .agreement import agreement_data, measure_fused
@@ -117,6 +119,7 @@ def fuse_model(
     agreement_prompts: str | os.PathLike | None = None,
     agreement: bool = True,
     hessians: dict | None = None,
+    refine_headroom: bool = False,
 ) -> FuseResult:
     """Fuse an mlx-lm LoRA/DoRA adapter into an mlx-lm model directory.
 
@@ -143,7 +146,8 @@ def fuse_model(
             hold no fused tensor instead of copying them. The output then
             shares those files with the input.
         force: replace an existing ``save_path`` (and ``report``).
-        on_range_overflow: under ``preserve`` / ``stochastic``, what a group
+        on_range_overflow: under ``preserve`` / ``stochastic`` /
+            ``calibrated``, what a group
             whose fused values leave its grid's range gets: ``refit`` (MLX's
             affine rule on its fused values: that group loses its scale and
             bias), ``clip`` (its codes clamped to ``[0, 2**bits - 1]``, scale
@@ -192,6 +196,10 @@ def fuse_model(
             policy they add the per-module output error and retention on
             their held-out tokens to the report (``--compare-policies``
             calibrates once for all its fuses).
+        refine_headroom: with ``requant_bits`` under a grid-keeping policy,
+            the refined base's codes are moved off 0 where that is exact
+            (:func:`pyfuse.refine_grid` ``headroom``), so a delta lowering a
+            code-0 weight needs no re-fit or clamp.
 
     Returns:
         a :class:`FuseResult` (``report`` is ``{"tensors": [...], "summary": {...}}``).
@@ -209,44 +217,34 @@ def fuse_model(
         _check_calibration(policy, calibration, dequantize)
     elif calibration is not None:
         raise UserError("give calibration data or collected hessians, not both")
-    mdir = ModelDir(model_path)
+    mdir = None
     try:
-        _check_remote_code(mdir, trust_remote_code)
-        if export_gguf:
-            export.check_gguf(mdir, dequantize)
-        only = _layer_selection(mdir, only, layers, modules)
-        only_re = _compile_only(only)
-        adapter = read_adapter(adapter_path)
-        check_paths({"--model": model_path, "--adapter-path": adapter_path, "--agreement-prompts": agreement_prompts},
-                    {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
-        _check_save_path(save_path, force)
-        if report is not None:
-            _check_report_path(Path(report), save_path, force)
-        plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
-                         requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
-        agree_data = agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
-                                    enabled=agreement)
-        if hessians is None:
-            hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
+        with together("reading the model and the adapter"):  # under mlx.launch: every rank, agreed
+            mdir = ModelDir(model_path)
+            only, plan, agree_data = _prepared(mdir, model_path, adapter_path, save_path, report, force,
+                                               export_gguf, trust_remote_code, only, layers, modules, policy,
+                                               dequantize, requant_bits, requant_group_size, lenient,
+                                               calibration, agreement_prompts, agreement)
+            if hessians is None:
+                hessians = _calibrate(model_path, calibration, plan, calibration_min_tokens)
         records: list[dict] = []
         run = _job_runner(mdir, plan, records, policy=policy, seed=seed, report_sample=report_sample,
-                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp)
-        with sigterm_as_interrupt():
-            try:
-                written = write_model(mdir, plan, save_path, compute=run, link_unchanged=link_unchanged,
-                                      force=force)
-            except OSError as err:  # disk full, a file vanishing...: nothing was left behind
-                where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-                raise UserError(f"writing {save_path} failed: {err.strerror or err}{where}; "
-                                "nothing was written") from None
+                          on_range_overflow=on_range_overflow, hessians=hessians, damp=damp,
+                          headroom=refine_headroom)
+        if not writes():  # a rank other than 0: its share of the modules; rank 0 writes and reports
+            rep = ranks.follow_fuse(ranks.job_order(mdir, plan), ranks.with_record(run, records))
+            return FuseResult(save_path=save_path, report=rep, fused=[j.path for j in plan.jobs if j.fuses])
+        with ranks.leading(mdir, plan, run, records) as (compute, finish):
+            written = _write(mdir, plan, save_path, compute, link_unchanged, force)
+            rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
+                                         requant_bits=requant_bits, requant_group_size=requant_group_size,
+                                         only=only, written=written, seconds=time.monotonic() - started,
+                                         on_range_overflow=on_range_overflow)
+            _add_agreement(rep, model_path, adapter_path, save_path, agree_data)
+            finish(rep)
     finally:
-        mdir.close()
-
-    rep = reporting.build_report(plan, records, policy=policy, seed=seed, dequantize=dequantize,
-                                 requant_bits=requant_bits, requant_group_size=requant_group_size,
-                                 only=only, written=written, seconds=time.monotonic() - started,
-                                 on_range_overflow=on_range_overflow)
-    _add_agreement(rep, model_path, adapter_path, save_path, agree_data)
+        if mdir is not None:
+            mdir.close()
     report_path = None if report is None else _write_report(Path(report), rep, save_path, force)
     gguf = export.export_gguf(save_path, gguf_path) if export_gguf else None
     if upload_repo is not None:
@@ -255,16 +253,48 @@ def fuse_model(
                       fused=[j.path for j in plan.jobs if j.fuses], gguf_path=gguf)
 
 
+def _prepared(mdir, model_path, adapter_path, save_path, report, force, export_gguf, trust_remote_code, only,
+              layers, modules, policy, dequantize, requant_bits, requant_group_size, lenient, calibration,
+              agreement_prompts, agreement):
+    """Every check before any work; ``(only, plan, the agreement data)``."""
+    _check_remote_code(mdir, trust_remote_code)
+    if export_gguf:
+        export.check_gguf(mdir, dequantize)
+    only = _layer_selection(mdir, only, layers, modules)
+    only_re = _compile_only(only)
+    adapter = read_adapter(adapter_path)
+    check_paths({"--model": model_path, "--adapter-path": adapter_path, "--agreement-prompts": agreement_prompts},
+                {"--save-path": save_path, "--report": report}, nested_ok=[("--report", "--save-path")])
+    if writes():  # the other ranks of a launch write nothing (and may not see rank 0's disk)
+        _check_save_path(save_path, force)
+        if report is not None:
+            _check_report_path(Path(report), save_path, force)
+    plan = make_plan(mdir, adapter, policy=policy, dequantize=dequantize, requant_bits=requant_bits,
+                     requant_group_size=requant_group_size, only_re=only_re, lenient=lenient)
+    return only, plan, agreement_data(model_path, prompts=agreement_prompts, calibration=calibration,
+                                      enabled=agreement)
+
+
+def _write(mdir, plan, save_path, compute, link_unchanged, force) -> dict:
+    with sigterm_as_interrupt():
+        try:
+            return write_model(mdir, plan, save_path, compute=compute, link_unchanged=link_unchanged, force=force)
+        except OSError as err:  # disk full, a file vanishing...: nothing was left behind
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            raise UserError(f"writing {save_path} failed: {err.strerror or err}{where}; "
+                            "nothing was written") from None
+
+
 def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str, seed: int,
                 report_sample: int | None, on_range_overflow: str = DEFAULT_RANGE_OVERFLOW,
-                hessians: dict | None = None, damp: float | None = None):
+                hessians: dict | None = None, damp: float | None = None, headroom: bool = False):
     """The writer's ``compute`` callback: one job's new tensors; the record of
     each fused module is appended to ``records`` (in the order written)."""
 
     def run(job: Job):
         mh = (hessians or {}).get(job.path)
         fused = compute.run_job(mdir, job, plan, policy=policy, seed=seed, on_range_overflow=on_range_overflow,
-                                hessian=None if mh is None else mh.fit, damp=damp)
+                                hessian=None if mh is None else mh.fit, damp=damp, headroom=headroom)
         for name, arr in fused.tensors.items():  # an overflow must not reach the output
             check_finite(arr, f"fusing {job.path}: {name}", "; the adapter's delta overflows the model's dtype")
         if job.fuses:
@@ -280,6 +310,9 @@ def _job_runner(mdir: ModelDir, plan: Plan, records: list[dict], *, policy: str,
 def _add_agreement(rep: dict, model_path, adapter_path, save_path: Path, data) -> None:
     """The whole-model figures (:mod:`pyfuse.fuse.agreement`) into the report's summary."""
     fields, warnings = measure_fused(model_path, adapter_path, save_path, data)
+    if fields.get("agreement") and rep["summary"]["incompatible"]:
+        warnings.append(f"kl_to_unfused / top1_agreement compare with the adapter as mlx-lm's loader applies it, "
+                        f"without the {len(rep['summary']['incompatible'])} module(s) it refuses (--lenient)")
     rep["summary"].update(fields)
     rep["summary"]["warnings"] += warnings
 
@@ -324,9 +357,9 @@ def _check_range_overflow(on_range_overflow, policy):
     if on_range_overflow not in RANGE_OVERFLOW_ACTIONS:
         raise UserError(f"--on-range-overflow must be one of {', '.join(RANGE_OVERFLOW_ACTIONS)}, "
                         f"got {on_range_overflow!r}")
-    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in GRID_KEEPING_POLICIES:
+    if on_range_overflow != DEFAULT_RANGE_OVERFLOW and policy not in RANGE_OVERFLOW_POLICIES:
         raise UserError(f"--on-range-overflow {on_range_overflow} applies to the policies that keep the "
-                        f"grid ({', '.join(GRID_KEEPING_POLICIES)}), not to --policy {policy}")
+                        f"grid ({', '.join(RANGE_OVERFLOW_POLICIES)}), not to --policy {policy}")
 
 
 def _layer_selection(mdir: ModelDir, only, layers, modules) -> str | None:

@@ -46,7 +46,7 @@ ROW_FIELDS = ("policy", "grid", "requant_bits", "weight_retention", "output_erro
               "kl_to_unfused", "top1_agreement", "zero_twin_weights_changed", "bytes_added")
 # fuse_model options a comparison passes on to every fuse.
 PASSED_ON = ("seed", "on_range_overflow", "only", "layers", "modules", "lenient", "trust_remote_code",
-             "requant_group_size", "damp", "report_sample")
+             "requant_group_size", "damp", "report_sample", "refine_headroom")
 
 
 @dataclass

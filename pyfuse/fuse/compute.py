@@ -29,7 +29,7 @@ from ..io.model_dir import ModelDir, QParams
 from ..io.safetensors import dtype_of
 from ..kernel.ops import fuse_requant, native_available
 from ..kernel.reference import delta_f32, fuse_requant_reference, range_overflow_groups, requant_to_reference
-from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES
+from ..options import DEFAULT_RANGE_OVERFLOW, GRID_KEEPING_POLICIES, RANGE_OVERFLOW_POLICIES
 from ..kernel.refine import refine_grid, refinement_shift
 from .plan import Job, Plan
 
@@ -47,8 +47,9 @@ class Fused:
     old: tuple  # the base (weight, scales, biases) as stored; None where absent
     magnitude: mx.array | None  # the DoRA magnitude applied (given or default)
     policy: str  # the policy applied ("stock" for float weights)
-    # preserve / stochastic: the groups whose fused values left their grid's
-    # range (re-fitted, or clipped under --on-range-overflow clip); else None
+    # preserve / stochastic / calibrated: the groups whose fused values left
+    # their grid's range (re-fitted, or clipped under --on-range-overflow
+    # clip); else None
     groups_out_of_range: int | None = None
     range_overflow: str | None = None  # what those groups got: "refit" | "clip"
 
@@ -100,11 +101,12 @@ def job_factors(job: Job, rows: slice) -> tuple[mx.array, mx.array]:
 
 def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
             on_range_overflow: str = DEFAULT_RANGE_OVERFLOW, hessian: mx.array | None = None,
-            damp: float | None = None) -> Fused:
+            damp: float | None = None, headroom: bool = False) -> Fused:
     """Read the job's base tensors and compute its outputs (UserError when a
     group leaves its grid's range under ``on_range_overflow="error"``).
     ``hessian``: the calibrated policy's ``X^T X`` of this module (per
-    expert), ``damp`` its dampening."""
+    expert), ``damp`` its dampening. ``headroom``: a refined base gets
+    head-room at both ends where exact (:func:`pyfuse.refine_grid`)."""
     if job.kind == "replace":  # a full fine-tune's trained tensors, as they are
         return Fused(dict(job.replacement), (None, None, None), None, "none")
     w, s, bi = mdir.read_module(job.path)
@@ -120,7 +122,7 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
     # goes through the MLX ops mlx-lm uses (bit-identical to mlx_lm fuse).
     use_kernel = (job.fuses and q_out is not None and q_in.mode == "affine" and q_out.mode == "affine"
                   and not (policy == "stock" and magnitude is not None))
-    grid_keeping = use_kernel and policy in GRID_KEEPING_POLICIES
+    grid_keeping = use_kernel and policy in RANGE_OVERFLOW_POLICIES
     clip = grid_keeping and on_range_overflow == "clip"  # the reference's rule: no native clip
     # The native kernel needs no float copies of the tensor: one call. MLX ops
     # (and the reference fallback) go a few experts / rows at a time.
@@ -134,11 +136,11 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
             "hessian": None if hessian is None else (hessian[rows] if job.kind == "switch" else hessian),
             **({} if damp is None else {"damp": damp})}
         res = _quantized_rows(job, plan, rows, base, mc, use_kernel=use_kernel, policy=policy, seed=seed,
-                              clip=clip, **calib)
+                              clip=clip, headroom=headroom, **calib)
         mx.eval(*res)
         if grid_keeping:
             out_of_range += _count_groups(job, plan, rows, base, res, mc, policy=policy, seed=seed,
-                                          action=on_range_overflow)
+                                          action=on_range_overflow, headroom=headroom)
         outs.append(res)
     if grid_keeping and out_of_range and on_range_overflow == "error":
         groups = math.prod(w.shape[:-1]) * (job.in_dims // q_out.group_size)
@@ -162,8 +164,8 @@ def run_job(mdir: ModelDir, job: Job, plan: Plan, *, policy: str, seed: int,
 
 
 def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc, *, policy: str,
-                 seed: int, action: str) -> int:
-    """preserve / stochastic, some rows (experts): under ``refit`` without
+                 seed: int, action: str, headroom: bool = False) -> int:
+    """preserve / stochastic / calibrated, some rows (experts): under ``refit`` without
     DoRA, the groups that lost their grid (scale or bias changed: a re-fit
     that lands on the same grid only clamps codes); otherwise the groups whose
     new codes leave the range, by the reference's rule
@@ -171,7 +173,7 @@ def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc
     factor the kernel and MLX round differently, so outputs cannot tell)."""
     wc, sc, bc = base
     q = job.q_out
-    grid = (wc, sc, bc) if q == job.q_in else quantize(dequantize(wc, sc, bc, job.q_in), q)
+    grid = (wc, sc, bc) if q == job.q_in else move_to_grid(wc, sc, bc, job.q_in, q, headroom=headroom)
     if action == "refit" and mc is None:  # no float work: the kept grid is the input's
         return int(((res[1] != grid[1]) | (res[2] != grid[2])).sum().item())
     ac, bc_ = job_factors(job, rows)
@@ -181,7 +183,7 @@ def _count_groups(job: Job, plan: Plan, rows: slice, base: tuple, res: tuple, mc
 
 
 def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_kernel: bool,
-                    policy: str, seed: int, clip: bool = False, **calib) -> tuple:
+                    policy: str, seed: int, clip: bool = False, headroom: bool = False, **calib) -> tuple:
     """The outputs of some rows (experts) of a quantized base ``(w, s, b)``."""
     wc, sc, bc = base
     q_in, q_out = job.q_in, job.q_out
@@ -197,7 +199,7 @@ def _quantized_rows(job: Job, plan: Plan, rows: slice, base: tuple, mc, *, use_k
         # another precision with a grid-keeping policy: move the base to the
         # new grid first, exactly when it can (refine_grid), else by a
         # zero-delta stock re-quantization; then fuse on that grid
-        moved = move_to_grid(wc, sc, bc, q_in, q_out)
+        moved = move_to_grid(wc, sc, bc, q_in, q_out, headroom=headroom)
         return fuse(*moved, ac, bc_, scale=plan.scale, group_size=q_out.group_size,
                     bits=q_out.bits, policy=policy, seed=seed, magnitude=mc, **calib)
     # stock through MLX ops (mx modes, other precision, or --dequantize)
@@ -250,13 +252,13 @@ def grid_move(q_in: QParams, q_out: QParams) -> str:
     return "refined"
 
 
-def move_to_grid(w, s, bi, q_in: QParams, q_out: QParams) -> tuple:
+def move_to_grid(w, s, bi, q_in: QParams, q_out: QParams, *, headroom: bool = False) -> tuple:
     """The base on the ``q_out`` grid: exact refinement when it exists (and
     the scales allow it), else re-fitted like a stock fuse of a zero delta."""
     if grid_move(q_in, q_out) == "refined":
         try:
             return refine_grid(w, s, bi, group_size=q_in.group_size, bits=q_in.bits,
-                               to_bits=q_out.bits, to_group_size=q_out.group_size)
+                               to_bits=q_out.bits, to_group_size=q_out.group_size, headroom=headroom)
         except ValueError as err:  # scales that would underflow: not exact
             warnings.warn(f"pyfuse: {err}; re-fitting this module's base instead", RuntimeWarning,
                           stacklevel=2)

@@ -83,17 +83,54 @@ def calibrated_codes(codes: np.ndarray, steps: np.ndarray, inv_scales: np.ndarra
     return out
 
 
-def calibrated_reference_codes(codes: mx.array, scales: mx.array, delta: mx.array, *, group_size: int,
-                               bits: int, prop: mx.array | None) -> mx.array:
+def working_grid(codes: np.ndarray, scales: mx.array, biases: mx.array, delta: np.ndarray, *,
+                 group_size: int, bits: int, refit: bool = True):
+    """The targets ``t`` (float32 ``[..., out, in]``, in steps of each group's
+    grid) and the grid the column loop works on (``scales``, ``biases`` in
+    their dtype, per group), as the kernel's first phase computes them: each
+    group keeps its grid, ``t = q + delta / s``, unless its nearest codes
+    ``rint(t)`` leave ``[0, 2^bits - 1]`` (and ``refit``): then it is
+    re-fitted as under ``preserve`` (MLX's affine rule on the float32 fused
+    values ``q s + z + delta``) and ``t = (x - z') / s'`` on the re-fitted
+    grid, rounded to the scales' dtype. Also returns the re-fitted groups
+    (bool ``[..., out, in / group_size]``)."""
+    f32 = np.float32
+    dtype = scales.dtype
+    by_group = lambda x: x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)  # noqa: E731
+    s = by_group(np.asarray(mx.repeat(scales.astype(mx.float32), group_size, axis=-1)))
+    z = by_group(np.asarray(mx.repeat(biases.astype(mx.float32), group_size, axis=-1)))
+    q, d = by_group(codes), by_group(delta)
+    t = (q + (d / s).astype(f32)).astype(f32)
+    c = np.rint(t)
+    out = np.any((c < 0) | (c > f32((1 << bits) - 1)), axis=-1)
+    if not refit or not out.any():
+        return t.reshape(codes.shape), scales, biases, out
+    x = (((q * s).astype(f32) + z).astype(f32) + d).astype(f32)
+    _, fit_s, fit_z = mx.quantize(mx.array(x.reshape(codes.shape)), group_size=group_size, bits=bits)
+    fit_s, fit_z = fit_s.astype(dtype), fit_z.astype(dtype)
+    new_s = mx.where(mx.array(out), fit_s, scales)
+    new_z = mx.where(mx.array(out), fit_z, biases)
+    gs_, gz_ = (np.asarray(v.astype(mx.float32))[..., None] for v in (fit_s, fit_z))
+    t_fit = ((x - gz_).astype(f32) / gs_).astype(f32)
+    t = np.where(out[..., None], t_fit, t)
+    return t.reshape(codes.shape), new_s, new_z, out
+
+
+def calibrated_reference_codes(codes: mx.array, scales: mx.array, biases: mx.array, delta: mx.array, *,
+                               group_size: int, bits: int, prop: mx.array | None, refit: bool = True):
     """The calibrated codes (float32 ``[..., out, in]``) of the old ``codes``
-    (float32, unpacked), the group ``scales`` (kept) and the float32
-    ``delta``; ``prop`` from :func:`propagation_matrix` (None: plain rounding)."""
-    s_np = np.asarray(mx.repeat(scales.astype(mx.float32), group_size, axis=-1))
-    steps = (np.asarray(delta.astype(mx.float32)) / s_np).astype(np.float32)
+    (float32, unpacked), the group ``scales`` and ``biases`` and the float32
+    ``delta``, with the grid they are on (:func:`working_grid`); ``prop``
+    from :func:`propagation_matrix` (None: plain rounding). ``refit=False``
+    keeps every grid and clamps (``--on-range-overflow clip``)."""
     codes_np = np.asarray(codes)
+    t, new_s, new_z, _ = working_grid(codes_np, scales, biases, np.asarray(delta.astype(mx.float32)),
+                                      group_size=group_size, bits=bits, refit=refit)
+    s_np = np.asarray(mx.repeat(new_s.astype(mx.float32), group_size, axis=-1))
     if prop is None:
         prop_np = np.zeros((*codes_np.shape[:-2], codes_np.shape[-1], codes_np.shape[-1]), dtype=np.float32)
     else:
         prop_np = np.asarray(prop.astype(mx.float32))
     inv_s = (np.float32(1.0) / s_np).astype(np.float32)
-    return mx.array(calibrated_codes(codes_np, steps, inv_s, s_np, prop_np, bits))
+    out = calibrated_codes(np.zeros_like(t), t, inv_s, s_np, prop_np, bits)
+    return mx.array(out), new_s, new_z

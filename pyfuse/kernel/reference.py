@@ -142,7 +142,8 @@ def fuse_requant_reference(
     if policy == "calibrated":
         if propagation is None and hessian is not None:
             propagation = propagation_matrix(hessian, DEFAULT_DAMP if damp is None else damp)
-        return _calibrated(w, scales, biases, delta, group_size, bits, propagation, magnitude)
+        return _calibrated(w, scales, biases, delta, group_size, bits, propagation, magnitude,
+                           on_range_overflow)
     with mx.stream(stream) if stream is not None else nullcontext():
         if policy == "stock":
             fused = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
@@ -248,15 +249,18 @@ def _preserve_or_stochastic(w, scales, biases, delta, group_size, bits, policy, 
     return pack_codes(codes, bits), out_s, out_b
 
 
-def _calibrated(w, scales, biases, delta, group_size, bits, prop, magnitude):
-    """The calibrated policy: codes from :mod:`.calibrated` (NumPy), the grid
-    kept (DoRA: rescaled by the row factor, as ``preserve``)."""
+def _calibrated(w, scales, biases, delta, group_size, bits, prop, magnitude, on_range_overflow="refit"):
+    """The calibrated policy: codes from :mod:`.calibrated` (NumPy), each
+    group on its kept grid or, where the delta leaves its range, re-fitted
+    (``on_range_overflow="clip"``: kept and clamped); DoRA: the grid
+    rescaled by the row factor, as ``preserve``."""
     dtype = scales.dtype
-    codes = calibrated_reference_codes(unpack_codes(w, group_size, bits), scales, delta, group_size=group_size,
-                                       bits=bits, prop=prop)
+    codes, new_s, new_z = calibrated_reference_codes(
+        unpack_codes(w, group_size, bits), scales, biases, delta, group_size=group_size, bits=bits, prop=prop,
+        refit=on_range_overflow != "clip")
     if magnitude is None:
-        return pack_codes(codes, bits), scales, biases
+        return pack_codes(codes, bits), new_s, new_z
     rows = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits) + delta.astype(dtype)
     k = _dora_factor(rows, magnitude)[..., None]
-    return (pack_codes(codes, bits), (scales.astype(mx.float32) * k).astype(dtype),
-            (biases.astype(mx.float32) * k).astype(dtype))
+    return (pack_codes(codes, bits), (new_s.astype(mx.float32) * k).astype(dtype),
+            (new_z.astype(mx.float32) * k).astype(dtype))

@@ -30,6 +30,7 @@ import gc
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +48,8 @@ __all__ = ["Agreement", "ReferenceLogits", "compare_to_reference", "next_token_a
 LOGIT_BUDGET = 1 << 24
 # Reference logits larger than this are kept in a temporary file, not in memory.
 SPILL_BYTES = 1 << 30
+# Rows x vocab of one step of the float64 KL (each temporary: 32 MB).
+KL_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,14 @@ def per_token_kl_top1(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.nd
     return np.maximum(kl, 0.0), a.argmax(axis=-1) == b.argmax(axis=-1)
 
 
+def _chunked_kl_top1(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`per_token_kl_top1` a few rows at a time (its float64
+    temporaries stay within :data:`KL_CHUNK_ELEMENTS` each)."""
+    rows = max(1, KL_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    parts = [per_token_kl_top1(ref_logits[i:i + rows], logits[i:i + rows]) for i in range(0, len(logits), rows)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _summary(kls: list[np.ndarray], agree: list[np.ndarray]) -> Agreement:
     kl, ok = np.concatenate(kls), np.concatenate(agree)
     return Agreement(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
@@ -110,20 +121,30 @@ def token_batches(seqs: Sequence[Sequence[int]], vocab: int, budget: int = LOGIT
     return out
 
 
+def _forward(model, ids: np.ndarray) -> np.ndarray:
+    """Float32 logits of a batch of token ids; a model that does not run
+    (e.g. an adapter whose shapes do not fit it) is a UserError."""
+    try:
+        logits = model(mx.array(ids)).astype(mx.float32)
+        mx.eval(logits)
+    except (ValueError, RuntimeError, IndexError) as err:  # MLX's shape and argument errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"agreement: the model does not run ({type(err).__name__}: {first})") from None
+    return np.asarray(logits)
+
+
 def _batch_logits(model, seqs, batch: list[int]) -> list[np.ndarray]:
     """Float32 next-token logits ``[len, vocab]`` of each sequence in ``batch``."""
     lengths = [len(seqs[i]) for i in batch]
     ids = np.zeros((len(batch), max(lengths)), dtype=np.int32)
     for j, i in enumerate(batch):
         ids[j, :lengths[j]] = seqs[i]
-    logits = model(mx.array(ids)).astype(mx.float32)
-    mx.eval(logits)
-    arr = np.asarray(logits)
+    arr = _forward(model, ids)
     return [arr[j, :n] for j, n in enumerate(lengths)]
 
 
 def _vocab(model, seqs) -> int:
-    return int(model(mx.array([list(seqs[0][:1])])).shape[-1])
+    return int(_forward(model, np.array([seqs[0][:1]], dtype=np.int32)).shape[-1])
 
 
 def _check_sequences(seqs) -> list[list[int]]:
@@ -151,13 +172,19 @@ class ReferenceLogits:
         shape = (int(offsets[-1]), self.vocab)
         if shape[0] * shape[1] * 4 > spill_bytes:
             self._dir = tempfile.mkdtemp(prefix="pyfuse-agreement-")
+            # removed by close(), or when this object goes or the interpreter exits
+            self._remove = weakref.finalize(self, shutil.rmtree, self._dir, True)
             self._store = np.lib.format.open_memmap(os.path.join(self._dir, "logits.npy"), mode="w+",
                                                     dtype=np.float32, shape=shape)
         else:
             self._store = np.empty(shape, dtype=np.float32)
-        for batch in track(self.batches, label):
-            for i, lg in zip(batch, _batch_logits(model, self.seqs, batch)):
-                self._store[offsets[i]:offsets[i + 1]] = lg
+        try:
+            for batch in track(self.batches, label):
+                for i, lg in zip(batch, _batch_logits(model, self.seqs, batch)):
+                    self._store[offsets[i]:offsets[i + 1]] = lg
+        except BaseException:
+            self.close()  # no temporary file left behind
+            raise
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self._store[self._offsets[i]:self._offsets[i + 1]]
@@ -165,7 +192,7 @@ class ReferenceLogits:
     def close(self) -> None:
         self._store = None
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove()
             self._dir = None
 
     def __enter__(self):
@@ -214,7 +241,7 @@ def compare_to_reference(reference: ReferenceLogits, model, *, adapter: str | os
             if lg.shape[-1] != reference.vocab:
                 raise UserError(f"agreement: the models' vocabularies differ ({reference.vocab} and "
                                 f"{lg.shape[-1]} logits)")
-            kls[i], agree[i] = per_token_kl_top1(reference[i], lg)
+            kls[i], agree[i] = _chunked_kl_top1(reference[i], lg)
     summary = _summary(kls, agree)
     return (summary, np.concatenate(kls), np.concatenate(agree)) if per_token else summary
 

@@ -35,7 +35,9 @@ For every requested (group size, bits) and policy, :func:`measure_noise_floor`
 4. on a prompt set (a built-in dozen, or ``prompts``), runs the baseline and
    the zero-delta-fused model (after ``rounds`` fuses) teacher-forced
    (:mod:`pyfuse.noise_floor.probe`): ``kl_mean`` / ``kl_p99`` of
-   KL(baseline || fused) and ``top1_flip``; with ``mc`` (MMLU-Pro rows)
+   KL(baseline || fused), ``top1_flip`` and ``top1_agreement`` (its
+   complement), as :mod:`pyfuse.lm.agreement` computes them for the fuse
+   report; with ``mc`` (MMLU-Pro rows)
    ``mc_flip``, the share of items whose answer flips, the answer being that
    of the one multiple-choice scorer (:mod:`pyfuse.lm.scorer`: what ``pyfuse
    eval mc --method logprob`` gives for the same model and items; every
@@ -273,6 +275,8 @@ def _measure_setting(job: _Job, got: _Collected, setting: Setting, bar, overall)
             got.mc_items += _mc_rows(record, policy, job.probe_inputs.mc_items, answers)
         got.rows.append(row)
     bar.update(task, visible=False)
+    if probe is not None:
+        probe.close()  # the baseline's logits (a temporary file when large)
     return True
 
 
@@ -287,7 +291,7 @@ def _row(setting: Setting, policy: str, fused: PolicyFuse, job: _Job, norms: Wei
             "rounds": job.rounds,
             "drift": [{"round": r + 1, **s.figures(norms)} for r, s in enumerate(fused.rounds)],
             "retention": None, "noise": None,
-            "kl_mean": None, "kl_p99": None, "top1_flip": None, "mc_flip": None,
+            "kl_mean": None, "kl_p99": None, "top1_flip": None, "top1_agreement": None, "mc_flip": None,
             "groups_refit": final["groups_refit"]}
 
 
@@ -297,7 +301,8 @@ def _outputs(row: dict, probe: OutputProbe, fused: PolicyFuse) -> list:
     row["outputs_identical"] = fused.identical
     if fused.identical:
         # bit-identical parameters: the same outputs, no forward pass needed
-        row.update(kl_mean=0.0, kl_p99=0.0, top1_flip=0.0, mc_flip=probe.mc_flip(probe.base_mc))
+        row.update(kl_mean=0.0, kl_p99=0.0, top1_flip=0.0, top1_agreement=1.0,
+                   mc_flip=probe.mc_flip(probe.base_mc))
         answers = probe.base_mc
     else:
         figures, answers = probe.compare(fused.params)

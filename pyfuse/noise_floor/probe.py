@@ -3,7 +3,8 @@ teacher-forced on a prompt set, and (with ``mc``) asked multiple-choice items.
 
 * ``kl_mean`` / ``kl_p99``: the mean and 99th percentile over token positions
   of KL(baseline || fused) of the next-token distributions;
-* ``top1_flip``: the share of positions whose top-1 token differs;
+* ``top1_flip``: the share of positions whose top-1 token differs
+  (``top1_agreement``: the share whose top-1 token is the same);
 * ``mc_flip``: the share of items whose answer differs, the answer being
   that of the one multiple-choice scorer (:func:`pyfuse.lm.scorer.score_item`,
   the letter ``pyfuse eval mc --method logprob`` gives with its defaults:
@@ -14,7 +15,10 @@ teacher-forced on a prompt set, and (with ``mc``) asked multiple-choice items.
 Prompts are ``{"text"}`` rows (encoded as plain text) or ``{"messages"}``
 rows (a conversation rendered whole by :func:`pyfuse.lm.chat.chat_prompt`),
 cut to MAX_PROMPT_TOKENS tokens. The models run under the one compute-dtype
-policy of :mod:`pyfuse.lm.load` (float32 on MLX's CPU backend).
+policy of :mod:`pyfuse.lm.load` (float32 on MLX's CPU backend); the KL and
+top-1 figures are those of the one whole-model comparison,
+:mod:`pyfuse.lm.agreement` (the baseline's logits kept, the fused
+parameters swapped into the same graph).
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
 from ..lm.chat import chat_prompt
+from ..lm.agreement import ReferenceLogits, compare_to_reference
 from ..lm.load import to_compute_dtype, use_compute_dtype
 from ..lm.scorer import MCScore, score_item
 
@@ -36,8 +40,6 @@ __all__ = ["DEFAULT_PROMPTS", "OutputProbe", "ProbeInputs"]
 
 # Teacher-forced prompts are cut to this many tokens.
 MAX_PROMPT_TOKENS = 512
-# Logit elements per forward batch (batch x length x vocab), ~256 MB of float32.
-LOGIT_BUDGET = 1 << 26
 
 DEFAULT_PROMPTS = (
     "The capital of France is Paris, and the capital of Germany is Berlin.",
@@ -148,37 +150,6 @@ class ProbeInputs:
 # -- forward passes ----------------------------------------------------------------------
 
 
-def _batches(seqs: list[list[int]], vocab: int) -> list[list[int]]:
-    """Indices of ``seqs`` grouped by length so that each batch's logits
-    stay within LOGIT_BUDGET elements."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        n = len(seqs[i])
-        if cur and (len(cur) + 1) * max(cur_max, n) * vocab > LOGIT_BUDGET:
-            out.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        out.append(cur)
-    return out
-
-
-def _logprobs(model, seqs: list[list[int]], batch: list[int]) -> tuple[mx.array, list[int]]:
-    """Log-softmax of the next-token logits, ``[len(batch), L, vocab]`` float32,
-    right-padded (causal models: padding after a sequence does not change it)."""
-    lengths = [len(seqs[i]) for i in batch]
-    L = max(lengths)
-    ids = np.zeros((len(batch), L), dtype=np.int32)
-    for j, i in enumerate(batch):
-        ids[j, :lengths[j]] = seqs[i]
-    logits = model(mx.array(ids)).astype(mx.float32)
-    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(lp)
-    return lp, lengths
-
-
 class OutputProbe:
     """The baseline's outputs of one setting, to compare fused models with.
 
@@ -192,9 +163,8 @@ class OutputProbe:
         use_compute_dtype(model)
         self.base_params = [(f"{q.path}.{leaf}", getattr(q.module, leaf)) for q in qmods
                             for leaf in ("weight", "scales", "biases")]
-        vocab = int(model(mx.array([inputs.prompt_seqs[0][:1]])).shape[-1])
-        self.batches = _batches(inputs.prompt_seqs, vocab)
-        self.base_lp = [_logprobs(model, inputs.prompt_seqs, b) for b in self.batches]
+        # the baseline's logits, compared with each fused model's (pyfuse.lm.agreement)
+        self.reference = ReferenceLogits(model, inputs.prompt_seqs, label="noise floor: baseline outputs")
         self.base_mc = self._mc()
 
     def _mc(self) -> list[MCScore]:
@@ -205,22 +175,15 @@ class OutputProbe:
         in (then swapped back), and its MC answers."""
         _swap(self.model, [(n, to_compute_dtype(x)) for n, x in fused_params])
         try:
-            kls, flips = [], []
-            for batch, (lp_b, lengths) in zip(self.batches, self.base_lp):
-                lp_f, _ = _logprobs(self.model, self.inputs.prompt_seqs, batch)
-                kl = (mx.exp(lp_b) * (lp_b - lp_f)).sum(axis=-1)
-                flip = mx.argmax(lp_b, axis=-1) != mx.argmax(lp_f, axis=-1)
-                kl, flip = np.asarray(kl), np.asarray(flip)
-                for j, n in enumerate(lengths):
-                    kls.append(kl[j, :n])
-                    flips.append(flip[j, :n])
+            agree = compare_to_reference(self.reference, self.model, label="noise floor: fused outputs")
             mc = self._mc()
         finally:
             _swap(self.model, self.base_params)
-        kl = np.maximum(np.concatenate(kls).astype(np.float64), 0.0)  # float32 noise below 0
-        flip = np.concatenate(flips)
-        return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-                "top1_flip": float(flip.mean()), "mc_flip": self.mc_flip(mc)}, mc
+        return {"kl_mean": agree.kl_mean, "kl_p99": agree.kl_p99, "top1_flip": 1.0 - agree.top1_agreement,
+                "top1_agreement": agree.top1_agreement, "mc_flip": self.mc_flip(mc)}, mc
+
+    def close(self) -> None:
+        self.reference.close()
 
     def mc_flip(self, answers: list[MCScore]) -> float | None:
         """The share of items whose answer differs from the baseline's (None without items)."""

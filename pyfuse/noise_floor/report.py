@@ -19,7 +19,7 @@ __all__ = ["NoiseFloorResult", "ROW_FIELDS", "format_markdown", "write_outputs"]
 # The fields of every row of noise_floor.json, in order (more may follow).
 ROW_FIELDS = ("group_size", "bits", "policy", "source", "weights_changed", "codes_changed",
               "rel_error", "max_abs", "rounds", "drift", "retention", "noise", "kl_mean", "kl_p99",
-              "top1_flip", "mc_flip")
+              "top1_flip", "top1_agreement", "mc_flip")
 
 
 @dataclass

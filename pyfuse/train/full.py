@@ -118,7 +118,7 @@ def _note(model: str, config: dict, kinds: dict) -> str:
     layers = config.get("layers")
     lines = [
         "# Full fine-tune (pyfuse train --fine-tune-type full)", "",
-        f"Base model: `{model}`. Trained layers: {'all' if layers is None else ', '.join(map(str, layers))}"
+        f"Base model: `{model}`. Trained blocks: {'all' if layers is None else ', '.join(map(str, layers))}"
         f" ({config.get('trainable_parameters', 0):,} parameters, {config.get('iters')} iterations).", "",
     ]
     if requant:
@@ -126,7 +126,7 @@ def _note(model: str, config: dict, kinds: dict) -> str:
                   "own bits, group size and mode; `weight`, `scales` and `biases` rewritten; "
                   + ("codes, scales and biases fitted afresh by mx.quantize" if config["requant_policy"] == "stock"
                      else "each group's scale and bias kept unless its values left the grid's range")
-                  + f"), {len(requant)} modules:", ""]
+                  + f"), {len(requant)} module{'s' if len(requant) != 1 else ''}:", ""]
         lines += [f"- `{m}`" for m in requant] + [""]
     else:
         lines += ["The base stores none of the trained modules quantized: nothing was re-quantized.", ""]

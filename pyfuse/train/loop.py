@@ -24,6 +24,7 @@ permutation drawn from a NumPy generator seeded with ``seed``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -185,17 +186,25 @@ class _Window:
                 "metrics": [m.item() for m in self.metrics]}
 
 
-def _compiled_step(model, optimizer, loss_fn, grad_accum_steps: int):
+def _compiled_step(model, optimizer, loss_fn, grad_accum_steps: int, parallel=None):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_map
 
-    loss_value_and_grad = nn.value_and_grad(model, loss_fn)
+    # parallel (pyfuse.distributed.training): this rank's share of the batch, summed over the ranks
+    loss_value_and_grad = nn.value_and_grad(model, parallel.weighted_loss(loss_fn) if parallel else loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
+
+    def value_and_grad(batch):
+        if parallel is None:
+            return loss_value_and_grad(model, *batch)
+        (lsum, weight, *metric_sums), grad = loss_value_and_grad(model, *batch)
+        lvalue, weight, metrics, grad = parallel.reduce(lsum, weight, metric_sums, grad)
+        return (lvalue, weight, *metrics), grad
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update):
-        (lvalue, weight, *metrics), grad = loss_value_and_grad(model, *batch)
+        (lvalue, weight, *metrics), grad = value_and_grad(batch)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
@@ -241,19 +250,20 @@ def _validate(model, prog: Progress, valid_set, objective, args: LoopArgs, it: i
 
 
 def run_loop(model, optimizer, train_set, valid_set, objective: Objective, args: LoopArgs, *, seed: int,
-             store, progress: Progress | None = None, on_report=None, on_step=None) -> Progress:
+             store, progress: Progress | None = None, on_report=None, on_step=None, parallel=None) -> Progress:
     """Train ``model`` (its trainable parameters) for ``args.iters`` steps,
     or from ``progress`` (a restored checkpoint) on. ``store`` saves
     checkpoints and the best weights (:class:`.checkpoint.RunStore`);
     ``on_report(kind, record)`` sees every report, ``on_step(it)`` every
-    finished step."""
+    finished step; ``parallel`` (:mod:`pyfuse.distributed.training`): this
+    rank trains on its share of each batch, the gradients summed over the ranks."""
     import mlx.core as mx
 
     prog = progress or Progress()
     order = BatchOrder(objective.lengths(train_set), args.batch_size, seed)
     if prog.order is not None:
         order.restore(prog.order)
-    step, state = _compiled_step(model, optimizer, objective.loss, args.grad_accumulation_steps)
+    step, state = _compiled_step(model, optimizer, objective.loss, args.grad_accumulation_steps, parallel)
     grad = store.restored_grad
     window = _Window(prog.window, len(objective.metric_names))
     model.train()
@@ -263,8 +273,10 @@ def run_loop(model, optimizer, train_set, valid_set, objective: Objective, args:
             store.save_best(model)
     for it in range(prog.iteration + 1, args.iters + 1):
         tic = time.perf_counter()
-        batch = objective.collate(train_set, order.next(), args.max_seq_length)
-        lvalue, weight, metrics, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
+        ids = order.next()
+        batch = objective.collate(train_set, parallel.share(ids) if parallel else ids, args.max_seq_length)
+        with parallel.own_random_key() if parallel else contextlib.nullcontext():  # its own dropout masks
+            lvalue, weight, metrics, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
         window.add(lvalue, weight, metrics)
         mx.eval(state, window.loss, window.weight, window.metrics, grad)
         if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..distributed import together
+from ..distributed.training import data_parallel, follower_paths
 from ..errors import UserError
 from ..io.outputs import check_destination, publish
 from .checkpoint import BEST_WEIGHTS, RunStore, run_dir_for
@@ -206,25 +208,34 @@ def train_adapter(model, data, adapter_path: str | os.PathLike, *, fine_tune_typ
         if not isinstance(model, (str, os.PathLike)):
             raise UserError("fine_tune_type full needs a model directory (its output is written over it)")
         settings["requant_policy"] = requant_policy
-    final = Path(adapter_path)
-    td = _checked_data(data, mask_prompt, batch_size, test)
+    dp = data_parallel(batch_size, train_mode)  # under mlx.launch: each rank a share of every batch
+    with follower_paths(dp, Path(adapter_path), run_dir_for(Path(adapter_path)), resume) as final:
+        run_dir = None
+        try:
+            with together("checking the training data and the adapter path"):
+                td = _checked_data(data, mask_prompt, batch_size, test)
+                _check_mode(td, train_mode)
+                run_dir = _prepare_run_dir(final, force=force, resume=resume)
+            return _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, settings,
+                        resume, verbose, on_step, started, force, dp)
+        except UserError:
+            if not resume and run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
+
+def _check_mode(td: TrainingData, train_mode: str) -> None:
     if (train_mode == "sft") != (td.format != "pairs"):
         raise UserError(f"{td.source}: train_mode {train_mode} needs "
                         + ("chat, completions or text rows, the data is preference pairs (use dpo or orpo)"
                            if train_mode == "sft" else
                            f"preference pairs {{prompt|messages, chosen, rejected}}, the data is {td.format} rows"))
-    run_dir = _prepare_run_dir(final, force=force, resume=resume)
-    try:
-        return _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, settings,
-                    resume, verbose, on_step, started, force)
-    except UserError:
-        if not resume:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
 
 
 def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, layers, s, resume, verbose,
-         on_step, started, force) -> TrainResult:
+         on_step, started, force, dp=None) -> TrainResult:
+    from mlx.utils import tree_flatten
+
     from ..lm.load import load_model
 
     seed_everything(s["seed"])
@@ -269,9 +280,11 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
     report = _print_report if verbose else None
     with grad_checkpointing(net, s["grad_checkpoint"]):
         prog = run_loop(net, opt, train_set, valid_set, objective, _loop_args(s), seed=s["seed"], store=store,
-                        progress=progress, on_report=report, on_step=on_step)
+                        progress=progress, on_report=report, on_step=on_step, parallel=dp)
     if s["select_best"] and prog.best_iteration is not None:
         net.load_weights(str(run_dir / BEST_WEIGHTS), strict=False)
+    if dp is not None:
+        dp.check_same(dict(tree_flatten(net.trainable_parameters())))
     net.eval()
     test_loss = None
     if test_set is not None:

@@ -35,10 +35,9 @@ def test_calibrated_fuse_reports_output_error(fuse_work, tiny_moe_dir, calib_lar
     calibration and the output-space figures; on held-out tokens the
     calibrated fuse's output error is below preserve's measured the same way
     on the 3-bit grid by a little. Refined to 8 bits the output error falls
-    far below 1 (the adapter's effect is kept), but nearest rounding on the
-    refined grid (preserve, which re-fits the groups the delta pushes out of
-    range where calibrated clamps them) does better still on this model:
-    the figures are reported as measured (docs/faithful_fuse.md)."""
+    far below 1 (the adapter's effect is kept), and with the groups the delta
+    leaves re-fitted under both policies, calibrated's error feedback beats
+    preserve's nearest rounding (docs/faithful_fuse.md: 0.06 against 0.07)."""
     from pyfuse.calibration.fidelity import output_fidelity
 
     adapter = make_adapter(tiny_moe_dir, fuse_work / f"calib_small_{requant_bits}", keys=[DOWN], b_std=5e-4)
@@ -67,6 +66,6 @@ def test_calibrated_fuse_reports_output_error(fuse_work, tiny_moe_dir, calib_lar
     rec_pres = next(r for r in pres.report["tensors"] if r["module"] == path)
     assert rec_pres["output_error"] == pytest.approx(fid["preserve"]["output_error"], rel=1e-4)
     if requant_bits:
-        assert fid["calibrated"]["output_error"] < 0.5 and fid["preserve"]["output_error"] < 0.5
+        assert fid["calibrated"]["output_error"] < fid["preserve"]["output_error"] < 0.5
     else:
         assert fid["calibrated"]["output_error"] < fid["preserve"]["output_error"]

@@ -16,19 +16,24 @@ Uses the session's default-model cache (conftest's default_model_cache)."""
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from pyfuse.cli import main
 
-from helpers import file_mtimes, read_json, read_jsonl, run_cli, run_plan, step_rows
+from helpers import file_mtimes, identical, model_tensors, read_json, read_jsonl, run_cli, run_plan, step_rows
 
-CONDITIONS = ["base", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve", "A0-preserve"]
+IDENTITY_SCORED = ["base", "persona", "A1", "A0", "A1-unfused", "A1-stochastic", "A1-preserve", "A0-preserve"]
+CONDITIONS = IDENTITY_SCORED + ["A1-faithful", "A0-faithful"]
 SEEDS = 3  # the quick configuration's members of each control
 MEMBERS = [f"{f}.{i}" for f in ("placebo", "dithered") for i in range(SEEDS)]
 PAIRS = [("A1", "A0"), ("A1", "persona"), ("A0", "persona"), ("A1-unfused", "persona"), ("A1-stochastic", "persona"),
-         ("A1-preserve", "persona"), ("A0-preserve", "persona")]
+         ("A1-preserve", "persona"), ("A0-preserve", "persona"), ("A1-faithful", "persona"), ("A0-faithful", "persona")]
+# the per-policy table: each fuse of the trained adapter and its zero-delta twin
+TWINS = {"A1": "A0", "A1-stochastic": None, "A1-preserve": "A0-preserve", "A1-faithful": "A0-faithful"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def _primary(res: dict) -> dict:
 def test_results_shape_and_setg(demo):
     res, out = demo["results"], demo["out"]
     assert set(res) == {"datasets", "conditions", "comparisons", "behaviour_comparisons", "family", "families", "nulls", "flips",
-                        "decomposition", "prereg", "verdict"}
+                        "decomposition", "prereg", "verdict", "policies"}
     assert res["datasets"] == ["setg.test", "general"]
     assert sorted(res["conditions"]) == sorted(CONDITIONS + MEMBERS)
     ids = res["conditions"]["A1"]["ids"]
@@ -57,7 +62,7 @@ def test_results_shape_and_setg(demo):
         assert c["ids"] == ids and c["n"] == len(ids) == len(c["correct"])
         assert set(c["correct"]) <= {0, 1}
         assert c["accuracy"] == pytest.approx(sum(c["correct"]) / c["n"])
-        assert 0 <= c["identity"] <= c["identity_n"] == 6
+        assert (0 <= c["identity"] <= c["identity_n"] == 6) if name in IDENTITY_SCORED else c["identity"] is None
     # Set-G recomputed: the test items are items that both mining evaluations got wrong
     plan = run_plan(out)
     mining = {s["labels"][0]: s["dir"] for s in plan["steps"] if s["labels"][0].startswith("setg: evaluate")}
@@ -219,7 +224,7 @@ def test_report_and_screen(demo):
     assert res["verdict"]["text"] in report
     for section in ("## Conditions", "## Comparisons", "## Other datasets", "## The family of tests",
                     "## Decomposition", "## Null distributions", "## Flips by margin",
-                    "## Fuses and the noise floor", "## Identity", "## Pre-registration"):
+                    "## Fuses and the noise floor", "## Fuse policies", "## Identity", "## Pre-registration"):
         assert section in report
     for png in ("accuracy.png", "flips.png", "nulls.png", "flips_by_margin.png", "noise_floor.png", "identity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -276,3 +281,107 @@ def test_refusals(demo, tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(other), "--cache", str(demo["cache"])]) == 2
     assert "not a pyfuse demo run" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def _fuse_stage(plan: dict, name: str) -> dict:
+    return [s for s in plan["conditions"][name]["stages"] if s["kind"] == "fuse"][-1]
+
+
+def _step_input(out, art: dict):
+    return out / "steps" / art["step"] / art["out"] if "step" in art else Path(art["source"])
+
+
+def _dequantized(model_dir) -> dict:
+    """Every tensor of a model, quantized ones dequantized with mx.dequantize at
+    the bits and group size config.json gives their module (its per-module
+    entries over the default)."""
+    import mlx.core as mx
+
+    tensors = model_tensors(model_dir)
+    quant = read_json(model_dir / "config.json")["quantization"]
+    out = {}
+    for name, arr in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind in ("scales", "biases") or (kind == "weight" and f"{module}.scales" in tensors):
+            if kind == "weight":
+                q = {**quant, **(quant.get(module) or {})}
+                out[name] = mx.dequantize(arr, tensors[f"{module}.scales"], tensors[f"{module}.biases"],
+                                          group_size=q["group_size"], bits=q["bits"])
+            continue
+        out[name] = arr
+    return out
+
+
+def test_faithful_zero_delta_twin_is_the_persona_bit_for_bit(demo, tmp_path):
+    """A0-faithful (the zero-delta adapter, refined to 8 bits, calibrated
+    rounding) answers every item as the persona does, with the same scores;
+    rebuilt with `pyfuse fuse` from the run's own inputs, the persona model
+    and A0-faithful's model have the bytes the run recorded for its steps
+    (the spec's fuse step = the CLI with the same flags), and every
+    dequantized weight of A0-faithful equals the persona's."""
+    import hashlib
+
+    res, out = demo["results"], demo["out"]
+    plan = run_plan(out)
+    persona, twin = res["conditions"]["persona"], res["conditions"]["A0-faithful"]
+    for ds in res["datasets"]:
+        assert twin["mc"][ds]["predictions"] == persona["mc"][ds]["predictions"]
+        assert twin["mc"][ds]["correct"] == persona["mc"][ds]["correct"]
+    assert [r["logprobs"] for r in step_rows(out, plan["conditions"]["A0-faithful"]["mc"])] == \
+        [r["logprobs"] for r in step_rows(out, plan["conditions"]["persona"]["mc"])]
+    assert res["flips"]["A0-faithful"]["flipped"] == 0
+    steps = {s["dir"]: s for s in plan["steps"]}
+    built = {}
+    for name, flags in (("persona", []), ("A0-faithful", ["--policy", "calibrated", "--requant-bits", "8"])):
+        st = steps[_fuse_stage(plan, name)["step"]]
+        assert st["options"]["policy"] == ("stock" if name == "persona" else "calibrated")
+        model = built.get("persona") or _step_input(out, st["inputs"]["model"])
+        calib = ["--calibration", _step_input(out, st["inputs"]["calibration"])] if "calibration" in st["inputs"] else []
+        built[name] = tmp_path / name
+        r = run_cli("fuse", "--model", model, "--adapter-path", _step_input(out, st["inputs"]["adapter"]),
+                    "--save-path", built[name], *flags, *calib)
+        assert r.code == 0, r.err
+        recorded = read_json(out / "steps" / st["dir"] / "done.json")["outputs"]
+        files = {rel[len("model/"):]: rec["sha256"] for rel, rec in recorded.items() if rel.startswith("model/")}
+        assert files == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in built[name].iterdir()}
+    assert read_json(built["A0-faithful"] / "config.json")["quantization"][
+        "model.layers.0.mlp.switch_mlp.down_proj"]["bits"] == 8  # refined, not kept at 3 bits
+    before, after = _dequantized(built["persona"]), _dequantized(built["A0-faithful"])
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert identical(before[name], after[name]), name
+
+
+def test_policy_table_recomputed(demo):
+    """results.json's per-policy table against the per-item lists of
+    results.json and the fuse reports."""
+    res, out = demo["results"], demo["out"]
+    plan, conds, table = run_plan(out), res["conditions"], res["policies"]
+    assert table["unfused"] == "A1-unfused" and table["dataset"] == "setg.test"
+    rows = {r["condition"]: r for r in table["rows"]}
+    assert list(rows) == list(TWINS)
+
+    def pred(name):
+        return conds[name]["mc"]["setg.test"]["predictions"]
+
+    for name, twin in TWINS.items():
+        r = rows[name]
+        assert r["changed_vs_unfused"] == sum(x != y for x, y in zip(pred(name), pred("A1-unfused")))
+        assert r["twin"] == twin
+        assert r["twin_changed"] == (None if twin is None else sum(x != y for x, y in zip(pred(twin), pred("persona"))))
+        rep = read_json(out / "steps" / _fuse_stage(plan, name)["step"] / "fuse_report.json")
+        assert r["weight_retention"] == rep["summary"]["retention"]
+        errs = [t["output_error"] for t in rep["tensors"] if t.get("output_error") is not None]
+        assert len(errs) == r["modules_measured"] == len(rep["tensors"])
+        assert r["output_error"] == pytest.approx(sum(errs) / len(errs))
+        # what the refined modules' codes grow by (3 -> 8 bits); the rest of the model is copied
+        growth = sum(math.prod(t["shape"]) * (t["bits"] - t.get("from_bits", t["bits"])) // 8 for t in rep["tensors"])
+        if name == "A1-faithful":
+            assert 0 < growth <= r["bytes_added"] < growth + 8192  # + config.json's per-module entries, headers
+        else:
+            assert growth == 0 and r["bytes_added"] == 0
+    assert rows["A1-preserve"]["twin_changed"] == rows["A1-faithful"]["twin_changed"] == 0
+    assert rows["A1"]["twin_changed"] > 0  # the stock fuse's noise
+    report = (out / "report.md").read_text()
+    for r in table["rows"]:
+        assert f"| {r['condition']} | {r['setting']} | {r['weight_retention']:.3g} | {r['output_error']:.3g} |" in report

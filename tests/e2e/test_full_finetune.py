@@ -145,8 +145,9 @@ def test_full_quantized_model(tiny_llama_dir, train_file, tmp_path, policy):
 def test_full_cli_keys_and_existing_destination(tiny_llama_dir, train_file, tmp_path):
     """`pyfuse train --fine-tune-type full --layers 1 --keys self_attn.q_proj`
     changes only that module; the same command again without --force is
-    refused (exit 2, one line) and leaves the output byte-identical; a fuse
-    stage's loader (`pyfuse eval`'s) reads the output as a model."""
+    refused (exit 2, one line) and leaves the output byte-identical;
+    `pyfuse eval`'s loader and `pyfuse noise-floor` take the output as a
+    model, and `pyfuse fuse` of its training/ over the base writes it again."""
     out = tmp_path / "full"
     argv = ["train", "--model", str(tiny_llama_dir), "--data", str(train_file), "--adapter-path", str(out),
             "--fine-tune-type", "full", "--layers", "1", "--keys", "self_attn.q_proj", "--iters", "2",
@@ -164,6 +165,14 @@ def test_full_cli_keys_and_existing_destination(tiny_llama_dir, train_file, tmp_
 
     lm = load_for_inference(out)
     assert lm.model.layers[1].self_attn.q_proj.bits == 4
+    # training/ is a full fine-tune adapter of the base: pyfuse fuse writes the same model from it
+    fused = run_cli("fuse", "--model", str(tiny_llama_dir), "--adapter-path", str(out / "training"),
+                    "--save-path", str(tmp_path / "fused"))
+    assert fused.code == 0, fused.err
+    assert (tmp_path / "fused" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    floor = run_cli("noise-floor", "--model", str(out), "--bits", "4", "--group-sizes", "64", "--policies",
+                    "stock", "--no-outputs", "--out", str(tmp_path / "floor"), "--quiet")
+    assert floor.code == 0, floor.err
 
 
 def test_experiment_with_a_full_fine_tune(tiny_llama_dir, train_file, tmp_path):

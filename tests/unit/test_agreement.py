@@ -51,12 +51,16 @@ def test_fused_against_unfused_adapter_matches_scipy(tiny_moe_dir, moe_adapter, 
 def test_spilled_and_one_sequence_batches_give_the_same(tiny_moe_dir, moe_adapter, seqs, unfused_oracle,
                                                         tmp_path, monkeypatch):
     """The reference in a temporary file (removed after), every sequence in
-    its own forward batch, loaded models given as objects."""
+    its own forward batch, the KL a few rows at a time, loaded models given
+    as objects."""
     import tempfile
 
     from pyfuse.lm.load import load_for_inference
 
+    import pyfuse.lm.agreement as agreement
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(agreement, "KL_CHUNK_ELEMENTS", 3000)  # the KL three rows at a time
     base = load_for_inference(tiny_moe_dir)
     got = next_token_agreement(tiny_moe_dir, base, seqs, reference_adapter=moe_adapter, spill_bytes=0, budget=1)
     _check(got, *scipy_kl_top1(unfused_oracle, mlx_lm_logits(tiny_moe_dir, seqs)))
@@ -100,3 +104,30 @@ def test_bad_inputs_are_one_line_errors(tiny_moe_dir, moe_adapter):
     with pytest.raises(UserError, match="needs a model path"):
         next_token_agreement(load_for_inference(tiny_moe_dir), tiny_moe_dir, [[1, 2]],
                              reference_adapter=moe_adapter)
+
+
+def test_a_model_that_does_not_run_is_a_user_error():
+    def broken(ids):
+        raise ValueError("[matmul] Last dimension of first input\nmore")
+
+    with pytest.raises(UserError, match=r"does not run \(ValueError: \[matmul\] Last dimension of first input\)"):
+        next_token_agreement(broken, broken, [[1, 2]])
+
+
+def test_a_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    import mlx.core as mx
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calls = []
+
+    def fails_second_time(ids):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return mx.zeros((*ids.shape, 7))
+
+    with pytest.raises(UserError, match="does not run"):
+        next_token_agreement(fails_second_time, fails_second_time, [[1, 2, 3]], spill_bytes=0)
+    assert list(tmp_path.iterdir()) == []

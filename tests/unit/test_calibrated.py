@@ -55,22 +55,29 @@ def test_zero_delta_keeps_every_code(dtype, bits):
     assert all(identical(x, y) for x, y in zip(out, (w, s, b)))
 
 
-def test_identity_hessian_is_preserve_without_refits():
-    w, s, b = quantized((2, 24, 128), mx.bfloat16, 32, 4)
-    a, bb = lora((2,), 24, 128, 2, seed=2, std=0.02)
-    pres = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="preserve")
-    none = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="calibrated")
-    eye = mx.broadcast_to(mx.eye(128), (2, 128, 128))
-    ident = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="calibrated",
-                                hessian=eye)
-    assert all(identical(x, y) for x, y in zip(none, ident))
-    assert identical(none[1], s) and identical(none[2], b)
-    # where preserve kept the grid (the delta did not leave the group's range), same codes
-    kept = np.repeat(np.asarray(pres[1] == s) & np.asarray(pres[2] == b), 32, axis=-1)
-    assert 0.5 < kept.mean() < 1.0
-    codes_p, codes_c = (np.asarray(unpack_codes(x[0], 32, 4)) for x in (pres, none))
-    assert np.array_equal(codes_p[kept], codes_c[kept])
-    assert np.any(codes_c != np.asarray(unpack_codes(w, 32, 4)))
+def test_identity_hessian_is_preserve():
+    """Without H (or with H = I) calibrated is plain nearest rounding with
+    preserve's re-fit of the groups the delta leaves: float32 grids, the
+    same bits as preserve; bf16 (calibrated works on the re-fitted grid as
+    stored, preserve rounds on the float fit), the same codes and grid
+    wherever preserve kept the grid, and the same grids."""
+    for dtype in (mx.float32, mx.bfloat16):
+        w, s, b = quantized((2, 24, 128), dtype, 32, 4)
+        a, bb = lora((2,), 24, 128, 2, seed=2, std=0.02)
+        pres = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="preserve")
+        none = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="calibrated")
+        eye = mx.broadcast_to(mx.eye(128), (2, 128, 128))
+        ident = pyfuse.fuse_requant(w, s, b, a, bb, scale=2.0, group_size=32, bits=4, policy="calibrated",
+                                    hessian=eye)
+        assert all(identical(x, y) for x, y in zip(none, ident))
+        assert identical(none[1], pres[1]) and identical(none[2], pres[2])
+        kept = np.repeat(np.asarray(pres[1] == s) & np.asarray(pres[2] == b), 32, axis=-1)
+        assert 0.5 < kept.mean() < 1.0
+        codes_p, codes_c = (np.asarray(unpack_codes(x[0], 32, 4)) for x in (pres, none))
+        if dtype == mx.float32:
+            assert np.array_equal(codes_p, codes_c)
+        assert np.array_equal(codes_p[kept], codes_c[kept])
+        assert np.any(codes_c != np.asarray(unpack_codes(w, 32, 4)))
 
 
 def _gptq_float64(w_target, s, z, h, bits, damp):
@@ -89,6 +96,21 @@ def _gptq_float64(w_target, s, z, h, bits, damp):
     return codes
 
 
+def _oracle_grid(w, s, b, delta, gs, bits):
+    """Per element (float64) the grid the codes are chosen on: the group's
+    own, or MLX's fit of its fused values where the nearest codes on its own
+    grid leave the range (as preserve re-fits)."""
+    q = np.asarray(unpack_codes(w, gs, bits)).astype(np.float64)
+    se = np.repeat(np.asarray(s).astype(np.float64), gs, axis=-1)
+    ze = np.repeat(np.asarray(b).astype(np.float64), gs, axis=-1)
+    near = np.rint(q + delta / se)
+    out = np.any(((near < 0) | (near > (1 << bits) - 1)).reshape(*q.shape[:-1], -1, gs), axis=-1)
+    x = mx.dequantize(w, s, b, group_size=gs, bits=bits) + mx.array(delta.astype(np.float32))
+    _, fs, fz = mx.quantize(x, group_size=gs, bits=bits)
+    grid_s, grid_z = np.where(out, np.asarray(fs), np.asarray(s)), np.where(out, np.asarray(fz), np.asarray(b))
+    return np.repeat(grid_s, gs, axis=-1), np.repeat(grid_z, gs, axis=-1), out
+
+
 @pytest.mark.parametrize("bits", (3, 4))
 def test_codes_match_textbook_gptq(bits):
     gs, out_dims, in_dims = 32, 24, 128
@@ -97,12 +119,15 @@ def test_codes_match_textbook_gptq(bits):
     x = correlated_inputs((2,), 200, in_dims, seed=bits)
     h = hessian_of(x)
     got = pyfuse.fuse_requant(w, s, b, a, bb, group_size=gs, bits=bits, policy="calibrated", hessian=h)
-    assert identical(got[1], s) and identical(got[2], b)
+    delta = np.asarray(delta_f32(a, bb, 1.0)).astype(np.float64)
+    se, ze, refit = _oracle_grid(w, s, b, delta, gs, bits)
+    assert 0 < refit.mean() < 1  # some groups re-fitted, some kept
+    assert np.allclose(np.asarray(got[1]), se[..., ::gs]) and np.allclose(np.asarray(got[2]), ze[..., ::gs])
+    for i in (1, 2):  # the kept groups' grid bit for bit (float32)
+        assert np.array_equal(np.asarray(got[i])[~refit], np.asarray((s, b)[i - 1])[~refit])
     got_codes = np.asarray(unpack_codes(got[0], gs, bits))
     base = np.asarray(mx.dequantize(w, s, b, group_size=gs, bits=bits)).astype(np.float64)
-    target = base + np.asarray(delta_f32(a, bb, 1.0)).astype(np.float64)
-    se = np.repeat(np.asarray(s).astype(np.float64), gs, axis=-1)
-    ze = np.repeat(np.asarray(b).astype(np.float64), gs, axis=-1)
+    target = base + delta
     for e in range(2):
         want = _gptq_float64(target[e], se[e], ze[e], np.asarray(h[e]).astype(np.float64), bits, DEFAULT_DAMP)
         # float32 vs float64 arithmetic: a rare tie may round the other way
@@ -183,6 +208,7 @@ def test_native_matches_reference_bit_for_bit(dtype, bits, group_size):
         got = _native.ext.fuse_requant(*args, scale=1.5, group_size=group_size, bits=bits, policy="calibrated",
                                        prop=p)
         assert all(identical(x, y) for x, y in zip(got, ref)), p is None
+        assert not identical(ref[1], args[1])  # some groups re-fitted: that path is compared too
         sim = _native.ext.simulate_metal_fuse_requant(list(args), 1.5, group_size, bits, 3, 0, prop=p)
         assert all(identical(x, y) for x, y in zip(got, sim)), p is None
 

@@ -18,7 +18,7 @@ from pyfuse.calibration.collect import recording
 from pyfuse.calibration.texts import calibration_sequences
 from pyfuse.fuse import fuse_model
 
-from helpers import DOWN, GATE, make_adapter, run_cli, write_jsonl
+from helpers import DOWN, GATE, make_adapter, model_tensors, run_cli, write_jsonl
 
 LAYER = 1
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
@@ -178,3 +178,38 @@ def test_layer_by_layer_stops_at_the_last_fused_layer(tiny_moe_dir, calib_jsonl,
                                                                              original(self, *a, **k))[1])
     collect_hessians(tiny_moe_dir, calib_jsonl, [f"model.layers.0.{DOWN}"], min_tokens=0)
     assert ran and set(ran) == {0}
+
+
+def test_calibrated_refits_groups_the_delta_leaves_on_the_refined_grid(fuse_work, tiny_moe_dir, calib_jsonl):
+    """Refined to 8 bits, a delta that lowers code-0 weights: the groups whose
+    nearest codes leave [0, 255] on the refined grid (the reference's rule)
+    are re-fitted and counted; every other group keeps the refined base's
+    scale and bias (pyfuse.refine_grid, the oracle); clip keeps them all;
+    error refuses."""
+    from pyfuse.kernel.reference import range_overflow_groups
+    from pyfuse.kernel.refine import refine_grid
+
+    adapter = make_adapter(tiny_moe_dir, fuse_work / "calib_refit", keys=[DOWN], b_std=5e-4)
+    ad = mx.load(str(adapter / "adapters.safetensors"))
+    base = model_tensors(tiny_moe_dir)
+    common = dict(policy="calibrated", calibration=calib_jsonl, requant_bits=8)
+    refit = fuse_model(tiny_moe_dir, adapter, fuse_work / "calib_refit_out", **common)
+    clip = fuse_model(tiny_moe_dir, adapter, fuse_work / "calib_clip_out", on_range_overflow="clip", **common)
+    for res, action in ((refit, "refit"), (clip, "clip")):
+        got = model_tensors(res.save_path)
+        for rec in res.report["tensors"]:
+            m = rec["module"]
+            w8, s8, b8 = refine_grid(*(base[f"{m}.{n}"] for n in ("weight", "scales", "biases")), group_size=64,
+                                     bits=3, to_bits=8)
+            mask = np.asarray(range_overflow_groups(w8, s8, ad[f"{m}.lora_a"], ad[f"{m}.lora_b"], scale=20.0,
+                                                    group_size=64, bits=8, policy="calibrated"))
+            lost = np.asarray((got[f"{m}.scales"] != s8) | (got[f"{m}.biases"] != b8))
+            assert mask.any() and rec["groups_out_of_range"] == int(mask.sum())
+            if action == "refit":
+                assert np.array_equal(lost, mask) and rec["groups_refit"] == int(mask.sum())
+            else:
+                assert not lost.any() and rec["groups_clipped"] == int(mask.sum())
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", fuse_work / "never2",
+                "--policy", "calibrated", "--calibration", calib_jsonl, "--requant-bits", "8",
+                "--on-range-overflow", "error")
+    assert r.code == 2 and "groups" in r.err and not (fuse_work / "never2").exists()

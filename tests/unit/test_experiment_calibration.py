@@ -160,3 +160,25 @@ def test_fuse_step_is_byte_identical_to_the_cli(work, tiny_moe_dir):
                 "--damp", "5", "--calibration-min-tokens", "8")
     assert r.code == 0, r.err
     assert any(not filecmp.cmp(out / "model" / n, root / "cli_damp" / n, shallow=False) for n in files)
+
+
+def test_measurement_only_calibration_is_not_part_of_the_locked_design(work):
+    """Calibration data under stock / preserve / stochastic only adds the
+    report's output error (the model bytes are those of the fuse without it):
+    the pre-registered design, hence the lock and the Set-G split seed, is
+    the same with or without it; under calibrated it steers the rounding and
+    is part of the design."""
+    from pyfuse.experiment.prereg import prereg_document
+
+    def design(**over):
+        spec = copy.deepcopy(work["spec"])
+        spec["conditions"]["S"]["stages"][1]["fuse"].update(over)
+        spec["preregistration"] = {"hypothesis": "h", "criterion": "diff(A1, S) >= 0.05"}
+        spec["evaluation"] = {"mc": {"data": "calib", "method": "logprob"}}
+        return prereg_document(_load(work, spec))["design"]
+
+    plain = design()
+    assert design(calibration="calib") == plain and design(calibration="other", policy="stock") == plain
+    assert design(policy="preserve", calibration="calib") == design(policy="preserve")
+    assert design(policy="calibrated", calibration="calib") != design(policy="calibrated", calibration="other")
+    assert plain["A1"]["stages"][1]["fuse"]["calibration"] == "calib"  # A1 is calibrated

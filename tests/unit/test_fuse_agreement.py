@@ -88,3 +88,26 @@ def test_bad_agreement_prompts_are_refused_before_writing(fuse_work, tiny_moe_di
         assert r.code == 2
         assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
         assert not out.exists()
+
+
+def test_lenient_and_no_held_out_sequences_are_said(fuse_work, tiny_moe_dir, down_adapter, data, tmp_path):
+    import json
+    import shutil
+
+    lenient = tmp_path / "lenient"
+    shutil.copytree(down_adapter, lenient)
+    cfg = json.loads((lenient / "adapter_config.json").read_text())
+    cfg["num_layers"] = 1  # mlx-lm's loader leaves layer 2's LoRA out
+    (lenient / "adapter_config.json").write_text(json.dumps(cfg))
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", lenient, "--save-path", tmp_path / "a",
+                "--lenient", "--agreement-prompts", data)
+    assert r.code == 0, r.err
+    assert "as mlx-lm's loader applies it, without the 1 module(s)" in r.err
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a single calibration sequence"}])
+    rep = tmp_path / "one.json"
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", down_adapter, "--save-path", tmp_path / "b",
+                "--policy", "calibrated", "--calibration", one, "--report", rep)
+    assert r.code == 0, r.err
+    assert "no sequences to compare" in r.err
+    s = read_json(rep)["summary"]
+    assert s["kl_to_unfused"] is None and s["top1_agreement"] is None

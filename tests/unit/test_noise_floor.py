@@ -352,9 +352,10 @@ def test_output_level_matches_independent_forward(output_run, fp_llama):
         assert row["kl_mean"] == pytest.approx(kl.mean(), rel=2e-3)
         assert row["kl_p99"] == pytest.approx(np.percentile(np.maximum(kl, 0), 99), rel=2e-3)
         assert abs(row["top1_flip"] - flips.mean()) <= 1.0 / len(flips) + 1e-12
+        assert row["top1_agreement"] == pytest.approx(1.0 - row["top1_flip"], abs=1e-12)
         assert row["outputs_identical"] is False
         p = res.row(64, bits, "preserve")
-        assert (p["kl_mean"], p["kl_p99"], p["top1_flip"], p["mc_flip"]) == (0, 0, 0, 0)
+        assert (p["kl_mean"], p["kl_p99"], p["top1_flip"], p["mc_flip"], p["top1_agreement"]) == (0, 0, 0, 0, 1)
         assert 0 <= row["mc_flip"] <= 1
 
 

@@ -29,7 +29,7 @@ def quantized(shape, dtype, group_size, bits, seed=0, std=0.02):
 def test_refined_grid_dequantizes_bit_for_bit(dtype, bits, to_bits):
     w, s, b = quantized((3, 8, 256), dtype, 64, bits, seed=bits)
     inputs = [mx.array(np.array(w))] + [mx.array(np.array(x.astype(mx.float32))) for x in (s, b)]
-    w2, s2, b2 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits)
+    w2, s2, b2 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits, headroom=True)
     kept_inputs = (w, s.astype(mx.float32), b.astype(mx.float32))
     assert all(mx.array_equal(x, y).item() for x, y in zip(kept_inputs, inputs))  # inputs never modified
     assert w2.shape == (3, 8, 256 * to_bits // 32) and s2.dtype == dtype and b2.dtype == dtype
@@ -48,8 +48,8 @@ def test_refined_grid_dequantizes_bit_for_bit(dtype, bits, to_bits):
     assert np.array_equal(raw(b2)[kept], raw(b)[kept])
     if spare >= 3:  # head-room is found for some groups, and none is found for no reason
         assert (~kept).any()
-    # without head-room: the codes times 2^m and the bias kept, exactly
-    w3, s3, b3 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits, headroom=False)
+    # without head-room (the default): the codes times 2^m and the bias kept, exactly
+    w3, s3, b3 = pyfuse.refine_grid(w, s, b, group_size=64, bits=bits, to_bits=to_bits)
     assert mx.array_equal(unpack_codes(w3, 64, to_bits), unpack_codes(w, 64, bits) * (1 << m)).item()
     assert identical(b3, b) and identical(s3, s2)
     assert identical(mx.dequantize(w3, s3, b3, group_size=64, bits=to_bits),
@@ -90,14 +90,16 @@ def _greedy(model_dir, prompt=(1, 2, 3, 4), steps=8):
     return tokens
 
 
-@pytest.mark.parametrize("policy", ("preserve", "stochastic"))
-def test_requant_bits_zero_adapter_refines_exactly(fuse_work, tiny_moe_dir, policy):
-    adapter = make_adapter(tiny_moe_dir, fuse_work / f"refine_zero_{policy}", keys=[DOWN, GATE], b_std=0.0)
-    res = fuse_model(tiny_moe_dir, adapter, fuse_work / f"refine_zero_{policy}_8", policy=policy,
-                     requant_bits=8)
+@pytest.mark.parametrize("policy,headroom", (("preserve", False), ("stochastic", False), ("preserve", True)))
+def test_requant_bits_zero_adapter_refines_exactly(fuse_work, tiny_moe_dir, policy, headroom):
+    adapter = make_adapter(tiny_moe_dir, fuse_work / f"refine_zero_{policy}_{headroom}", keys=[DOWN, GATE],
+                           b_std=0.0)
+    res = fuse_model(tiny_moe_dir, adapter, fuse_work / f"refine_zero_{policy}_{headroom}_8", policy=policy,
+                     requant_bits=8, refine_headroom=headroom)
     assert {r["base_grid"] for r in res.report["tensors"]} == {"refined"}
     base, got = model_tensors(tiny_moe_dir), model_tensors(res.save_path)
     cfg = read_json(res.save_path / "config.json")
+    moved = []
     for path in res.fused:
         q = cfg["quantization"][path]
         assert q["bits"] == 8
@@ -105,6 +107,8 @@ def test_requant_bits_zero_adapter_refines_exactly(fuse_work, tiny_moe_dir, poli
                                        group_size=q["group_size"], bits=8),
                          mx.dequantize(base[f"{path}.weight"], base[f"{path}.scales"], base[f"{path}.biases"],
                                        group_size=64, bits=3))
+        moved.append(not identical(got[f"{path}.biases"], base[f"{path}.biases"]))
+    assert any(moved) == headroom  # head-room moves biases (exactly), the plain refinement none
     assert _greedy(res.save_path) == _greedy(tiny_moe_dir)
 
 
