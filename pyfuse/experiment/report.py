@@ -150,7 +150,7 @@ def write_report(out: str | os.PathLike) -> Path:
     lines += policy_report_lines(results)
     lines += _identity_section(out, conds)
     lines += behaviour_report_lines(results)
-    lines += persona_report_lines(results)
+    lines += persona_report_lines(results, plan)
     lines += _prereg_section(lock.document if lock else None, record, v)
     return atomic_write_text(out / REPORT_FILE, "\n".join(lines) + "\n")
 
