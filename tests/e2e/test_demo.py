@@ -52,7 +52,7 @@ def _primary(res: dict) -> dict:
 def test_results_shape_and_setg(demo):
     res, out = demo["results"], demo["out"]
     assert set(res) == {"datasets", "conditions", "comparisons", "behaviour_comparisons", "family", "families", "nulls", "flips",
-                        "decomposition", "prereg", "verdict", "policies"}
+                        "decomposition", "prereg", "verdict", "policies", "pairs"}
     assert res["datasets"] == ["setg.test", "general"]
     assert sorted(res["conditions"]) == sorted(CONDITIONS + MEMBERS)
     ids = res["conditions"]["A1"]["ids"]
