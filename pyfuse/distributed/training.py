@@ -120,13 +120,14 @@ class DataParallel:
             _set_key(shared)
 
     def check_same(self, weights: dict) -> None:
-        """Every rank holds the same weights (a digest compared across ranks)."""
+        """Every rank holds the same weights (a digest of their bytes compared across ranks)."""
+        import mlx.core as mx
         import numpy as np
 
         h = hashlib.sha256()
         for k in sorted(weights):
             h.update(k.encode())
-            h.update(np.array(weights[k]).tobytes())
+            h.update(np.array(weights[k].view(mx.uint8)).tobytes())  # any dtype (bf16 has no NumPy type)
         digests = all_gather_bytes(h.digest(), "comparing the trained weights")
         if len(set(digests)) != 1:
             raise RuntimeError("the ranks' trained weights differ (data-parallel training went out of step)")
