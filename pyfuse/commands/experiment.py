@@ -34,7 +34,9 @@ where it stopped. Fused models no longer needed are removed unless --keep-models
 Across processes or Macs: mlx.launch --hostfile hosts.json -- pyfuse experiment
 run SPEC --out DIR (DIR on a filesystem every host shares): rank 0 runs the plan
 and writes everything, every rank scores its share of each multiple-choice
-evaluation; the outputs are those of one process (docs/distributed.md).
+evaluation and fuses its share of each fuse's modules; the outputs are those
+of one process (docs/distributed.md). --data-parallel-train also shares the
+training (equal to one process to float rounding only).
 
 Examples: examples/stacking-confound.yaml, examples/identity-stacking.yaml."""
 
@@ -51,6 +53,11 @@ def add_arguments(p) -> None:
     add_out(r, "the run directory (created; reused to resume)", required=True)
     r.add_argument("--keep-models", action="store_true",
                    help="keep every fused model (default: remove those no pending step needs)")
+    r.add_argument("--data-parallel-train", action="store_true",
+                   help="under mlx.launch: train steps on every rank, each on its share of every batch (the "
+                        "batch size a multiple of the ranks); the adapters then equal one process's to float "
+                        "rounding, not bit for bit (default: training on rank 0 alone; no effect without a "
+                        "launcher)")
     add_quiet(r, "print only warnings, errors and the verdict")
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", metavar="SPEC.yaml")
@@ -107,7 +114,8 @@ def _run(args) -> int:
         if not args.quiet or msg.startswith("warning"):
             err.print(f"pyfuse experiment: {msg}")
 
-    res = run_experiment(args.spec, args.out, keep_models=args.keep_models, echo=echo)
+    res = run_experiment(args.spec, args.out, keep_models=args.keep_models, echo=echo,
+                         data_parallel_train=args.data_parallel_train)
     v = res.results.get("verdict")
     print(f"pyfuse experiment: {len(res.executed)} step(s) run, {len(res.skipped)} skipped"
           + (f", {len(res.pruned)} fused model(s) pruned" if res.pruned else "")

@@ -16,7 +16,9 @@ wait, as one process (:func:`pyfuse.distributed.alone`); training
 (:data:`ALONE_KINDS`) in a child process outside the group, so that the
 adapter is one process's bit for bit (data-parallel training,
 :mod:`pyfuse.distributed.training`, equals it only to float rounding,
-which could change a fused code and so a result).
+which could change a fused code and so a result), unless the run asks for
+data-parallel training (``--data-parallel-train``): then every rank runs
+the train steps, each on its share of every batch.
 
 The run directory must be on a filesystem every host sees at the same path
 (the others load fused models from it): each rank checks that it sees the
@@ -45,6 +47,7 @@ from ..experiment.plan import build_plan
 from ..experiment.steps import RUNNERS
 from .collect import RankError, broadcast_json, describe, together
 from .group import LAUNCHER_ENV, alone, current
+from .training import data_parallel
 
 # every rank runs these steps: eval-mc on its shard of the items, fuse on its share of the modules
 SHARDED_KINDS = frozenset({"eval-mc", "fuse"})
@@ -65,9 +68,22 @@ class Leader:
     """Rank 0's side (inert with one process). A context manager around the
     run: on leaving it tells the other ranks ``end`` or ``stop``."""
 
-    def __init__(self):
+    def __init__(self, data_parallel_train: bool = False):
         self.active = current().size > 1
+        self.parallel_train = data_parallel_train  # train steps on every rank (pyfuse.distributed.training)
         self.results: dict | None = None
+
+    def check_train(self, plan) -> None:
+        """With ``data_parallel_train``: every train step can be shared by the
+        ranks (refused before any step runs, not when the step comes)."""
+        if not (self.active and self.parallel_train):
+            return
+        for step in plan.ordered():
+            if step.kind == "train":
+                try:
+                    data_parallel(step.options["batch_size"], step.options.get("train_mode") or "sft")
+                except UserError as err:
+                    raise UserError(f"--data-parallel-train: step {step.dirname}: {err}") from None
 
     def share_plan(self, out: Path, split_seed: int | None) -> None:
         """After ``plan.json`` is written: the others check they see it and plan the same."""
@@ -80,7 +96,7 @@ class Leader:
     def run(self, step, inputs: dict[str, Path], out: Path) -> dict:
         """Run ``step`` into ``out``: with the others if its kind is sharded,
         else on this rank alone; its summary."""
-        if self.active and step.kind in SHARDED_KINDS:
+        if self.active and (step.kind in SHARDED_KINDS or (step.kind == "train" and self.parallel_train)):
             broadcast_json({"run": step.dirname}, f"starting step {step.dirname}")
         elif self.active and step.kind in ALONE_KINDS:
             return _outside_the_group(step.kind, step.options, inputs, out)

@@ -27,6 +27,10 @@ is a few float32 roundings per step (relative 1e-7 per operation), which
 Adam's normalisation carries into the weights: tested to 1e-5 against one
 process (tests/e2e/test_distributed_train.py).
 
+Validation and the test loss: each rank evaluates its share of the
+batches, and the sums are added over the ranks: every rank gets the same
+validation loss, so the same best step and the same early stop.
+
 Dropout: each rank draws its masks from its own key (split from the
 shared key each step), so the ranks do not reuse one mask on different
 rows; the shared key advances identically on every rank (checkpoints stay
@@ -95,6 +99,13 @@ class DataParallel:
         metrics = [sums[2 + j] / total_weight for j in range(len(metric_sums))]
         return sums[0] / total_weight, total_weight, metrics, tree_unflatten(out)
 
+    def sum_over_ranks(self, values: list) -> list:
+        """Each of ``values`` (scalars) summed over the ranks (one ``all_sum``)."""
+        import mlx.core as mx
+
+        total = mx.distributed.all_sum(mx.stack([v.astype(mx.float32) for v in values]), group=self.handle)
+        return [total[j] for j in range(len(values))]
+
     @contextmanager
     def own_random_key(self):
         """MLX's key, for one step, this rank's (split from the shared key);
@@ -109,13 +120,14 @@ class DataParallel:
             _set_key(shared)
 
     def check_same(self, weights: dict) -> None:
-        """Every rank holds the same weights (a digest compared across ranks)."""
+        """Every rank holds the same weights (a digest of their bytes compared across ranks)."""
+        import mlx.core as mx
         import numpy as np
 
         h = hashlib.sha256()
         for k in sorted(weights):
             h.update(k.encode())
-            h.update(np.array(weights[k]).tobytes())
+            h.update(np.array(weights[k].view(mx.uint8)).tobytes())  # any dtype (bf16 has no NumPy type)
         digests = all_gather_bytes(h.digest(), "comparing the trained weights")
         if len(set(digests)) != 1:
             raise RuntimeError("the ranks' trained weights differ (data-parallel training went out of step)")

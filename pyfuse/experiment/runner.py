@@ -64,9 +64,12 @@ class RunResult:
 
 
 def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep_models: bool = False,
-                   echo: Callable[[str], None] | None = None) -> RunResult:
+                   echo: Callable[[str], None] | None = None, data_parallel_train: bool = False) -> RunResult:
     """Run (or resume) the experiment of ``spec_path`` in ``out`` and write
-    ``results.json`` and ``report.md`` there. See the module doc."""
+    ``results.json`` and ``report.md`` there. See the module doc.
+    ``data_parallel_train``: under mlx.launch, train steps run on every rank,
+    each on its share of every batch (the adapters then equal one process's
+    to float rounding, not bit for bit: docs/distributed.md)."""
     started = time.monotonic()
     echo = echo or (lambda msg: None)
     spec = ranks.check_spec(spec_path)  # load_checked_spec on every rank of an mlx.launch
@@ -74,11 +77,12 @@ def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep
         return RunResult(out=Path(out), results=ranks.follow(spec, out), executed=[], skipped=[], pruned=[],
                          warnings=[], seconds=time.monotonic() - started)
     warnings: list[str] = []
-    lead = ranks.Leader()  # under mlx.launch: tells the other ranks what to join and when the run ends
+    lead = ranks.Leader(data_parallel_train)  # under mlx.launch: tells the other ranks what to join and when the run ends
     with lead, _dir_lock(out := _make_run_dir(Path(out))), sigterm_as_interrupt():
         _clean_temps(out / STEPS_DIR)
         lock = _lock_prereg(spec, out, echo, warnings)
         plan = build_plan(spec, lock.split_seed if lock is not None else None)
+        lead.check_train(plan)  # --data-parallel-train: every train step shareable, before any work
         plan_json = plan.to_json()
         atomic_write_text(out / PLAN_FILE, json.dumps(plan_json, indent=2, sort_keys=True) + "\n")
         lead.share_plan(out, plan.split_seed)

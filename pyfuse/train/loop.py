@@ -123,13 +123,16 @@ class BatchOrder:
 
 
 def evaluate(model, dataset, objective: Objective, batch_size: int, num_batches: int,
-             max_seq_length: int) -> dict:
+             max_seq_length: int, parallel=None) -> dict:
     """The weighted mean loss (and metrics) over the first ``num_batches``
-    groups (-1: all) of ``dataset`` in its fixed, length-sorted order."""
+    groups (-1: all) of ``dataset`` in its fixed, length-sorted order
+    (``parallel``: this rank's share of the groups, the sums over the ranks)."""
     import mlx.core as mx
 
     order = BatchOrder(objective.lengths(dataset), batch_size, 0)
     groups = order.groups if num_batches == -1 else order.groups[:num_batches]
+    if parallel is not None:
+        groups = parallel.share(groups)
     model.eval()
     total, weight = mx.array(0.0), mx.array(0.0)
     metrics = [mx.array(0.0) for _ in objective.metric_names]
@@ -139,6 +142,8 @@ def evaluate(model, dataset, objective: Objective, batch_size: int, num_batches:
         weight = weight + w
         metrics = [a + m * w for a, m in zip(metrics, ms)]
         mx.eval(total, weight, *metrics)
+    if parallel is not None:  # every rank gets the same sums: the same decisions (best, early stop)
+        total, weight, *metrics = parallel.sum_over_ranks([total, weight, *metrics])
     w = weight.item()
     out = {"val_loss": total.item() / w}
     out.update({f"val_{n}": m.item() / w for n, m in zip(objective.metric_names, metrics)})
@@ -232,10 +237,11 @@ def _report(prog: Progress, window: _Window, optimizer, names, it: int, on_repor
         on_report("train", rec)
 
 
-def _validate(model, prog: Progress, valid_set, objective, args: LoopArgs, it: int, on_report) -> bool:
+def _validate(model, prog: Progress, valid_set, objective, args: LoopArgs, it: int, on_report,
+              parallel=None) -> bool:
     """Evaluate, track the best; True when the patience is exhausted."""
     rec = {"iteration": it, **evaluate(model, valid_set, objective, args.batch_size, args.val_batches,
-                                        args.max_seq_length)}
+                                        args.max_seq_length, parallel)}
     model.train()
     prog.val.append(rec)
     improved = prog.best_val is None or rec["val_loss"] < prog.best_val
@@ -268,7 +274,7 @@ def run_loop(model, optimizer, train_set, valid_set, objective: Objective, args:
     window = _Window(prog.window, len(objective.metric_names))
     model.train()
     if valid_set is not None and prog.iteration == 0:
-        _validate(model, prog, valid_set, objective, args, 0, on_report)
+        _validate(model, prog, valid_set, objective, args, 0, on_report, parallel)
         if prog.best_iteration == 0:
             store.save_best(model)
     for it in range(prog.iteration + 1, args.iters + 1):
@@ -287,7 +293,7 @@ def run_loop(model, optimizer, train_set, valid_set, objective: Objective, args:
             window = _Window({"loss": 0.0, "weight": 0.0, "steps": 0, "metrics": []}, len(objective.metric_names))
         stop = False
         if valid_set is not None and (it % args.steps_per_eval == 0 or it == args.iters):
-            stop = _validate(model, prog, valid_set, objective, args, it, on_report)
+            stop = _validate(model, prog, valid_set, objective, args, it, on_report, parallel)
             if prog.best_iteration == it:
                 store.save_best(model)
         prog.iteration = it

@@ -289,7 +289,7 @@ def _run(model, td, final, run_dir, fine_tune_type, rank, scale, dropout, keys, 
     test_loss = None
     if test_set is not None:
         test_loss = evaluate(net, test_set, objective, s["batch_size"], s["test_batches"],
-                             s["max_seq_length"])["val_loss"]
+                             s["max_seq_length"], dp)["val_loss"]
         if verbose:
             print(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}.", flush=True)
     config.update(best_iteration=prog.best_iteration, best_val_loss=prog.best_val,

@@ -125,3 +125,53 @@ def test_a_run_killed_on_two_ranks_resumes_in_one_process(exp):
     assert f"{len(finished)} of " in r.err and "already done" in r.err
     assert (out / "results.json").read_bytes() == (exp["one"] / "results.json").read_bytes()
     assert _outputs(out) == _outputs(exp["one"])
+
+
+# -- --data-parallel-train -------------------------------------------------------------------------
+
+
+def test_data_parallel_train_refuses_a_batch_the_ranks_cannot_share_before_any_step(exp, tmp_path):
+    out = tmp_path / "refused"
+    run = launch_local(2, [*PYFUSE, "experiment", "run", exp["spec_path"], "--out", out, "--data-parallel-train"],
+                       timeout=TIMEOUT, cwd=REPO)
+    assert not run.timed_out, run.stderr
+    assert "--data-parallel-train: step train-" in run.stderr
+    assert "batch_size 1 is not divisible by the 2 ranks of the launch" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (out / "steps").exists() or not any((out / "steps").iterdir())
+
+
+def test_data_parallel_train_shares_the_train_steps(exp, tiny_moe_dir, tmp_path):
+    """The train steps on both ranks: each step's adapter equals the one
+    process trains from the same inputs to float rounding (SGD: a wrong
+    gradient shows in the weights), and is not bit-identical to it (one
+    process would be: the evidence that the ranks shared the batches)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pyfuse.train import train_adapter
+
+    spec = _spec(tiny_moe_dir, exp["root"] / "persona")
+    spec["defaults"]["train"].update(batch_size=2, optimizer="sgd", learning_rate=1.0)
+    spec["data"]["mmlu"] = str(exp["root"] / "mmlu.jsonl")
+    spec_path = write_yaml(tmp_path / "spec.yaml", spec)
+    out = tmp_path / "dp"
+    run = launch_local(2, [*PYFUSE, "experiment", "run", spec_path, "--out", out, "--data-parallel-train"],
+                       timeout=TIMEOUT, cwd=REPO)
+    assert not run.timed_out, run.stderr
+    assert run.failed_ranks() == {}, run.stderr
+    assert (out / "results.json").exists()
+    trains = [s for s in read_json(out / "plan.json")["steps"] if s["kind"] == "train"]
+    assert trains
+    for st in trains:
+        inputs = st["inputs"]
+        model = inputs["model"]["source"]
+        data = out / "steps" / inputs["data"]["step"] / inputs["data"]["out"]
+        ref = tmp_path / f"ref-{st['dir']}"
+        train_adapter(model, data, ref, **{k: v for k, v in st["options"].items() if k != "data"})
+        a = mx.load(str(out / "steps" / st["dir"] / "adapter" / "adapters.safetensors"))
+        b = mx.load(str(ref / "adapters.safetensors"))
+        assert a.keys() == b.keys()
+        for k in b:
+            np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        assert any(not np.array_equal(np.array(a[k]), np.array(b[k])) for k in b)

@@ -90,3 +90,54 @@ def test_alone_runs_a_block_as_one_process(monkeypatch):
         # the collectives are pass-throughs there: nothing waits for the other ranks
         assert distributed.broadcast_json({"a": 1}, "testing") == {"a": 1}
     assert distributed.current().size == 3
+
+
+def test_the_ranks_sums_are_the_single_process_loss_and_gradient(monkeypatch):
+    """Two ranks simulated in one process (``all_sum`` adds what each sends):
+    the token-weighted sums of the two halves give one process's loss,
+    metric and gradient over the whole batch (its rows have different
+    token counts, so an unweighted mean of the ranks would not)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(0)
+    model = nn.Linear(4, 3)
+    x = mx.random.normal((6, 5, 4))
+    mask = mx.array([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0],
+                     [1, 1, 1, 0, 0]], dtype=mx.float32)
+
+    def loss(model, x, mask):  # as mlx-lm's default_loss: a mean over the tokens, and their number
+        ce = (model(x) ** 2).sum(-1) * mask
+        ntoks = mask.sum()
+        return ce.sum() / ntoks, ntoks, (ce * 2).sum() / ntoks
+
+    (l1, w1, m1), g1 = nn.value_and_grad(model, loss)(model, x, mask)
+    sent = {}
+
+    def all_sum(vec, group=None):
+        sent.setdefault("first", vec)
+        return vec if len(sent) == 1 and "second" not in sent else sent["first"] + vec
+
+    monkeypatch.setattr(mx.distributed, "all_sum", all_sum)
+    out = []
+    for rank in (1, 0):  # rank 1 sends first (captured), then rank 0 receives the sum
+        dp = training.DataParallel(rank, 2, None)
+        ids = mx.array(dp.share(list(range(6))))
+        (ls, w, ms), g = nn.value_and_grad(model, dp.weighted_loss(loss))(model, x[ids], mask[ids])
+        out.append(dp.reduce(ls, w, [ms], g))
+        sent["second"] = True
+    lvalue, weight, metrics, grad = out[1]
+    assert float(weight) == float(w1) == 16.0
+    assert float(lvalue) == pytest.approx(float(l1), rel=1e-6)
+    assert float(metrics[0]) == pytest.approx(float(m1), rel=1e-6)
+    for (k, a), (_, b) in zip(tree_flatten(grad), tree_flatten(g1)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_check_same_refuses_ranks_that_went_out_of_step(monkeypatch):
+    weights = {"a": mx.ones((3,), mx.bfloat16), "b": mx.zeros((2, 2))}
+    monkeypatch.setattr(training, "all_gather_bytes", lambda data, what: [data, data])
+    training.DataParallel(0, 2, None).check_same(weights)
+    monkeypatch.setattr(training, "all_gather_bytes", lambda data, what: [data, b"other"])
+    with pytest.raises(RuntimeError, match="weights differ"):
+        training.DataParallel(0, 2, None).check_same(weights)
