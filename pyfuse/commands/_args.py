@@ -39,6 +39,17 @@ def checked_list(text: str, flag: str, cast: Callable = str) -> list:
     return out
 
 
+class Default(str):
+    """A flag's default value (``default=Default("x")``): argparse keeps the
+    object, so a command tells it apart from the same value given explicitly
+    (:func:`given`)."""
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether ``dest`` was set on the command line (its default is a :class:`Default`)."""
+    return not isinstance(getattr(args, dest), Default)
+
+
 # -- flags ------------------------------------------------------------------------------
 
 

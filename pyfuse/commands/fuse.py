@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..options import DEFAULT_GGUF_PATH, DEFAULT_POLICY, DEFAULT_RANGE_OVERFLOW, POLICIES, RANGE_OVERFLOW_ACTIONS
 from ..errors import UserError
-from ._args import (add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list, console,
-                    print_warnings)
+from ._args import (Default, add_force, add_json, add_model, add_quiet, add_seed, checked_list, comma_list,
+                    console, given, print_warnings)
 
 HELP = "fuse an mlx-lm LoRA/DoRA adapter into a (quantized) model, streaming, with a fidelity report"
 DESCRIPTION = """\
@@ -61,7 +61,7 @@ retention, output error and output retention on held-out calibration tokens
 against the base model with the adapter applied unfused (on
 --agreement-prompts, or the held-out calibration sequences), the share of
 weights the adapter's zero-delta twin changes, and the bytes added; --json
-prints it as JSON. --save-path and --policy are not used then.
+prints it as JSON. --save-path and --policy are refused then.
 
   pyfuse fuse --model M --adapter-path A --compare-policies --calibration calib.jsonl
 
@@ -84,7 +84,7 @@ def add_arguments(p) -> None:
     p.add_argument("--adapter-path", default="adapters",
                    help="the adapter directory: adapter_config.json + adapters.safetensors, LoRA, "
                         "DoRA or a full fine-tune (default: adapters)")
-    p.add_argument("--save-path", default="fused_model",
+    p.add_argument("--save-path", default=Default("fused_model"),
                    help="where to write the fused model (default: fused_model)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a full-precision model (every quantized module), as mlx_lm fuse --dequantize")
@@ -98,7 +98,7 @@ def add_arguments(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accept a model whose config.json names a custom architecture module "
                         "(model_file), as mlx_lm fuse does with this flag (pyfuse runs none of it)")
-    p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=DEFAULT_POLICY,
+    p.add_argument("--policy", "--requant", dest="policy", choices=POLICIES, default=Default(DEFAULT_POLICY),
                    help=f"re-quantization policy for fused quantized tensors (default: {DEFAULT_POLICY}; "
                         "--requant is its older name)")
     add_seed(p, "seed of --policy stochastic")
@@ -165,14 +165,19 @@ def add_arguments(p) -> None:
 # Flags that ask for an output, which --compare-policies does not write.
 _WRITING = {"dequantize": "--dequantize", "export_gguf": "--export-gguf", "upload_repo": "--upload-repo",
             "report": "--report"}
+# Flags --compare-policies has no use for; refused only when given (their defaults are Default).
+_IGNORED = {"save_path": "--save-path", "policy": "--policy"}
 
 
 def run_compare(args) -> int:
     from ..fuse.compare import compare_policies, format_comparison, legend
 
-    given = [flag for dest, flag in _WRITING.items() if getattr(args, dest)]
-    if given:
-        raise UserError(f"--compare-policies writes no model: {', '.join(given)} cannot be combined with it")
+    asked = [flag for dest, flag in _WRITING.items() if getattr(args, dest)]
+    if asked:
+        raise UserError(f"--compare-policies writes no model: {', '.join(asked)} cannot be combined with it")
+    if explicit := [flag for dest, flag in _IGNORED.items() if given(args, dest)]:
+        raise UserError(f"--compare-policies writes no model and runs every policy (or those it names): "
+                        f"{', '.join(explicit)} cannot be combined with it")
     policies = None if args.compare_policies == "all" else checked_list(args.compare_policies, "--compare-policies")
     result = compare_policies(
         args.model, args.adapter_path, policies=policies, requant_bits=args.requant_bits,

@@ -160,6 +160,10 @@ def test_without_data_calibrated_is_left_out(tiny_moe_dir, adapter, tmp_path, mo
     (["--compare-policies", "--requant-bits", "7"], "not supported"),
     (["--compare-policies", "--report", "r.json"], "writes no model"),
     (["--compare-policies", "--dequantize"], "writes no model"),
+    (["--compare-policies", "--save-path", "out"], "--save-path cannot be combined"),
+    (["--compare-policies", "--save-path", "fused_model"], "--save-path cannot be combined"),
+    (["--compare-policies", "--policy", "stock"], "runs every policy"),
+    (["--compare-policies", "preserve", "--requant", "preserve"], "--policy cannot be combined"),
     (["--compare-policies", "--calibration", "missing.jsonl"], "does not exist"),
     (["--json"], "--compare-policies"),
 ])
