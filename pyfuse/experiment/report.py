@@ -14,7 +14,7 @@ and ``results.json`` against the results rebuilt from those outputs.
 * the comparisons and their flip tables, ``flips.png``: for each
   comparison, the 2 x 2 table of items right/wrong under A and B (the
   discordant cells are all that McNemar's test uses);
-* the fuses and ``noise_floor.png``: for each fuse setting used, the share
+* the fuses and ``noise_floor.png`` (when a noise floor was measured): for each fuse setting used, the share
   of weights and codes a zero-delta fuse changes in the whole model (the
   noise floor) and the codes the real fuse changed in the fused modules;
 * identity-suite scores per condition, ``identity.png``;
@@ -271,7 +271,9 @@ def _fuses_section(out: Path, fuses: list[dict]) -> list[str]:
                      f"{_pct(r['nf_weights'], 2)} | {_pct(r['nf_codes'], 2)} | {_num(r['nf_kl'])} | "
                      f"{_pct(r['nf_top1'])} |")
     lines.append("")
-    plotted = [r for r in fuses if r["nf_weights"] is not None or r["codes_changed"] is not None]
+    # The figure compares each fuse with its setting's noise floor: without one measured (report:
+    # noise_floor false, dithered or refined settings) it is not drawn, so not linked.
+    plotted = [r for r in fuses if r["nf_weights"] is not None]
     if plotted:
         lines.append(f"![noise floor]({fuse_settings_plot(out, plotted)})\n")
     return lines

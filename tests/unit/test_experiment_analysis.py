@@ -10,6 +10,7 @@ must refuse (a step's output, results.json, the lock, the data)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import confint_proportions_2indep
 
 from pyfuse.errors import UserError
-from pyfuse.experiment.layout import DONE, PRUNED
+from pyfuse.experiment.layout import DONE, FUSE_REPORT, NOISE_FLOOR, PRUNED
 from pyfuse.experiment.load import spec_from_dict
 from pyfuse.experiment.outputs import check_outputs, record_outputs
 from pyfuse.experiment.prereg import lock
@@ -262,6 +263,31 @@ def test_the_report_never_crashes_on_edge_counts(tmp_path, n, counts):
     assert "| ident | persona | — | — | — | — | 3/5 |" in report
     assert res["conditions"]["ident"]["correct"] is None
     assert (run.out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_the_noise_floor_figure_is_linked_only_when_written(tmp_path, measured):
+    """A fuse whose setting's noise floor was not measured (report: noise_floor false) gets no figure
+    and no link to one; a measured one gets both."""
+    run = Run(tmp_path, _outcomes(np.random.default_rng(3), 20, {"A1": 0.6, "A0": 0.5}))
+    fuse = _step(run.out, "fuse-A1", {FUSE_REPORT: {"summary": {"modules_fused": 2, "retention": 0.9,
+                                                                "noise": 0.1, "codes_changed": 0.02}}})
+    setting = {"policy": "stock", "group_size": 64, "bits": 3}
+    nf = _step(run.out, "noise-floor-A1", {NOISE_FLOOR: {"rows": [{**setting, "source": "model",
+                                                                   "weights_changed": 0.05}]}}) if measured else None
+    run.plan["steps"] += [{"dir": d, "labels": [d], "kind": d.rsplit("-", 1)[0], "options": setting}
+                          for d in (fuse, nf) if d]
+    run.plan["conditions"]["A1"]["stages"] = [{"kind": "fuse", "step": fuse, "setting": "stock 3-bit",
+                                               "noise_floor": nf}]
+    (run.out / "plan.json").write_text(json.dumps(run.plan))
+    run.results()
+    write_report(run.out)
+    report = (run.out / "report.md").read_text()
+    assert "| fuse-A1 | A1 | stock 3-bit | trained | 2 |" in report
+    assert ("| 5.00 % |" in report) == measured  # the noise floor's weights changed, in the table
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
+        assert (run.out / link).read_bytes()[:4] == b"\x89PNG", link
+    assert ("(noise_floor.png)" in report) == measured == (run.out / "noise_floor.png").exists()
 
 
 def test_the_report_refuses_what_was_tampered_with(tmp_path):
