@@ -26,6 +26,7 @@ from .plan_recipe import apply_stage, pairs_data, persona_step
 from .prereg import canonical_json
 from .resolve import calibration_source, condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
+from .validate_recipe import applied_dora
 
 # Part of every step key: bump it when a step's outputs change meaning, so a
 # resumed run never mixes old and new outputs (3: calibrated re-fits the groups
@@ -343,11 +344,12 @@ class _Planner:
     def _zero(self, cp: ConditionPlan, opts: dict, n_stage: int) -> None:
         inputs = {"adapter": cp.adapter}
         # a DoRA adapter's zero-delta twin needs the model its magnitudes refer to
-        trained_dora = cp.stages and cp.stages[-1]["kind"] == "train" and \
-            cp.stages[-1]["options"].get("fine_tune_type") == "dora"
-        if trained_dora:
+        last = cp.stages[-1] if cp.stages else {"kind": None}
+        dora = (last["kind"] == "train" and last["options"].get("fine_tune_type") == "dora") or \
+            (last["kind"] == "apply" and applied_dora(self.spec, last["options"]))
+        if dora:
             inputs["model"] = cp.model
-        st = self.step("zero", {"dora": bool(trained_dora)}, inputs, f"{cp.name}: stage {n_stage} zero")
+        st = self.step("zero", {"dora": dora}, inputs, f"{cp.name}: stage {n_stage} zero")
         cp.adapter = st.out(ADAPTER)
         cp.stages.append({"kind": "zero", "step": st.dirname, "options": {}})
 

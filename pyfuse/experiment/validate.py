@@ -14,8 +14,8 @@ from ..errors import UserError
 from .criterion import parse, parse_pvalue
 from .resolve import calibration_source, condition_stages, ends_with_adapter, evaluated_suites
 from .spec import NAME_RE, RESERVED_NAMES, SETG_SPLITS, Spec
-from .validate_recipe import (apply_problems, check_persona_suite, fit_problems, missing_recipe_paths,
-                              pairs_dependencies, pairs_problems, recipe_dependencies)
+from .validate_recipe import (applied_dora, apply_problems, check_persona_suite, fit_problems,
+                              missing_recipe_paths, pairs_dependencies, pairs_problems, recipe_dependencies)
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -106,7 +106,7 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 problems.append((where, "the previous stage's adapter is not fused yet; add a fuse "
                                  "stage before applying another adapter"))
             problems += apply_problems(spec, name, where, opts)
-            pending, dora, full = True, False, None
+            pending, dora, full = True, applied_dora(spec, opts), None
         elif kind in ("zero", "placebo", "fuse"):
             if not pending and full is not None:
                 problems.append((where, f"{full} has fine_tune_type full: it yields a model, not an adapter; "
@@ -115,7 +115,7 @@ def _stage_order(spec: Spec, name: str) -> Problems:
                 problems.append((where, f"a {kind} stage needs an adapter: put it after a train or apply stage"))
             if kind == "placebo" and dora:
                 problems.append((where, "placebo adapters are defined for LoRA (a DoRA magnitude is learned "
-                                 "content with no placebo); train with fine_tune_type: lora"))
+                                 "content with no placebo); train (or apply) a fine_tune_type: lora adapter"))
             if kind == "fuse" and opts["dither"]:
                 problems += _dither_problems(where, opts, last)
             if kind == "fuse":

@@ -67,6 +67,30 @@ def apply_problems(spec: Spec, name: str, where: str, opts: dict) -> Problems:
     return []
 
 
+def applied_dora(spec: Spec, opts: dict, seen: frozenset = frozenset()) -> bool:
+    """Whether an ``apply`` stage's adapter is DoRA: the last adapter its
+    source condition's stages make, or the directory's adapter_config.json
+    (False when unreadable: reported elsewhere)."""
+    src = opts["condition"]
+    if src is None:
+        from ..io.adapter_dir import ADAPTER_CONFIG, is_dora_config
+
+        try:
+            config = json.loads((spec.resolve(opts["adapter"]) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and is_dora_config(config)
+    if src not in spec.conditions or src in seen:  # unknown or circular: reported elsewhere
+        return False
+    dora = False
+    for _, kind, stage in condition_stages(spec, src):
+        if kind == "train" and stage["fine_tune_type"] != "full":
+            dora = stage["fine_tune_type"] == "dora"
+        elif kind == "apply":
+            dora = applied_dora(spec, stage, seen | {src})
+    return dora
+
+
 def recipe_dependencies(spec: Spec, name: str) -> dict[str, str]:
     """The nodes condition ``name``'s model needs through the recipe's parts
     (:func:`pyfuse.experiment.validate.dependencies`): the pairs it trains

@@ -83,6 +83,13 @@ def _load_json(path: Path, what: str) -> dict:
     return data
 
 
+def is_dora_config(config: dict) -> bool:
+    """Whether an adapter_config.json says DoRA: fine_tune_type dora, or
+    mlx-lm-lora's marker lora_parameters.use_dora true."""
+    params = config.get("lora_parameters")
+    return config.get("fine_tune_type") == "dora" or (isinstance(params, dict) and params.get("use_dora") is True)
+
+
 def read_adapter(path: str | Path) -> Adapter:
     """Read and check an mlx-lm adapter directory (UserError on bad input)."""
     path = Path(path)
@@ -100,7 +107,7 @@ def read_adapter(path: str | Path) -> Adapter:
     params = config.get("lora_parameters")
     if not isinstance(params, dict):
         raise UserError(f"{path / ADAPTER_CONFIG}: no lora_parameters object")
-    if params.get("use_dora") is True:  # mlx-lm-lora's DoRA marker
+    if is_dora_config(config):
         fine_tune_type = "dora"
     if "scale" not in params:
         hint = " (it has 'alpha': mlx-lm's LoRA config uses 'scale')" if "alpha" in params else ""

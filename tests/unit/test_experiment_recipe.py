@@ -117,6 +117,44 @@ def test_errors_name_the_field_on_one_line(recipe_spec, change, message):
     assert message in str(err.value), str(err.value)
 
 
+def _zero_step(plan, name):
+    st = next(s for s in plan.conditions[name].stages if s["kind"] == "zero")
+    return next(s for s in plan.steps.values() if s.dirname == st["step"])
+
+
+@pytest.mark.parametrize("source", ["condition", "directory"])
+def test_zero_after_applying_a_dora_adapter_gets_the_model(recipe_spec, tmp_path, tiny_moe_dir, source):
+    """As after training one: the DoRA zero twin's magnitudes need the model the adapter is applied to
+    (zero_adapter refuses a DoRA adapter without it); a LoRA one's step is unchanged; placebo is refused."""
+    from pyfuse.adapters.zero import zero_adapter
+    from pyfuse.errors import UserError
+
+    from helpers import make_adapter
+
+    if source == "condition":
+        recipe_spec["conditions"]["dpo-adapter"]["stages"][0]["train"]["fine_tune_type"] = "dora"
+        apply = {"condition": "dpo-adapter"}
+    else:
+        dora_dir = make_adapter(tiny_moe_dir, tmp_path / "dora", keys=["self_attn.q_proj"], dora=True)
+        with pytest.raises(UserError, match="DoRA adapter"):
+            zero_adapter(dora_dir, tmp_path / "twin")  # the input the plan must not leave out
+        apply = {"adapter": str(dora_dir)}
+    recipe_spec["conditions"]["moved"]["stages"] = [{"apply": apply}, "zero", "fuse"]
+    zero = _zero_step(build_plan(spec_from_dict(recipe_spec), None), "moved")
+    assert zero.options == {"dora": True}
+    assert zero.inputs["model"].source == Path(recipe_spec["models"]["base"]).resolve()
+    recipe_spec["conditions"]["moved"]["stages"] = [{"apply": apply}, "placebo", "fuse"]
+    with pytest.raises(SpecError, match=r"conditions\.moved\.stages\[1\]\.placebo: placebo adapters are defined "
+                                        "for LoRA"):
+        spec_from_dict(recipe_spec)
+
+
+def test_zero_after_applying_a_lora_adapter_needs_no_model(recipe_spec):
+    recipe_spec["conditions"]["moved"]["stages"] = [{"apply": {"condition": "dpo-adapter"}}, "zero", "fuse"]
+    zero = _zero_step(build_plan(spec_from_dict(recipe_spec), None), "moved")
+    assert zero.options == {"dora": False} and "model" not in zero.inputs
+
+
 def test_missing_and_bad_persona_suite(recipe_spec, tmp_path):
     recipe_spec["evaluation"]["persona"] = {"suite": str(tmp_path / "none.yaml")}
     with pytest.raises(SpecError, match=r"^spec: evaluation.persona.suite: persona suite does not exist: "):
