@@ -352,9 +352,12 @@ def _node_label(node: str) -> str:
     return {"model": name, "eval": f"{name} (evaluation)", "pairs": f"pairs {name}"}.get(kind, node)
 
 
-def _edge_reason(src: str, dst: str) -> str:
+def _edge_reason(src: str, dst: str, field: str) -> str:
+    """Why ``src`` needs ``dst``, ``field`` being the spec field that says so."""
     s, d = _node_label(src), _node_label(dst)
     if dst == "setg":
+        if field.endswith(".calibration"):
+            return f"{s}'s fuse calibrates on Set-G"
         return f"{s} {'trains' if src.startswith('model:') else 'is evaluated'} on Set-G"
     if src == "setg":
         return f"Set-G is mined with {d}'s model"
@@ -383,7 +386,7 @@ def find_cycle(spec: Spec) -> tuple[str, str] | None:
                 edges = list(zip(cyc, cyc[1:]))
                 text = "circular reference: " + " -> ".join(_node_label(n) for n in cyc)
                 if "setg" in cyc:
-                    text += " (" + "; ".join(_edge_reason(a, b) for a, b in edges) + ")"
+                    text += " (" + "; ".join(_edge_reason(a, b, deps[a][b]) for a, b in edges) + ")"
                 return deps[edges[0][0]][edges[0][1]], text
             if state.get(nxt) is None:
                 found = visit(nxt)

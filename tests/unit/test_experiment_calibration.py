@@ -91,7 +91,8 @@ def test_calibration_through_setg_closes_a_cycle(work):
     spec["setg"] = {"data": "mmlu", "base": "m", "persona": "P"}
     with pytest.raises(SpecError) as err:
         _load(work, spec)
-    assert "conditions.P.stages[1].fuse.calibration: circular reference: P -> setg -> P" in str(err.value)
+    assert ("conditions.P.stages[1].fuse.calibration: circular reference: P -> setg -> P (P's fuse calibrates "
+            "on Set-G; Set-G is mined with P's model)") in str(err.value)
     # the same calibration in a condition that Set-G does not need: its fuse reads Set-G's training rows
     spec["setg"]["persona"] = "S"
     plan = build_plan(_load(work, spec), split_seed=0)
