@@ -39,6 +39,7 @@ TMP_PREFIX = ".tmp-"
 ADAPTER = "adapter"                # train, zero, placebo, dither
 MODEL = "model"                    # fuse; train with fine_tune_type full
 FUSE_REPORT = "fuse_report.json"   # fuse
+HESSIANS = "hessians"              # calibrate: hessians.safetensors + hessians.json (pyfuse.calibration.store)
 ROWS = "rows.jsonl"                # eval-mc, eval-identity, eval-persona: one row per item / prompt
 SUMMARY = "summary.json"           # eval-mc, eval-identity, eval-persona, pairs
 SETG_DATA = "data"                 # setg: train/valid/test.jsonl, items.json, counts.json

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .criterion import parse
-from .layout import ADAPTER, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
+from .layout import ADAPTER, HESSIANS, MODEL, ROWS, SETG_DATA, SETG_ITEMS, STEPS_DIR, step_dir
 from .fingerprint import fingerprint
 from .plan_recipe import apply_stage, pairs_data, persona_step
 from .prereg import canonical_json
@@ -372,7 +372,7 @@ class _Planner:
             st = self.step("fuse", {**opts, "policy": "stochastic", "dither": False},
                            {"model": stock.out(MODEL), "adapter": residual.out(ADAPTER)}, label + " (dithered)")
         else:  # calibration data is an input (its content, not its name, is the step's identity)
-            calib = {} if opts.get("calibration") is None else {"calibration": self.calibration(opts["calibration"])}
+            calib = {} if opts.get("calibration") is None else self._calibrate(cp, opts, n_stage)
             st = self.step("fuse", {k: v for k, v in opts.items() if k != "calibration"},
                            {"model": base_model, "adapter": adapter, **calib}, label)
         noise = None
@@ -400,6 +400,18 @@ class _Planner:
             cp.quant = None
         cp.stages.append({"kind": "fuse", "step": st.dirname, "options": opts, "setting": setting,
                           "noise_floor": noise.dirname if noise else None})
+
+    def _calibrate(self, cp: ConditionPlan, opts: dict, n_stage: int) -> dict[str, Artifact]:
+        """The fuse's calibration inputs: the data (its held-out sequences
+        give the agreement) and the sums of the calibrate step that every
+        fuse of this model, adapter, data and module selection shares (the
+        policy and re-quantization do not change what is collected)."""
+        data = self.calibration(opts["calibration"])
+        keep = {"calibration_min_tokens": opts.get("calibration_min_tokens"), "only": opts["only"],
+                "layers": opts.get("layers"), "modules": opts.get("modules"), "dequantize": opts["dequantize"]}
+        st = self.step("calibrate", keep, {"model": cp.model, "adapter": cp.adapter, "data": data},
+                       f"{cp.name}: stage {n_stage} calibration")
+        return {"calibration": data, "hessians": st.out(HESSIANS)}
 
     def condition(self, name: str) -> list[ConditionPlan]:
         """The condition's model(s) (one per member of a seeded condition),

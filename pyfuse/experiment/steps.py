@@ -13,7 +13,10 @@ zero           adapter [, model for DoRA]                  ``adapter/`` (pyfuse.
 placebo        adapter                                     ``adapter/`` (pyfuse.adapters.placebo)
 dither         model, fused (its stock zero-delta fuse),   ``adapter/``: the residual to fuse
                adapter (zero-delta)                        stochastically (pyfuse.adapters.dither)
-fuse           model, adapter [, calibration data]         ``model/``, ``fuse_report.json``
+calibrate      model, adapter, data (calibration)          ``hessians/``: X^T X of the modules the fuse of
+                                                           that adapter calibrates (pyfuse.calibration.store)
+fuse           model, adapter [, calibration data,         ``model/``, ``fuse_report.json``
+               hessians (its calibrate step's)]
 eval-mc        model [, adapter], data                     ``rows.jsonl``, ``summary.json``
 eval-identity  model [, adapter] [, suite]                 ``rows.jsonl``, ``summary.json``
 eval-behaviour model [, adapter], suite                     ``rows.jsonl``, ``summary.json``
@@ -39,7 +42,7 @@ import sys
 from pathlib import Path
 
 from ..io.files import read_jsonl, write_json, write_jsonl
-from .layout import ADAPTER, FUSE_REPORT, MODEL, PAIRS_DATA, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
+from .layout import ADAPTER, FUSE_REPORT, HESSIANS, MODEL, PAIRS_DATA, ROWS, SETG_DATA, SETG_ITEMS, SUMMARY
 
 
 def run_train(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
@@ -77,15 +80,35 @@ def run_dither(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
     return {"modules": len(res.modules), "max_residual_in_steps": res.residual_max}
 
 
+def run_calibrate(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    """One calibration pass that every fuse of this model, adapter, data and
+    module selection shares (what ``fuse_model(calibration=...)`` would collect)."""
+    from ..calibration import collect_hessians, save_hessians
+    from ..fuse.api import calibration_modules
+
+    paths = calibration_modules(inputs["model"], inputs["adapter"], only=opts["only"], layers=opts["layers"],
+                                modules=opts["modules"], dequantize=opts["dequantize"])
+    hessians = collect_hessians(inputs["model"], inputs["data"], paths,
+                                min_tokens=opts["calibration_min_tokens"]) if paths else {}
+    save_hessians(hessians, out / HESSIANS)
+    return {"modules": len(hessians), "tokens": sum(sum(h.tokens) for h in hessians.values()),
+            "held_out_tokens": sum(sum(h.held_out_tokens) for h in hessians.values()),
+            "experts_fallback": sum(len(h.fallback) for h in hessians.values())}
+
+
 def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from ..calibration import load_hessians
     from ..fuse.api import fuse_model
 
+    # with a calibrate step's sums, the data only gives the agreement's held-out sequences
+    hessians = load_hessians(inputs["hessians"]) if "hessians" in inputs else None
     res = fuse_model(inputs["model"], inputs["adapter"], out / MODEL, policy=opts["policy"],
                      seed=opts["seed"], requant_bits=opts["requant_bits"],
                      requant_group_size=opts["requant_group_size"], only=opts["only"],
                      dequantize=opts["dequantize"], report=out / FUSE_REPORT, link_unchanged=True,
                      layers=opts.get("layers"), modules=opts.get("modules"), calibration=inputs.get("calibration"),
-                     calibration_min_tokens=opts.get("calibration_min_tokens"), damp=opts.get("damp"))
+                     calibration_min_tokens=opts.get("calibration_min_tokens"), damp=opts.get("damp"),
+                     hessians=hessians)
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
             "codes_changed", "groups_refit", "kernel", "kl_to_unfused", "top1_agreement", "warnings")
@@ -208,6 +231,7 @@ RUNNERS = {
     "zero": run_zero,
     "placebo": run_placebo,
     "dither": run_dither,
+    "calibrate": run_calibrate,
     "fuse": run_fuse,
     "eval-mc": run_eval_mc,
     "eval-identity": run_eval_identity,

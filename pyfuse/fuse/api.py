@@ -191,8 +191,10 @@ def fuse_model(
         agreement: False: no whole-model comparison (not even with
             ``calibration``).
         hessians: ``X^T X`` already collected for the fused modules
-            (:func:`pyfuse.calibration.collect_hessians`), used instead of a
-            calibration pass (``calibration`` must then be None); under every
+            (:func:`pyfuse.calibration.collect_hessians` over
+            :func:`calibration_modules`), used instead of a calibration pass
+            (``calibration``, if given, is then only the source of the
+            agreement's held-out sequences); under every
             policy they add the per-module output error and retention on
             their held-out tokens to the report (``--compare-policies``
             calibrates once for all its fuses).
@@ -213,10 +215,7 @@ def fuse_model(
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     _check_options(policy, seed, requant_bits, requant_group_size, dequantize)
     _check_range_overflow(on_range_overflow, policy)
-    if hessians is None:
-        _check_calibration(policy, calibration, dequantize)
-    elif calibration is not None:
-        raise UserError("give calibration data or collected hessians, not both")
+    _check_calibration(policy if hessians is None else None, calibration, dequantize)
     mdir = None
     try:
         with together("reading the model and the adapter"):  # under mlx.launch: every rank, agreed
@@ -382,13 +381,31 @@ def _check_calibration(policy, calibration, dequantize):
         raise UserError(f"--calibration {calibration} does not exist")
 
 
+def _calibrated_paths(plan: Plan) -> list[str]:
+    """The modules a calibration pass records: every fused quantized module kept quantized."""
+    return [j.path for j in plan.jobs if j.fuses and j.quantized and j.q_out is not None]
+
+
+def calibration_modules(model, adapter_path, *, only: str | None = None, layers=None,
+                        modules: list[str] | None = None, dequantize: bool = False) -> list[str]:
+    """The modules whose ``X^T X`` :func:`fuse_model` collects with
+    ``calibration`` for this adapter and selection (the fuse policy and
+    re-quantization do not change them), so one collection can serve every
+    fuse of the same selection through ``hessians``."""
+    with ModelDir(resolve_model_dir(model)) as mdir:
+        only_re = _compile_only(_layer_selection(mdir, only, layers, modules))
+        plan = make_plan(mdir, read_adapter(Path(adapter_path)), policy="stock", dequantize=dequantize,
+                         requant_bits=None, requant_group_size=None, only_re=only_re, lenient=False)
+        return _calibrated_paths(plan)
+
+
 def _calibrate(model_path: Path, calibration, plan: Plan, min_tokens) -> dict:
     """``X^T X`` per fused quantized module (one pass of the base model)."""
     if calibration is None:
         return {}
     from ..calibration import collect_hessians
 
-    paths = [j.path for j in plan.jobs if j.fuses and j.quantized and j.q_out is not None]
+    paths = _calibrated_paths(plan)
     if not paths:
         return {}
     return collect_hessians(model_path, calibration, paths, min_tokens=min_tokens)
@@ -430,4 +447,4 @@ def _check_report_path(report: Path, save_path: Path, force: bool) -> None:
     check_file_destination(report, force, "--report")
 
 
-__all__ = ["FuseResult", "fuse_model"]
+__all__ = ["FuseResult", "calibration_modules", "fuse_model"]

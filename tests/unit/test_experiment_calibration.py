@@ -183,3 +183,92 @@ def test_measurement_only_calibration_is_not_part_of_the_locked_design(work):
     assert design(policy="preserve", calibration="calib") == design(policy="preserve")
     assert design(policy="calibrated", calibration="calib") != design(policy="calibrated", calibration="other")
     assert plain["A1"]["stages"][1]["fuse"]["calibration"] == "calib"  # A1 is calibrated
+
+
+def _calibrate_step(plan, name):
+    return _fuse_step(plan, name).inputs["hessians"].step
+
+
+def test_fuses_of_one_adapter_share_one_calibrate_step(work):
+    """Fuses of the same model and adapter over the same data and module
+    selection read the sums of ONE calibrate step, whatever their policy,
+    damp or re-quantization; its key (hence theirs) follows the data's
+    content, the token threshold and the module selection."""
+    spec = copy.deepcopy(work["spec"])
+    for name, fuse in (("P", {"policy": "preserve", "calibration": "calib", "calibration_min_tokens": 8}),
+                       ("Q", {"policy": "stock", "calibration": "calib", "calibration_min_tokens": 8})):
+        spec["conditions"][name] = {"from": "m", "stages": [{"train": {"data": "calib"}}, {"fuse": fuse}]}
+    plan = build_plan(_load(work, spec), split_seed=None)
+    shared = _calibrate_step(plan, "A1")
+    assert shared.kind == "calibrate" and _calibrate_step(plan, "P") is shared and _calibrate_step(plan, "Q") is shared
+    assert [s.kind for s in plan.steps.values()].count("calibrate") == 2  # A1/P/Q's and the zero twin's (A0)
+    assert _calibrate_step(plan, "A0") is not shared
+    assert shared.inputs["adapter"].step is plan.steps[shared.inputs["adapter"].step.key]
+    assert shared.inputs["adapter"].step.kind == "train" and shared.inputs["data"].source == work["root"] / "calib.jsonl"
+    assert shared.options == {"calibration_min_tokens": 8, "only": None, "layers": None, "modules": None,
+                              "dequantize": False}
+    # the fuse reads the data too (its held-out sequences: the agreement) and the calibrate step's sums
+    assert _fuse_step(plan, "A1").inputs["calibration"] is shared.inputs["data"]
+    order = list(plan.steps.values())
+    assert order.index(shared) < order.index(_fuse_step(plan, "A1"))
+    a1_key = _fuse_step(plan, "A1").key
+    for over in (dict(calibration="other"), dict(calibration_min_tokens=9), dict(modules=["*.mlp.*"])):
+        other = build_plan(_load(work, _a1_fuse(copy.deepcopy(spec), **over)), split_seed=None)
+        assert _calibrate_step(other, "A1").key != shared.key, over
+        assert _fuse_step(other, "A1").key != a1_key, over
+        assert _calibrate_step(other, "P").key == shared.key  # the others keep theirs
+    other = build_plan(_load(work, _a1_fuse(copy.deepcopy(spec), damp=0.05)), split_seed=None)
+    assert _calibrate_step(other, "A1").key == shared.key and _fuse_step(other, "A1").key != a1_key
+
+
+def test_fuse_from_a_calibrate_step_is_byte_identical_to_the_cli(work, tiny_moe_dir, tmp_path):
+    """The calibrate step, then the fuse step reading its saved sums: the
+    model bytes and the report figures (the agreement on the held-out
+    sequences included) of `pyfuse fuse --calibration` with the same flags."""
+    root = work["root"]
+    adapter = make_adapter(tiny_moe_dir, tmp_path / "adapter", keys=[DOWN], b_std=1e-3)
+    fuse = _fuse_step(build_plan(_load(work, work["spec"]), split_seed=None), "A1")
+    calib = fuse.inputs["hessians"].step
+    (tmp_path / "cal").mkdir()
+    summary = RUNNERS["calibrate"](calib.options, {"model": tiny_moe_dir, "adapter": adapter,
+                                                   "data": root / "calib.jsonl"}, tmp_path / "cal")
+    assert summary["modules"] == 2 and summary["tokens"] > 0 and summary["held_out_tokens"] > 0
+    out = tmp_path / "step_out"
+    out.mkdir()
+    RUNNERS["fuse"](fuse.options, {"model": tiny_moe_dir, "adapter": adapter, "calibration": root / "calib.jsonl",
+                                   "hessians": tmp_path / "cal" / fuse.inputs["hessians"].sub}, out)
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", tmp_path / "cli_out",
+                "--policy", "calibrated", "--calibration", root / "calib.jsonl", "--requant-bits", "8",
+                "--damp", "0.02", "--calibration-min-tokens", "8", "--report", tmp_path / "cli.json")
+    assert r.code == 0, r.err
+    files = sorted(p.name for p in (out / "model").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "cli_out").iterdir())
+    for name in files:
+        assert filecmp.cmp(out / "model" / name, tmp_path / "cli_out" / name, shallow=False), name
+    ours, theirs = (json.loads(p.read_text()) for p in (out / "fuse_report.json", tmp_path / "cli.json"))
+    assert ours["tensors"] == theirs["tensors"]
+    assert all(t["calibration"]["tokens"] > 0 and t["output_error"] is not None for t in ours["tensors"])
+    drop = ("seconds",)
+    assert {k: v for k, v in ours["summary"].items() if k not in drop} == \
+        {k: v for k, v in theirs["summary"].items() if k not in drop}
+    assert ours["summary"]["kl_to_unfused"] is not None
+
+
+def test_saved_sums_read_back_bit_for_bit(work, tiny_moe_dir, tmp_path):
+    """pyfuse.calibration.store: every array, count and fallback as collected."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pyfuse.calibration import collect_hessians, load_hessians, save_hessians
+
+    paths = [f"model.layers.{i}.{DOWN}" for i in range(2)] + ["model.layers.1.self_attn.q_proj"]
+    got = collect_hessians(tiny_moe_dir, work["root"] / "calib.jsonl", paths, min_tokens=40)
+    assert any(mh.fallback for mh in got.values())  # a fallback expert is saved too
+    save_hessians(got, tmp_path / "h")
+    back = load_hessians(tmp_path / "h")
+    assert list(back) == list(got)
+    for path, mh in got.items():
+        b = back[path]
+        assert np.array_equal(np.array(b.fit), np.array(mh.fit)) and b.fit.dtype == mx.float32
+        assert np.array_equal(np.array(b.held_out), np.array(mh.held_out))
+        assert (b.tokens, b.held_out_tokens, b.fallback) == (mh.tokens, mh.held_out_tokens, mh.fallback)
