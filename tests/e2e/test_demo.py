@@ -357,6 +357,27 @@ def test_faithful_zero_delta_twin_is_the_persona_bit_for_bit(demo, tmp_path):
         assert identical(before[name], after[name]), name
 
 
+def test_calibrated_fuses_of_the_factual_adapter_share_one_calibration_pass(demo):
+    """A1's stock, preserve, stochastic and faithful fuses (one model, one
+    adapter, the Set-G training rows) read the sums of ONE calibrate step,
+    run once; each fuse report still has the per-module output error and
+    the whole-model agreement on the held-out rows."""
+    out = demo["out"]
+    plan = run_plan(out)
+    steps = {s["dir"]: s for s in plan["steps"]}
+    names = ("A1", "A1-preserve", "A1-stochastic", "A1-faithful")
+    fuses = [steps[_fuse_stage(plan, n)["step"]] for n in names]
+    sums = {f["inputs"]["hessians"]["step"] for f in fuses}
+    assert len(sums) == 1 and steps[next(iter(sums))]["kind"] == "calibrate"
+    assert len({f["dir"] for f in fuses}) == 4
+    assert sum(1 for s in plan["steps"] if s["kind"] == "calibrate") == 2  # and A0-faithful's zero twin's
+    for f in fuses:
+        summary = read_json(out / "steps" / f["dir"] / "fuse_report.json")["summary"]
+        assert summary["agreement"]["tokens"] > 0 and summary["kl_to_unfused"] is not None
+        tensors = read_json(out / "steps" / f["dir"] / "fuse_report.json")["tensors"]
+        assert any(t.get("output_error") is not None for t in tensors)
+
+
 def test_policy_table_recomputed(demo):
     """results.json's per-policy table against the per-item lists of
     results.json and the fuse reports."""
