@@ -2,7 +2,7 @@
 MoE, and what head-room at the bottom of the refined grid changes
 (docs/faithful_fuse.md): the output error on held-out tokens of one refined
 3 -> 8-bit down_proj, on the refined grid with head-room
-(``refine_grid(headroom=True)``, the default) and without it, under
+(``refine_grid(headroom=True)``, ``--refine-headroom``) and without it (the default), under
 calibrated rounding with the groups the delta leaves re-fitted (the policy),
 with codes clamped to [0, 255] (``--on-range-overflow clip``), with codes
 left unbounded (as if the grid had room), and under plain nearest rounding

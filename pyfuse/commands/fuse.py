@@ -40,7 +40,8 @@ Re-quantization policies (--policy):
   calibrated  keep every group's scale and bias; GPTQ-style error-feedback
               rounding steered by X^T X of each module's inputs (per expert),
               from running the base model over --calibration DATA.jsonl; a zero
-              adapter changes nothing
+              adapter changes nothing. A group whose nearest codes leave the
+              range gets --on-range-overflow as under preserve (refit first)
 
 Where else the output differs from mlx_lm fuse: modules the adapter config
 names but holds no weights for are left byte-identical (mlx-lm re-quantizes
@@ -105,7 +106,8 @@ def add_arguments(p) -> None:
                         "--requant is its older name)")
     add_seed(p, "seed of --policy stochastic")
     p.add_argument("--on-range-overflow", choices=RANGE_OVERFLOW_ACTIONS, default=DEFAULT_RANGE_OVERFLOW,
-                   help="preserve/stochastic: what a group whose fused values leave its grid's range gets: "
+                   help="preserve/stochastic/calibrated: what a group whose fused values leave its grid's "
+                        "range gets: "
                         "refit (a new scale and bias fitted to its values), clip (codes clamped to "
                         "[0, 2^bits-1], scale and bias kept) or error (refuse, naming the module) "
                         f"(default: {DEFAULT_RANGE_OVERFLOW})")

@@ -193,9 +193,10 @@ def _print_summary(result) -> None:
         loss += f", stopped early at iteration {cfg['final_iteration']}"
     if result.resumed_from is not None:
         loss += f", resumed from iteration {result.resumed_from}"
+    lp = cfg["lora_parameters"]
     kind = (f"full fine-tune (model directory; {len(cfg.get('requantized', []))} weights re-quantized, "
             f"{cfg['requant_policy']})" if cfg["fine_tune_type"] == "full" else
-            f"{cfg['fine_tune_type']}, rank {cfg['lora_parameters']['rank']}, scale {cfg['lora_parameters']['scale']:g}")
+            f"{cfg['fine_tune_type']}, rank {lp['rank']}, scale {lp['scale']:g}")
     print(f"pyfuse train: wrote {result.adapter_path} ({kind}, {len(result.modules)} modules in {where}, "
           f"{result.trainable_parameters:,} trainable parameters{loss}, {result.seconds:.1f} s)")
 

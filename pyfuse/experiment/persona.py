@@ -37,22 +37,33 @@ def _cell(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def report_lines(results: dict) -> list[str]:
-    """The report's persona-check table (a row per condition) and the replies
-    per prompt; the pairs the run built."""
-    conds = {n: c["persona"] for n, c in results["conditions"].items() if c.get("persona")}
-    lines = []
-    for name, p in (results.get("pairs") or {}).items():
+def _pairs_lines(results: dict) -> list[str]:
+    made = results.get("pairs") or {}
+    if not made:
+        return []
+    lines = ["## DPO pairs\n", "| pairs | written | left out (the model's reply equals the real one) | "
+             "replies cut at max_tokens | data |", "|---|---|---:|---:|---|"]
+    for name, p in made.items():
         counts = ", ".join(f"{n} {split}" for split, n in p["written"].items())
-        lines.append(f"Pairs `{name}`: {counts} DPO pairs in `{p['data']}` ({p['identical']} left out: the "
-                     f"model's reply equals the real one; {p['truncated']} replies cut at max_tokens).\n")
+        lines.append(f"| {name} | {counts} | {p['identical']} | {p['truncated']} | `{p['data']}` |")
+    return lines + [""]
+
+
+def report_lines(results: dict, plan: dict) -> list[str]:
+    """The DPO pairs the run built; the persona-check table (a row per
+    condition, in the spec's order) and the replies per prompt."""
+    lines = _pairs_lines(results)
+    order = plan.get("condition_order") or list(results["conditions"])
+    conds = {n: results["conditions"][n]["persona"] for n in order if results["conditions"][n].get("persona")}
     if not conds:
         return lines
     lines += ["## Persona check\n",
-              "| condition | replies that pass | prefer the GOOD example | mean log P(good) − log P(bad) | "
-              "with a forbidden phrase | mean words |", "|---|---:|---:|---:|---:|---:|"]
+              "| condition | what it is | replies that pass | prefer the GOOD example | "
+              "mean log P(good) − log P(bad) | with a forbidden phrase | mean words |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for n, p in conds.items():
-        lines.append(f"| {n} | {p['passed']}/{p['n']} | {p['prefers_good']}/{p['n']} | "
+        what = _cell(plan["conditions"][n].get("description") or "", 80)
+        lines.append(f"| {n} | {what} | {p['passed']}/{p['n']} | {p['prefers_good']}/{p['n']} | "
                      f"{p['mean_margin']:+.2f} nats | {p['forbidden_hits']} | {p['mean_words']:.1f} |")
     lines += ["", "Suite: " + next(iter(conds.values()))["suite"] + ". A reply passes when it holds no forbidden "
               "phrase, one of the markers (if any) and at most max_words words.", "",

@@ -10,6 +10,11 @@ costs:
   of the fuse report's output-space figures on held-out calibration tokens
   (present when the fuse stage has ``calibration``; 0 / 1 is a perfect fuse,
   1 / 0 as bad as dropping the adapter);
+* ``kl_to_unfused`` / ``top1_agreement``: the fuse report's whole-model
+  figures (:mod:`pyfuse.fuse.agreement`): per-token KL of the next-token
+  distributions of the model it was fused into with the adapter applied
+  unfused against the fused model, and how often their top-1 tokens agree,
+  on the held-out calibration sequences (with ``calibration``);
 * ``changed_vs_unfused``: answers (primary dataset) that differ from the
   adapter applied at run time (``analysis.unfused``);
 * ``twin`` / ``twin_changed``: the condition that fuses the adapter's
@@ -119,6 +124,8 @@ def policy_table(plan: dict, out: Path, predictions: dict, primary: str | None, 
             "output_error": _mean([t.get("output_error") for t in tensors]),
             "output_retention": _mean([t.get("output_retention") for t in tensors]),
             "modules_measured": sum(1 for t in tensors if t.get("output_error") is not None),
+            "kl_to_unfused": report["summary"].get("kl_to_unfused"),
+            "top1_agreement": report["summary"].get("top1_agreement"),
             "changed_vs_unfused": changed(pred(name), pred(unfused))
             if unfused and pred(name) is not None and pred(unfused) is not None else None,
             "twin": twin, "twin_changed": twin_changed,
@@ -141,15 +148,18 @@ def report_lines(results: dict) -> list[str]:
              "What each fuse of the trained adapter keeps and costs. Weight retention: the share of the "
              "adapter's delta in the fused weights. Output error: the mean over the fused modules of "
              "||X (W_hat - W - delta)|| / ||X delta|| on held-out calibration tokens (0 is a perfect fuse, 1 as "
-             "bad as dropping the adapter; only with calibration data). Answers changed on "
+             "bad as dropping the adapter; only with calibration data). KL to unfused: mean per-token KL of the "
+             "next-token distributions of the unfused adapter against the fused model, and top-1 agreement, on the "
+             "held-out calibration sequences. Answers changed on "
              f"{table['dataset']}: against {vs}, and by the zero-delta twin (the same fuse of the adapter with "
              "every delta zeroed) against the model it was fused into.\n",
-             f"| condition | setting | weight retention | output error | output retention | answers changed vs {vs} "
-             "| zero-delta twin | answers the twin changes | size added |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+             f"| condition | setting | weight retention | output error | output retention | KL to unfused | top-1 agree "
+             f"| answers changed vs {vs} | zero-delta twin | answers the twin changes | size added |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in table["rows"]:
         size = "—" if r["bytes_added"] is None else f"{r['bytes_added']:+,} B"
         lines.append(f"| {r['condition']} | {r['setting']} | {_fmt(r['weight_retention'])} | "
-                     f"{_fmt(r['output_error'])} | {_fmt(r['output_retention'])} | {_fmt(r['changed_vs_unfused'], 'd')} | "
+                     f"{_fmt(r['output_error'])} | {_fmt(r['output_retention'])} | {_fmt(r['kl_to_unfused'])} | "
+                     f"{_fmt(r['top1_agreement'], '.4f')} | {_fmt(r['changed_vs_unfused'], 'd')} | "
                      f"{r['twin'] or '—'} | {_fmt(r['twin_changed'], 'd')} | {size} |")
     return lines + [""]

@@ -150,7 +150,7 @@ def write_report(out: str | os.PathLike) -> Path:
     lines += policy_report_lines(results)
     lines += _identity_section(out, conds)
     lines += behaviour_report_lines(results)
-    lines += persona_report_lines(results)
+    lines += persona_report_lines(results, plan)
     lines += _prereg_section(lock.document if lock else None, record, v)
     return atomic_write_text(out / REPORT_FILE, "\n".join(lines) + "\n")
 
@@ -168,6 +168,17 @@ def _interval(c: dict) -> tuple[float, float] | None:
     return wilson_interval(sum(c["correct"]), c["n"])
 
 
+
+def _stage_label(st: dict) -> str:
+    """A stage in the conditions table: a fuse with its setting, a full fine-tune marked."""
+    if st["kind"] == "fuse":
+        return f"fuse ({st['setting']})"
+    if st["kind"] == "train" and st.get("options", {}).get("fine_tune_type") == "full":
+        layers = st["options"].get("layers")
+        return "train (full" + (f", layers {layers})" if layers is not None else ")")
+    return st["kind"]
+
+
 def _conditions_section(out: Path, plan: dict, conds: dict) -> list[str]:
     lines = ["## Conditions\n",
              "| condition | from | stages | accuracy | 95 % CI (Wilson) | n | identity | model |",
@@ -175,8 +186,7 @@ def _conditions_section(out: Path, plan: dict, conds: dict) -> list[str]:
     shown = {n: c for n, c in conds.items() if not c.get("family")}
     for name, c in shown.items():
         pc = plan["conditions"].get(name, {})
-        stages = " → ".join(st["kind"] + (f" ({st['setting']})" if st["kind"] == "fuse" else "")
-                            for st in pc.get("stages", [])) or "—"
+        stages = " → ".join(_stage_label(st) for st in pc.get("stages", [])) or "—"
         ci = _interval(c)
         if ci is not None:
             k, n = sum(c["correct"]), c["n"]

@@ -88,7 +88,7 @@ def run_fuse(opts: dict, inputs: dict[str, Path], out: Path) -> dict:
                      calibration_min_tokens=opts.get("calibration_min_tokens"), damp=opts.get("damp"))
     s = res.summary
     keep = ("policy", "modules_fused", "weights_fused", "delta_norm", "change_norm", "retention", "noise",
-            "codes_changed", "groups_refit", "kernel", "warnings")
+            "codes_changed", "groups_refit", "kernel", "kl_to_unfused", "top1_agreement", "warnings")
     return {k: s.get(k) for k in keep}
 
 

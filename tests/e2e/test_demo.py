@@ -52,7 +52,7 @@ def _primary(res: dict) -> dict:
 def test_results_shape_and_setg(demo):
     res, out = demo["results"], demo["out"]
     assert set(res) == {"datasets", "conditions", "comparisons", "behaviour_comparisons", "family", "families", "nulls", "flips",
-                        "decomposition", "prereg", "verdict", "policies"}
+                        "decomposition", "prereg", "verdict", "policies", "pairs"}
     assert res["datasets"] == ["setg.test", "general"]
     assert sorted(res["conditions"]) == sorted(CONDITIONS + MEMBERS)
     ids = res["conditions"]["A1"]["ids"]
@@ -331,6 +331,11 @@ def test_faithful_zero_delta_twin_is_the_persona_bit_for_bit(demo, tmp_path):
         [r["logprobs"] for r in step_rows(out, plan["conditions"]["persona"]["mc"])]
     assert res["flips"]["A0-faithful"]["flipped"] == 0
     steps = {s["dir"]: s for s in plan["steps"]}
+    # its fuse report: nothing moved, and the next-token distributions are the persona's (the zero adapter
+    # applied unfused) on every held-out calibration token
+    summary = read_json(out / "steps" / _fuse_stage(plan, "A0-faithful")["step"] / "fuse_report.json")["summary"]
+    assert summary["delta_norm"] == 0 and summary["change_norm"] == 0
+    assert summary["kl_to_unfused"] == 0 and summary["top1_agreement"] == 1 and summary["agreement"]["tokens"] > 0
     built = {}
     for name, flags in (("persona", []), ("A0-faithful", ["--policy", "calibrated", "--requant-bits", "8"])):
         st = steps[_fuse_stage(plan, name)["step"]]
@@ -374,6 +379,9 @@ def test_policy_table_recomputed(demo):
         errs = [t["output_error"] for t in rep["tensors"] if t.get("output_error") is not None]
         assert len(errs) == r["modules_measured"] == len(rep["tensors"])
         assert r["output_error"] == pytest.approx(sum(errs) / len(errs))
+        assert (r["kl_to_unfused"], r["top1_agreement"]) == (rep["summary"]["kl_to_unfused"],
+                                                             rep["summary"]["top1_agreement"])
+        assert r["kl_to_unfused"] >= 0 and 0 <= r["top1_agreement"] <= 1
         # what the refined modules' codes grow by (3 -> 8 bits); the rest of the model is copied
         growth = sum(math.prod(t["shape"]) * (t["bits"] - t.get("from_bits", t["bits"])) // 8 for t in rep["tensors"])
         if name == "A1-faithful":
@@ -384,4 +392,5 @@ def test_policy_table_recomputed(demo):
     assert rows["A1"]["twin_changed"] > 0  # the stock fuse's noise
     report = (out / "report.md").read_text()
     for r in table["rows"]:
-        assert f"| {r['condition']} | {r['setting']} | {r['weight_retention']:.3g} | {r['output_error']:.3g} |" in report
+        assert (f"| {r['condition']} | {r['setting']} | {r['weight_retention']:.3g} | {r['output_error']:.3g} | "
+                f"{r['output_retention']:.3g} | {r['kl_to_unfused']:.3g} | {r['top1_agreement']:.4f} |") in report

@@ -202,6 +202,7 @@ def test_experiment_with_a_full_fine_tune(tiny_llama_dir, train_file, tmp_path):
     changed = differing(model_tensors(tiny_llama_dir), model_tensors(model))
     assert changed and {n.split(".")[2] for n in changed} == {"3"}
     assert results["conditions"]["full"]["behaviour"]["alpha"]["n"] == 2
+    assert "| full | tiny | train (full, layers 3) |" in (out / "report.md").read_text()
 
 
 def test_full_resume_after_interrupt_gives_the_same_model(tiny_llama_dir, train_file, tmp_path):

@@ -61,7 +61,7 @@ def test_reduced_recipe_matches_the_cli(tmp_path, default_model_cache):
     assert dpo_train["inputs"]["data"] == {"step": plan["pairs"]["pairs"], "out": "data"}
 
     # every condition's persona rows are `pyfuse eval persona --out`'s bytes
-    assert list(results["conditions"]) == ["base", "sft-adapter", "sft", "dpo-adapter", "dpo", "dpo-on-base"]
+    assert plan["condition_order"] == ["base", "sft-adapter", "sft", "dpo-adapter", "dpo", "dpo-on-base"]
     for name, c in results["conditions"].items():
         args = ["eval", "persona", "--model", out / c["model"] if c["model"].startswith("steps/") else c["model"],
                 "--suite", tmp_path / "suite.yaml", "--out", tmp_path / f"{name}.jsonl"]
@@ -85,5 +85,10 @@ def test_reduced_recipe_matches_the_cli(tmp_path, default_model_cache):
     mine = {k: v for k, v in file_digests(step_model).items() if k.endswith(".safetensors")}
     assert mine and mine == {k: v for k, v in file_digests(cli_fused).items() if k.endswith(".safetensors")}
 
+    # resumable: a second run reuses every step and writes the same results
+    first = (out / "results.json").read_bytes()
+    again = run_experiment(spec_path, out, keep_models=True)
+    assert again.executed == [] and (out / "results.json").read_bytes() == first
+
     report = (out / "report.md").read_text()
-    assert "## Persona check" in report and "| dpo-on-base |" in report and "Pairs `pairs`:" in report
+    assert "## Persona check" in report and "| dpo-on-base |" in report and "## DPO pairs" in report
