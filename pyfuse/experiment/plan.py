@@ -27,7 +27,10 @@ from .prereg import canonical_json
 from .resolve import calibration_source, condition_stages, evaluated_suites, is_fused, members
 from .spec import FUSE_DEFAULTS, Spec
 
-ENGINE_VERSION = 2  # part of every step key: bump it when a step's outputs change meaning
+# Part of every step key: bump it when a step's outputs change meaning, so a
+# resumed run never mixes old and new outputs (3: calibrated re-fits the groups
+# the delta leaves).
+ENGINE_VERSION = 3
 
 
 # ---------------------------------------------------------------------------
