@@ -48,6 +48,9 @@ names but holds no weights for are left byte-identical (mlx-lm re-quantizes
 them with a zero delta); the shard layout, tokenizer files and config.json
 are kept (config.json changes only with --dequantize / --requant-*).
 
+Under mlx.launch (docs/distributed.md) every rank fuses its share of the
+modules and rank 0 writes the model: the same bytes as one process.
+
 --requant-bits B with preserve/stochastic/calibrated first moves the base
 exactly onto the finer grid (scale / 2^m, codes * 2^m: every dequantized
 weight bit-identical), so the delta lands on 2^m-times finer steps.

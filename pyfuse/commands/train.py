@@ -49,6 +49,11 @@ fine-tune adapter: `pyfuse fuse --adapter-path OUT/training` re-quantizes
 them otherwise), the loss curve and README.md naming every re-quantized
 tensor.
 
+Under mlx.launch (docs/distributed.md) training is data-parallel: every
+rank trains on its share of each batch (--batch-size a multiple of the
+ranks), the token-weighted gradients are summed, and rank 0 writes; the
+adapter equals one process's to float rounding.
+
 Data (--data): a directory with train.jsonl and optionally valid.jsonl and
 test.jsonl, or one .jsonl file, in mlx-lm's formats: chat {"messages":
 [...]}, completions {"prompt": ..., "completion": ...} or {"text": ...}.

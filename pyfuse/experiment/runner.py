@@ -77,7 +77,7 @@ def run_experiment(spec_path: str | os.PathLike, out: str | os.PathLike, *, keep
         return RunResult(out=Path(out), results=ranks.follow(spec, out), executed=[], skipped=[], pruned=[],
                          warnings=[], seconds=time.monotonic() - started)
     warnings: list[str] = []
-    lead = ranks.Leader(data_parallel_train)  # under mlx.launch: tells the other ranks what to join and when the run ends
+    lead = ranks.Leader(data_parallel_train)  # under mlx.launch: tells the others what to join, when it ends
     with lead, _dir_lock(out := _make_run_dir(Path(out))), sigterm_as_interrupt():
         _clean_temps(out / STEPS_DIR)
         lock = _lock_prereg(spec, out, echo, warnings)
