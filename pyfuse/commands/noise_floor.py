@@ -27,6 +27,17 @@ K adapters does), compared with the baseline:
   top-1 flip        share of positions whose most likely token changes
   MC flip           (--mc, MMLU-Pro rows) share of items whose answer flips:
                     the answer `pyfuse eval mc --method logprob` gives
+  adapter KL, top-1 (--adapter-path, with the output level) the adapter's
+                    fuse at each setting against the model as given with the
+                    adapter applied unfused (mlx-lm's loader), on the same
+                    prompts as KL mean: per-token KL(unfused || fused) and
+                    top-1 agreement
+  adapter out. err. (--adapter-path and --calibration DATA) per fused module,
+                    ||X (W_hat - W - delta)|| / ||X delta|| on the held-out
+                    calibration tokens (every 4th sequence; 1 = as bad as
+                    dropping the adapter), and the output retention; mean
+                    over the adapter's modules, as `pyfuse fuse --calibration`
+                    reports them per module
 
 The baseline: a full-precision model is quantized at each setting (mlx-lm's
 quantize_model); a quantized model is measured as stored at its own setting
@@ -50,7 +61,8 @@ _LIST_DEFAULTS = {"group_sizes": ",".join(map(str, SUPPORTED_GROUP_SIZES)),
 
 # Path flags ({argparse dest: flag}): the CLI refuses an output that is, holds or lies
 # inside an input or another output (pyfuse.io.outputs.check_paths).
-INPUTS = {"model": "--model", "adapter_path": "--adapter-path", "prompts": "--prompts", "mc": "--mc"}
+INPUTS = {"model": "--model", "adapter_path": "--adapter-path", "calibration": "--calibration",
+          "prompts": "--prompts", "mc": "--mc"}
 OUTPUTS = {"out": "--out"}
 
 def add_arguments(p) -> None:
@@ -65,6 +77,10 @@ def add_arguments(p) -> None:
                    help="successive zero-delta fuses (default: 1)")
     p.add_argument("--adapter-path", default=None, metavar="DIR",
                    help="an mlx-lm adapter directory: report its retention and noise per setting")
+    p.add_argument("--calibration", default=None, metavar="DATA",
+                   help="mlx-lm data (.jsonl or data directory: text, messages or prompt/completion rows), "
+                        "with --adapter-path: the adapter fuse's output error and retention per setting on "
+                        "its held-out sequences (the KL stays on the --prompts)")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
                    help='prompts for the output level: {"text": ...} or {"messages": [...]} rows '
                         "(default: a built-in dozen)")
@@ -83,7 +99,8 @@ def add_arguments(p) -> None:
 def _command_line(args) -> str:
     """The command that reproduces this run (for the Markdown report)."""
     parts = ["pyfuse", "noise-floor", "--model", str(args.model)]
-    defaults = {**_LIST_DEFAULTS, "rounds": 1, "adapter_path": None, "prompts": None, "mc": None,
+    defaults = {**_LIST_DEFAULTS, "rounds": 1, "adapter_path": None, "calibration": None, "prompts": None,
+                "mc": None,
                 "mc_limit": None, "seed": 0}
     for key, default in defaults.items():
         value = getattr(args, key)
@@ -110,6 +127,7 @@ def run(args) -> int:
         policies=policies,
         rounds=args.rounds,
         adapter_path=args.adapter_path,
+        calibration=args.calibration,
         prompts=args.prompts,
         mc=args.mc,
         mc_limit=args.mc_limit,

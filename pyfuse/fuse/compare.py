@@ -173,7 +173,7 @@ def _row(model_path, adapter_path, zero, tmp: Path, policy, rb, hessians, refere
     try:
         res = fuse_model(model_path, adapter_path, fused, **kw)
         row["weight_retention"] = res.summary["retention"]
-        row.update(_output_figures(res.report["tensors"]))
+        row.update(output_figures(res.report["tensors"]))
         if reference is not None:
             s = agreement_summary(_compare(reference, fused), data)
             row.update(kl_to_unfused=s["kl_to_unfused"], top1_agreement=s["top1_agreement"])
@@ -194,7 +194,7 @@ def _compare(reference, fused: Path):
     return compare_to_reference(reference, fused)
 
 
-def _output_figures(records: list[dict]) -> dict:
+def output_figures(records: list[dict]) -> dict:
     """The mean over modules of the per-module output error and retention (None without them)."""
     errs = [r["output_error"] for r in records if r.get("output_error") is not None]
     rets = [r["output_retention"] for r in records if r.get("output_retention") is not None]

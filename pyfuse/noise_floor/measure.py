@@ -30,7 +30,12 @@ For every requested (group size, bits) and policy, :func:`measure_noise_floor`
    ||delta||^2 and ``noise`` = ||change - retention * delta|| / ||delta||
    over all adapted tensors; both are null (undefined) for a zero adapter.
    At settings other than the model's own, the adapter is fused into the
-   baseline of that setting (labelled by ``source``).
+   baseline of that setting (labelled by ``source``). With ``calibration``
+   data: ``adapter_output_error`` = ||X (W_hat - W - delta)|| / ||X delta||
+   and ``adapter_output_retention``, the mean over the adapted modules of the
+   fuse report's per-module figures on the held-out calibration tokens
+   (:func:`pyfuse.calibration.collect_hessians`, run once on the model as
+   given; :func:`pyfuse.calibration.fidelity.output_fidelity`).
 
 4. on a prompt set (a built-in dozen, or ``prompts``), runs the baseline and
    the zero-delta-fused model (after ``rounds`` fuses) teacher-forced
@@ -44,7 +49,12 @@ For every requested (group size, bits) and policy, :func:`measure_noise_floor`
    answer and its log-probabilities are in ``result.mc_items``). When every
    fused tensor is bit-identical to its baseline the outputs are identical
    by construction: the forward pass is skipped, the figures are 0 and the
-   row says ``outputs_identical: true``.
+   row says ``outputs_identical: true``. With an adapter, the adapter's
+   fuse at each setting is run on the same prompts against the model as
+   given with the adapter applied unfused (mlx-lm's loader; its logits
+   computed once, :func:`pyfuse.lm.agreement.reference_logits`):
+   ``adapter_kl_to_unfused`` (mean per-token KL(unfused || fused)) and
+   ``adapter_top1_agreement``.
 
 Absent figures are ``None`` (JSON null). The output directory gets
 ``noise_floor.json`` (``{"rows": [...], "meta": {...}}``), ``noise_floor.md``,
@@ -127,6 +137,8 @@ class _Job:
     seed: int
     adapter: Any | None
     probe_inputs: ProbeInputs | None
+    unfused: Any | None = None  # the unfused adapter's logits on the prompts (ReferenceLogits)
+    held_out: dict | None = None  # {module path: held-out X^T X} of the adapter's modules
 
 
 @dataclass
@@ -149,6 +161,7 @@ def measure_noise_floor(
     policies: Iterable[str] = DATA_FREE_POLICIES,
     rounds: int = 1,
     adapter_path: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
     prompts: str | os.PathLike | Sequence[str | dict] | None = None,
     mc: str | os.PathLike | None = None,
     mc_limit: int | None = None,
@@ -164,7 +177,12 @@ def measure_noise_floor(
             A quantized model is always measured at its own settings too.
         policies: re-quantization policies (``stock``, ``preserve``, ``stochastic``).
         rounds: successive zero-delta fuses (>= 1); scalar figures are after the last.
-        adapter_path: an mlx-lm adapter directory: adds ``retention``/``noise``.
+        adapter_path: an mlx-lm adapter directory: adds ``retention``/``noise``
+            and, with the output level, ``adapter_kl_to_unfused`` /
+            ``adapter_top1_agreement``.
+        calibration: mlx-lm data (``text``, ``messages`` or
+            ``prompt``/``completion`` rows; needs ``adapter_path``): adds
+            ``adapter_output_error`` / ``adapter_output_retention``.
         prompts: None (built-in prompts), a JSONL file of ``{"text"}`` or
             ``{"messages"}`` rows, or a list of strings / such dicts.
         mc: an MMLU-Pro JSONL/Parquet file: adds ``mc_flip``; ``mc_limit``
@@ -188,7 +206,9 @@ def measure_noise_floor(
         raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if mc is not None and not outputs:
         raise UserError("mc needs the output level (it runs the models); drop outputs=False / --no-outputs")
-    model_dir = ModelDir(path)
+    if calibration is not None and adapter_path is None:
+        raise UserError("calibration measures the adapter's output error: give an adapter (--adapter-path)")
+    model_dir, job = ModelDir(path), None
     try:
         quant = model_quantization(model_dir)
         adapter = read_adapter(adapter_path) if adapter_path is not None else None
@@ -197,6 +217,7 @@ def measure_noise_floor(
         probe_inputs = ProbeInputs.read(path, prompts, mc, mc_limit) if outputs else None
         job = _Job(model_dir, pols, rounds, seed, adapter, probe_inputs)
         got = _Collected()
+        _adapter_references(job, got, path, adapter_path, calibration)
         settings = settings_for(quant, gss, bitss)
         with progress.progress_bar() as bar:
             overall = bar.add_task("noise floor", total=len(settings))
@@ -207,12 +228,15 @@ def measure_noise_floor(
                 bar.advance(overall)
     finally:
         model_dir.close()
+        if job is not None and job.unfused is not None:
+            job.unfused.close()
 
     if not got.rows:
         raise UserError(f"{path}: no quantizable tensor at any requested setting "
                         f"(group sizes {', '.join(map(str, gss))}): "
                         + "; ".join(got.warnings[:3]))
     meta = _meta(path, quant, job, got, gss=gss, bitss=bitss, mc=mc, adapter_path=adapter_path)
+    meta["calibration"] = None if calibration is None else str(calibration)
     meta["seconds"] = time.monotonic() - started
     result = NoiseFloorResult(rows=got.rows, meta=meta, tensors=got.tensors, mc_items=got.mc_items,
                               warnings=got.warnings)
@@ -260,7 +284,8 @@ def _measure_setting(job: _Job, got: _Collected, setting: Setting, bar, overall)
         t_row = time.monotonic()
         fused = fuse_policy(base.qmods, policy, rounds=job.rounds, seed=job.seed, norms=norms, record=record,
                             factors=factors, adapter_scale=job.adapter.scale if job.adapter else None,
-                            keep_params=probe is not None, advance=lambda: bar.advance(task))
+                            keep_params=probe is not None, advance=lambda: bar.advance(task),
+                            held_out=job.held_out)
         got.tensors += fused.tensors
         row = _row(setting, policy, fused, job, norms)
         row.update(tensors=len(base.qmods), weights=fused.rounds[-1].n, skipped=len(base.skipped),
@@ -269,6 +294,7 @@ def _measure_setting(job: _Job, got: _Collected, setting: Setting, bar, overall)
             row.update(fused.adapter.figures())
             row["adapter_modules"] = fused.adapter.modules
             row["adapter_delta_norm"] = math.sqrt(fused.adapter.dd)
+            _adapter_outputs(row, job, probe, fused)
         row["seconds_weights"] = time.monotonic() - t_row
         if probe is not None:
             answers = _outputs(row, probe, fused)
@@ -292,7 +318,51 @@ def _row(setting: Setting, policy: str, fused: PolicyFuse, job: _Job, norms: Wei
             "drift": [{"round": r + 1, **s.figures(norms)} for r, s in enumerate(fused.rounds)],
             "retention": None, "noise": None,
             "kl_mean": None, "kl_p99": None, "top1_flip": None, "top1_agreement": None, "mc_flip": None,
-            "groups_refit": final["groups_refit"]}
+            "groups_refit": final["groups_refit"],
+            "adapter_kl_to_unfused": None, "adapter_top1_agreement": None,
+            "adapter_output_error": None, "adapter_output_retention": None}
+
+
+def _adapter_references(job: _Job, got: _Collected, path: Path, adapter_path, calibration) -> None:
+    """Once for every setting: the unfused adapter's logits on the probe's
+    prompts (with the output level) and the held-out ``X^T X`` of the
+    adapter's modules (with ``calibration``)."""
+    if job.adapter is None:
+        return
+    if calibration is not None:
+        from ..calibration import collect_hessians
+
+        if not Path(calibration).exists():
+            raise UserError(f"calibration data {calibration} does not exist")
+        modules = [p for p, m in job.adapter.modules.items() if m.has_delta]
+        hessians = collect_hessians(path, calibration, modules)
+        job.held_out = {p: h.held_out for p, h in hessians.items()}
+        if all(h is None for h in job.held_out.values()):
+            got.warnings.append(f"{calibration}: no held-out sequence (every 4th is held out): "
+                                "no output error")
+    if job.probe_inputs is not None:
+        from ..fuse.agreement import AgreementData, unfused_reference
+
+        data = AgreementData(job.probe_inputs.prompt_seqs, job.probe_inputs.prompts)
+        ref = unfused_reference(path, adapter_path, data)
+        if isinstance(ref, str):
+            got.warnings.append(ref)
+        else:
+            job.unfused = ref
+
+
+def _adapter_outputs(row: dict, job: _Job, probe: OutputProbe | None, fused: PolicyFuse) -> None:
+    """The adapter fuse's output figures: output error and retention (mean
+    over its modules), KL and top-1 agreement to the unfused adapter."""
+    from ..fuse.compare import output_figures
+
+    if job.held_out is not None:
+        figures = output_figures(fused.tensors)
+        row.update(adapter_output_error=figures["output_error"],
+                   adapter_output_retention=figures["output_retention"])
+    if probe is not None and job.unfused is not None:
+        agree = probe.agreement(job.unfused, fused.adapter_params)
+        row.update(adapter_kl_to_unfused=agree.kl_mean, adapter_top1_agreement=agree.top1_agreement)
 
 
 def _outputs(row: dict, probe: OutputProbe, fused: PolicyFuse) -> list:

@@ -19,6 +19,11 @@ policy of :mod:`pyfuse.lm.load` (float32 on MLX's CPU backend); the KL and
 top-1 figures are those of the one whole-model comparison,
 :mod:`pyfuse.lm.agreement` (the baseline's logits kept, the fused
 parameters swapped into the same graph).
+
+With an adapter, the adapter's fuse at each setting is compared the same
+way, on the same prompts, with one reference for every setting: the model
+as given (``--model``) with the adapter applied unfused, loaded by mlx-lm's
+loader (``adapter_kl_to_unfused`` / ``adapter_top1_agreement``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..lm.chat import chat_prompt
-from ..lm.agreement import ReferenceLogits, compare_to_reference
+from ..lm.agreement import Agreement, ReferenceLogits, compare_to_reference
 from ..lm.load import to_compute_dtype, use_compute_dtype
 from ..lm.scorer import MCScore, score_item
 
@@ -181,6 +186,17 @@ class OutputProbe:
             _swap(self.model, self.base_params)
         return {"kl_mean": agree.kl_mean, "kl_p99": agree.kl_p99, "top1_flip": 1.0 - agree.top1_agreement,
                 "top1_agreement": agree.top1_agreement, "mc_flip": self.mc_flip(mc)}, mc
+
+    def agreement(self, reference: ReferenceLogits, fused_params) -> Agreement:
+        """:class:`~pyfuse.lm.agreement.Agreement` of the model with
+        ``fused_params`` swapped in (then swapped back) against
+        ``reference`` (logits on the same prompts, e.g. the base model with
+        the adapter applied unfused)."""
+        _swap(self.model, [(n, to_compute_dtype(x)) for n, x in fused_params])
+        try:
+            return compare_to_reference(reference, self.model, label="noise floor: adapter fuse vs unfused")
+        finally:
+            _swap(self.model, self.base_params)
 
     def close(self) -> None:
         self.reference.close()

@@ -58,6 +58,10 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.2f} %"
 
 
+def _num(x):
+    return "—" if x is None else f"{x:.3f}"
+
+
 def _sci(x):
     return "—" if x is None else ("0" if x == 0 else f"{x:.2e}")
 
@@ -69,6 +73,8 @@ def format_markdown(result: NoiseFloorResult, command: str | None = None) -> str
     zero_adapter = has_adapter and meta["adapter"].get("zero")
     has_out = any(r["kl_mean"] is not None for r in result.rows)
     has_mc = any(r["mc_flip"] is not None for r in result.rows)
+    has_akl = any(r.get("adapter_kl_to_unfused") is not None for r in result.rows)
+    has_aerr = any(r.get("adapter_output_error") is not None for r in result.rows)
     lines = ["# Re-quantization noise floor", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -96,6 +102,10 @@ def format_markdown(result: NoiseFloorResult, command: str | None = None) -> str
         head += ["KL mean", "KL p99", "top-1 flip"]
     if has_mc:
         head += ["MC flip"]
+    if has_aerr:
+        head += ["adapter output error", "adapter output ret."]
+    if has_akl:
+        head += ["adapter KL to unfused", "adapter top-1 agree"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|")
     for r in result.rows:
@@ -110,6 +120,10 @@ def format_markdown(result: NoiseFloorResult, command: str | None = None) -> str
             cells += [_sci(r["kl_mean"]), _sci(r["kl_p99"]), _pct(r["top1_flip"])]
         if has_mc:
             cells += [_pct(r["mc_flip"])]
+        if has_aerr:
+            cells += [_num(r.get("adapter_output_error")), _num(r.get("adapter_output_retention"))]
+        if has_akl:
+            cells += [_sci(r.get("adapter_kl_to_unfused")), _pct(r.get("adapter_top1_agreement"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("weights changed: share of weights whose dequantized value changed; codes changed: "
@@ -120,6 +134,12 @@ def format_markdown(result: NoiseFloorResult, command: str | None = None) -> str
                     "positions whose most likely token changed; " if has_out else "")
                  + ("MC flip: items whose answer (the letter `pyfuse eval mc --method logprob` picks) "
                     "changed; " if has_mc else "")
+                 + ("adapter output error = ||X (W_hat - W - delta)|| / ||X delta|| and output ret. = "
+                    "<X (W_hat - W), X delta> / ||X delta||^2 on held-out calibration tokens, mean over the "
+                    "adapter's modules; " if has_aerr else "")
+                 + ("adapter KL to unfused: per-token KL(unfused || fused) of the adapter's fuse against the "
+                    "model as given with the adapter applied unfused, on the same prompts, and the share of "
+                    "positions whose top-1 token agrees; " if has_akl else "")
                  + "source: `quantized` = full-precision model quantized at that setting, `model` = the "
                    "quantized model as stored, `requantized` = its dequantized weights quantized at "
                    "that setting.")

@@ -6,7 +6,10 @@ one call per tensor, all experts of a SwitchLinear at once) ``rounds`` times
 in a row (what stacking ``rounds`` adapters does; round ``r`` of
 ``stochastic`` uses seed ``seed + r - 1``), and each round is compared with
 the baseline. An adapter is fused once into the baseline (same kernel and
-policy) for its retention and noise.
+policy) for its retention and noise; with held-out calibration sums
+``X^T X`` per module (:mod:`pyfuse.calibration`), also its output error and
+output retention (:func:`pyfuse.calibration.fidelity.output_fidelity`, the
+fuse report's figures).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class PolicyFuse:
     adapter: AdapterSums
     tensors: list[dict] = field(default_factory=list)  # per-tensor records
     params: list[tuple[str, mx.array]] = field(default_factory=list)  # fused (after all rounds), if kept
+    adapter_params: list[tuple[str, mx.array]] = field(default_factory=list)  # the adapter's fuse, if kept
     identical: bool = True  # every fused tensor bit-identical to its baseline
 
 
@@ -98,19 +102,34 @@ def _zero_rounds(q: QModule, policy: str, rounds: int, seed: int, norms: WeightN
 
 
 def _adapter_fuse(q: QModule, factors, scale: float, policy: str, seed: int):
+    """The fused tensors and their weight-level figures."""
     a, b = factors
     fused = fuse_requant(*q.base, a, b, scale=scale, group_size=q.group_size, bits=q.bits,
                          policy=policy, seed=seed)
     mx.eval(*fused)
-    return tensor_fidelity(q.base, fused, a, b, scale=scale, group_size=q.group_size, bits=q.bits)
+    return fused, tensor_fidelity(q.base, fused, a, b, scale=scale, group_size=q.group_size, bits=q.bits)
+
+
+def _output_fidelity(q: QModule, fused, factors, scale: float, held_out: mx.array) -> dict:
+    """Output error and retention of one fused module on held-out ``X^T X``."""
+    from ..calibration.fidelity import output_fidelity
+
+    def weights(e):
+        pick = (lambda x: x) if e is None else (lambda x: x[e])
+        return (mx.dequantize(*(pick(x) for x in q.base), group_size=q.group_size, bits=q.bits),
+                mx.dequantize(*(pick(x) for x in fused), group_size=q.group_size, bits=q.bits))
+
+    experts = q.base[0].shape[0] if q.base[0].ndim == 3 else None
+    return output_fidelity(weights, experts, *factors, scale, held_out)
 
 
 def fuse_policy(qmods: list[QModule], policy: str, *, rounds: int, seed: int, norms: WeightNorms,
                 record: dict, factors: dict, adapter_scale: float | None, keep_params: bool,
-                advance: Callable[[], None]) -> PolicyFuse:
+                advance: Callable[[], None], held_out: dict | None = None) -> PolicyFuse:
     """Fuse every tensor with ``policy``; ``record`` heads each tensor's
-    record (the setting); ``keep_params`` keeps the fused tensors for the
-    output level."""
+    record (the setting); ``keep_params`` keeps the fused tensors (zero
+    delta and adapter) for the output level; ``held_out``: ``{module path:
+    held-out X^T X}`` for the adapter's output error and retention."""
     out = PolicyFuse(rounds=[Sums() for _ in range(rounds)], adapter=AdapterSums())
     for q in qmods:
         cur, per_round = _zero_rounds(q, policy, rounds, seed, norms)
@@ -120,11 +139,17 @@ def fuse_policy(qmods: list[QModule], policy: str, *, rounds: int, seed: int, no
         rec = {**record, "policy": policy, "module": q.path, "shape": [*q.base[0].shape[:-1], q.in_dims],
                "group_size": q.group_size, "bits": q.bits, "weights_changed": last.weights_changed,
                "codes_changed": last.codes_changed, "rel_error": last.rel_error, "max_abs": last.max_abs,
-               "groups_refit": last.groups_refit, "retention": None, "noise": None, "delta_norm": None}
+               "groups_refit": last.groups_refit, "retention": None, "noise": None, "delta_norm": None,
+               "output_error": None, "output_retention": None}
         if q.path in factors:
-            afid = _adapter_fuse(q, factors[q.path], adapter_scale, policy, seed)
+            fused, afid = _adapter_fuse(q, factors[q.path], adapter_scale, policy, seed)
             out.adapter.add(afid)
             rec.update(retention=afid.retention, noise=afid.noise, delta_norm=afid.delta_norm)
+            if held_out and held_out.get(q.path) is not None:
+                rec.update(_output_fidelity(q, fused, factors[q.path], adapter_scale, held_out[q.path]))
+            if keep_params:
+                out.adapter_params += [(f"{q.path}.{n}", x)
+                                       for n, x in zip(("weight", "scales", "biases"), fused)]
         out.tensors.append(rec)
         out.identical = out.identical and last.codes_changed == 0 and last.groups_refit == 0
         if keep_params:
