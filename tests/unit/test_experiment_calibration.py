@@ -50,6 +50,20 @@ def _fuse_step(plan, name):
     return next(s for s in plan.steps.values() if s.dirname == stage["step"])
 
 
+def _cli_fuse_same_as_step(tiny_moe_dir, adapter, calib, step_out, cli_out, report, damp="0.02"):
+    """`pyfuse fuse` with the spec's flags into ``cli_out``; asserts the same
+    model files, byte for byte, as the step wrote; returns the file names."""
+    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", cli_out,
+                "--policy", "calibrated", "--calibration", calib, "--requant-bits", "8",
+                "--damp", damp, "--calibration-min-tokens", "8", "--report", report)
+    assert r.code == 0, r.err
+    files = sorted(p.name for p in (step_out / "model").iterdir())
+    assert files == sorted(p.name for p in cli_out.iterdir())
+    for name in files:
+        assert filecmp.cmp(step_out / "model" / name, cli_out / name, shallow=False), name
+    return files
+
+
 def _a1_fuse(spec, **over):
     spec["conditions"]["A1"]["stages"][1]["fuse"].update(over)
     for k in [k for k, v in over.items() if v is None]:
@@ -143,14 +157,8 @@ def test_fuse_step_is_byte_identical_to_the_cli(work, tiny_moe_dir):
     out.mkdir()
     RUNNERS["fuse"](step.options, {"model": tiny_moe_dir, "adapter": adapter,
                                    "calibration": step.inputs["calibration"].source}, out)
-    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", root / "cli_out",
-                "--policy", "calibrated", "--calibration", root / "calib.jsonl", "--requant-bits", "8",
-                "--damp", "0.02", "--calibration-min-tokens", "8", "--report", root / "cli.json")
-    assert r.code == 0, r.err
-    files = sorted(p.name for p in (out / "model").iterdir())
-    assert files == sorted(p.name for p in (root / "cli_out").iterdir())
-    for name in files:
-        assert filecmp.cmp(out / "model" / name, root / "cli_out" / name, shallow=False), name
+    files = _cli_fuse_same_as_step(tiny_moe_dir, adapter, root / "calib.jsonl", out, root / "cli_out",
+                                   root / "cli.json")
     ours = json.loads((out / "fuse_report.json").read_text())["tensors"]
     theirs = json.loads((root / "cli.json").read_text())["tensors"]
     assert ours == theirs
@@ -237,14 +245,8 @@ def test_fuse_from_a_calibrate_step_is_byte_identical_to_the_cli(work, tiny_moe_
     out.mkdir()
     RUNNERS["fuse"](fuse.options, {"model": tiny_moe_dir, "adapter": adapter, "calibration": root / "calib.jsonl",
                                    "hessians": tmp_path / "cal" / fuse.inputs["hessians"].sub}, out)
-    r = run_cli("fuse", "--model", tiny_moe_dir, "--adapter-path", adapter, "--save-path", tmp_path / "cli_out",
-                "--policy", "calibrated", "--calibration", root / "calib.jsonl", "--requant-bits", "8",
-                "--damp", "0.02", "--calibration-min-tokens", "8", "--report", tmp_path / "cli.json")
-    assert r.code == 0, r.err
-    files = sorted(p.name for p in (out / "model").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "cli_out").iterdir())
-    for name in files:
-        assert filecmp.cmp(out / "model" / name, tmp_path / "cli_out" / name, shallow=False), name
+    _cli_fuse_same_as_step(tiny_moe_dir, adapter, root / "calib.jsonl", out, tmp_path / "cli_out",
+                           tmp_path / "cli.json")
     ours, theirs = (json.loads(p.read_text()) for p in (out / "fuse_report.json", tmp_path / "cli.json"))
     assert ours["tensors"] == theirs["tensors"]
     assert all(t["calibration"]["tokens"] > 0 and t["output_error"] is not None for t in ours["tensors"])
