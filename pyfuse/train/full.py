@@ -156,8 +156,8 @@ def write_model(model_path: str, run_dir: Path, final: Path, config: dict, *, po
         kinds = _cast_to_base(run_dir / "adapters.safetensors", mdir)
     config.update(requantized=kinds["requantized"], replaced=kinds["replaced"])
     staging = final.parent / f".{final.name}.model.run"
-    res = fuse_model(model_path, run_dir, staging, policy=policy, seed=seed, force=True)
-    try:
+    try:  # a failed fuse leaves no staging directory behind either
+        res = fuse_model(model_path, run_dir, staging, policy=policy, seed=seed, force=True)
         training = staging / TRAINING_DIR
         if training.exists():  # a base that is itself a full fine-tune: its record is not this run's
             shutil.rmtree(training)
